@@ -1,0 +1,303 @@
+"""The FX pass: find every linear whose weight is a constant of a Dynamo graph and rewrite it to llmint8::linear.
+
+Matched forms (torch-level, as Dynamo records them, and their aten spellings):
+  linear(x, W, b?)                     F.linear, torch._C._nn.linear, aten.linear
+  mm / matmul / @ (x, W')              W' = W.t(), W.T, W.transpose(0, 1), W.permute(1, 0), ...: W is [N, K]
+                                       W' = W itself: W is stored [in, out] (GPT-2 Conv1D)
+  addmm(b, x, W')                      same weight forms, alpha = beta = 1
+x may have any leading dims (views around the mm are left as they are). Everything not rewritten is left
+untouched; every linear-like op on a 2-D weight gets a LayerRecord saying what happened and why.
+"""
+
+from __future__ import annotations
+
+import operator
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+
+from int8pass import weights
+from int8pass.options import Options
+from int8pass.reference import MAX_EXACT_K
+from int8pass.report import CompileReport, LayerRecord
+
+aten = torch.ops.aten
+
+LINEAR_FUNCTIONS = {torch._C._nn.linear, torch.nn.functional.linear, aten.linear.default}
+MM_FUNCTIONS = {torch.mm, torch.matmul, operator.matmul, aten.mm.default, aten.matmul.default}
+MM_METHODS = {"mm", "matmul", "__matmul__"}
+ADDMM_FUNCTIONS = {torch.addmm, aten.addmm.default}
+TRANSPOSE_FUNCTIONS = {torch.t, torch.transpose, torch.permute, aten.t.default, aten.transpose.int, aten.permute.default}
+TRANSPOSE_METHODS = {"t", "transpose", "permute"}
+
+
+@dataclass
+class LinearMatch:
+    node: fx.Node  # the node that computes the linear's output
+    op: str
+    x: fx.Node
+    weight: fx.Node  # the 2-D tensor the weight comes from (placeholder, get_attr or computed)
+    chain: list[fx.Node]  # transpose nodes between `weight` and the matmul
+    stored_transposed: bool  # weight holds [K, N] (in, out) rather than [N, K]
+    bias: fx.Node | None
+    problem: str = ""  # a structural reason not to rewrite (alpha/beta, bias shape)
+
+
+def _arg(node: fx.Node, index: int, name: str, default=None):
+    if len(node.args) > index:
+        return node.args[index]
+    return node.kwargs.get(name, default)
+
+
+def _is_transpose_2d(node: fx.Node) -> bool:
+    """True when `node` swaps the two dims of a 2-D tensor."""
+    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+    if node.op == "call_function" and node.target is getattr and node.args[1] in ("T", "mT"):
+        return True
+    is_method = node.op == "call_method" and node.target in TRANSPOSE_METHODS
+    if not (is_method or (node.op == "call_function" and node.target in TRANSPOSE_FUNCTIONS)):
+        return False
+    dims = [d for d in node.args[1:] if not isinstance(d, fx.Node)]
+    if len(dims) == 1 and isinstance(dims[0], (list, tuple)):
+        dims = list(dims[0])
+    dims += list(node.kwargs.get("dims", ())) + [node.kwargs[k] for k in ("dim0", "dim1") if k in node.kwargs]
+    if name in ("t", "t.default") or node.target in (torch.t, aten.t.default):
+        return not dims
+    if "permute" in str(name):
+        return [d % 2 for d in dims] == [1, 0]
+    return len(dims) == 2 and dims[0] % 2 != dims[1] % 2
+
+
+def _weight_source(operand: fx.Node) -> tuple[fx.Node, list[fx.Node], int]:
+    """Walk back through transposes: (source node, transpose nodes, number of transposes)."""
+    chain = []
+    while isinstance(operand, fx.Node) and _is_transpose_2d(operand):
+        chain.append(operand)
+        operand = operand.args[0]
+    return operand, chain, len(chain)
+
+
+def match_linear(node: fx.Node) -> LinearMatch | None:
+    if node.op == "call_function" and node.target in LINEAR_FUNCTIONS:
+        x, w, bias = _arg(node, 0, "input"), _arg(node, 1, "weight"), _arg(node, 2, "bias")
+        source, chain, flips = _weight_source(w)
+        return LinearMatch(node, "linear", x, source, chain, flips % 2 == 1, bias)
+    is_mm = (node.op == "call_function" and node.target in MM_FUNCTIONS) or (
+        node.op == "call_method" and node.target in MM_METHODS
+    )
+    is_addmm = (node.op == "call_function" and node.target in ADDMM_FUNCTIONS) or (
+        node.op == "call_method" and node.target == "addmm"
+    )
+    if not (is_mm or is_addmm):
+        return None
+    offset = 1 if is_addmm else 0
+    x, w = node.args[offset], node.args[offset + 1] if len(node.args) > offset + 1 else None
+    if not isinstance(w, fx.Node):
+        return None
+    source, chain, flips = _weight_source(w)
+    match = LinearMatch(node, "addmm" if is_addmm else _mm_name(node), x, source, chain, flips % 2 == 0, None)
+    if is_addmm:
+        match.bias = node.args[0]
+        if node.kwargs.get("alpha", 1) != 1 or node.kwargs.get("beta", 1) != 1 or len(node.args) > 3:
+            match.problem = "addmm with alpha or beta other than 1"
+    return match
+
+
+def _mm_name(node: fx.Node) -> str:
+    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
+    return "matmul" if "matmul" in name else "mm"
+
+
+def _example(node) -> torch.Tensor | None:
+    if not isinstance(node, fx.Node):
+        return None
+    value = node.meta.get("example_value", node.meta.get("val"))
+    return value if isinstance(value, torch.Tensor) else None
+
+
+_ROOT = re.compile(r"^[LG]\['[^']*'\]")
+_PART = re.compile(r"\._(?:modules|parameters|buffers)\['([^']+)'\]|\.([A-Za-z_]\w*)|\['([^']+)'\]")
+
+
+def source_path(source_name: str) -> str:
+    """L['self']._modules['fc1']._parameters['weight'] -> 'fc1.weight'."""
+    rest = _ROOT.sub("", source_name)
+    return ".".join(next(group for group in m.groups() if group) for m in _PART.finditer(rest)) or source_name
+
+
+class ConstantInputs:
+    """Which nodes of a Dynamo graph are constants (parameters and buffers of the compiled module)."""
+
+    def __init__(self, gm: fx.GraphModule, example_inputs):
+        self.gm = gm
+        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        self.by_node = {n: e for n, e in zip(placeholders, example_inputs)}
+
+    def tensor(self, node: fx.Node) -> torch.Tensor | None:
+        """The real tensor behind a constant node, or None for graph inputs and computed values."""
+        if node.op == "get_attr":
+            value = getattr(self.gm, node.target, None)
+            return value if isinstance(value, torch.Tensor) else None
+        if node.op != "placeholder":
+            return None
+        value = self.by_node.get(node)
+        if isinstance(value, torch.nn.Parameter):
+            return value
+        source = self._source(node)
+        if isinstance(value, torch.Tensor) and source and ("._parameters[" in source or "._buffers[" in source):
+            return value
+        return None
+
+    def name(self, node: fx.Node) -> str:
+        source = self._source(node)
+        return source_path(source) if source else str(node.target)
+
+    @staticmethod
+    def _source(node: fx.Node) -> str | None:
+        grapharg = node.meta.get("grapharg")
+        source = getattr(grapharg, "source", None)
+        if source is None:
+            return None
+        name = source.name
+        return name() if callable(name) else name
+
+
+@dataclass
+class RewriteResult:
+    report: CompileReport
+    releasable: dict[int, tuple[torch.Tensor, str]]  # id(param) -> (param, name): fp storage no longer needed
+
+
+def rewrite_linears(gm: fx.GraphModule, example_inputs, options: Options, report: CompileReport) -> RewriteResult:
+    """Rewrite eligible linears of `gm` in place to llmint8::linear; fill `report`."""
+    constants = ConstantInputs(gm, example_inputs)
+    attrs: dict[tuple[int, bool], tuple[fx.Node, fx.Node]] = {}
+    rewritten_params: dict[int, tuple[torch.Tensor, str, list[LayerRecord]]] = {}
+    counted: set[tuple[int, bool]] = set()
+    seen_weights: set[int] = set()
+
+    for node in list(gm.graph.nodes):
+        match = match_linear(node)
+        if match is None:
+            continue
+        param = constants.tensor(match.weight) if isinstance(match.weight, fx.Node) else None
+        weight_value = param if param is not None else _example(match.weight)
+        if weight_value is None or weight_value.dim() != 2:
+            continue
+        if param is None and match.op != "linear" and match.weight.op != "placeholder":
+            continue  # an activation x activation product (attention), not a linear layer
+        weight_name = constants.name(match.weight) if param is not None else match.weight.name
+        n, k = (weight_value.shape[1], weight_value.shape[0]) if match.stored_transposed else weight_value.shape
+        record = LayerRecord(
+            name=weight_name.rsplit(".", 1)[0] if "." in weight_name else weight_name,
+            op=match.op,
+            out_features=int(n),
+            in_features=int(k),
+            dtype=str(weight_value.dtype).replace("torch.", ""),
+            rewritten=False,
+            reason="",
+            weight_bytes_before=weight_value.numel() * weight_value.element_size(),
+            weight_bytes_after=weight_value.numel() * weight_value.element_size(),
+        )
+        if id(weight_value) in seen_weights:  # a shared weight's bytes count once, on its first consumer
+            record.weight_bytes_before = record.weight_bytes_after = 0
+        seen_weights.add(id(weight_value))
+        report.layers.append(record)
+        record.reason = _skip_reason(match, param, record, options)
+        if record.reason:
+            continue
+
+        layout = (id(param), match.stored_transposed)
+        qweight = weights.quantized(param, match.stored_transposed)
+        if layout not in attrs:
+            attrs[layout] = _add_weight_constants(gm, qweight, f"{weight_name}_{len(attrs)}")
+        record.weight_bytes_after = 0 if layout in counted else qweight.nbytes
+        counted.add(layout)
+        _replace(gm, match, *attrs[layout], options)
+        record.rewritten = True
+        rewritten_params.setdefault(id(param), (param, weight_name, []))[2].append(record)
+
+    # A parameter still read in floating point (a tied embedding, a skipped consumer, an earlier graph) keeps
+    # its fp storage, and the report counts it.
+    read_in_fp = {id(t): t for node, t in constants.by_node.items() if node.users and constants.tensor(node) is not None}
+    for param in read_in_fp.values():
+        weights.check_not_released(param, f"graph {report.graph_id}")
+        weights.mark_fp_use(param)
+    keep_all = options.keep_fp_weights or options.outlier_weights == "original"
+    releasable = {}
+    for key, (param, name, records) in rewritten_params.items():
+        if keep_all or key in read_in_fp or weights.has_fp_use(param):
+            records[0].weight_bytes_after += param.numel() * param.element_size()
+        else:
+            releasable[key] = (param, name)
+    gm.graph.lint()
+    gm.recompile()
+    return RewriteResult(report, releasable)
+
+
+def _skip_reason(match: LinearMatch, param: torch.Tensor | None, record: LayerRecord, options: Options) -> str:
+    if param is None:
+        return "weight is not a constant of the graph (a graph input or a computed value)"
+    if match.problem:
+        return match.problem
+    if torch.is_grad_enabled() and param.requires_grad:
+        return "weight requires grad and grad mode is on (training/autograd keeps the fp linear)"
+    if options.skips(record.name):
+        return "skipped by option skip_modules"
+    x_value = _example(match.x)
+    x_dtype = x_value.dtype if x_value is not None else None
+    if param.dtype not in options.dtypes:
+        return f"weight dtype {record.dtype} not in option dtypes"
+    if x_dtype != param.dtype:
+        return f"activation dtype {str(x_dtype).replace('torch.', '')} differs from weight dtype {record.dtype}"
+    if min(record.out_features, record.in_features) < options.min_features:
+        return f"too small: min(N, K) = {min(record.out_features, record.in_features)} < min_features = {options.min_features}"
+    if record.in_features > MAX_EXACT_K:
+        return f"K = {record.in_features} > {MAX_EXACT_K} would overflow the int32 accumulator"
+    if x_value is not None and x_value.dim() == 0:
+        return "activation is a scalar"
+    bias_value = _example(match.bias)
+    if match.bias is not None and (bias_value is None or tuple(bias_value.shape) != (record.out_features,)):
+        return "bias is not a vector of out_features"
+    if bias_value is not None and bias_value.dtype != param.dtype:
+        return "bias dtype differs from weight dtype"
+    if not weights.is_released(param) and not bool(torch.isfinite(param.detach()).all()):
+        return "weight holds NaN or Inf"
+    return ""
+
+
+def _add_weight_constants(gm, qweight: weights.QuantizedWeight, name: str) -> tuple[fx.Node, fx.Node]:
+    base = "_llmint8_" + re.sub(r"\W", "_", name)
+    # Buffers of the graph module: AOT autograd lifts them into the compiled graph as it does parameters.
+    for suffix, tensor in (("_weight_q", qweight.weight_q), ("_scale", qweight.scale)):
+        gm.register_buffer(base + suffix, tensor)
+        if hasattr(gm, "_param_name_to_source"):  # AOT autograd wants a Dynamo source for each lifted tensor
+            from torch._dynamo.source import ConstantSource
+
+            gm._param_name_to_source[base + suffix] = ConstantSource(base + suffix)
+    first = next(n for n in gm.graph.nodes if n.op != "placeholder")
+    with gm.graph.inserting_before(first):
+        return gm.graph.get_attr(base + "_weight_q"), gm.graph.get_attr(base + "_scale")
+
+
+def _replace(gm, match: LinearMatch, weight_q: fx.Node, scale: fx.Node, options: Options) -> None:
+    graph = gm.graph
+    node = match.node
+    with graph.inserting_before(node):
+        outlier_weight = None
+        if options.outlier_weights == "original":
+            outlier_weight = match.weight
+            if match.stored_transposed:
+                outlier_weight = graph.call_method("t", (match.weight,))
+        new = graph.call_function(
+            torch.ops.llmint8.linear.default,
+            (match.x, weight_q, scale, match.bias, options.threshold, outlier_weight),
+        )
+    new.meta.update(node.meta)
+    node.replace_all_uses_with(new)
+    graph.erase_node(node)
+    for transpose in match.chain:
+        if not transpose.users:
+            graph.erase_node(transpose)

@@ -1,0 +1,149 @@
+"""Options of the llmint8 backend, validated up front with one-line errors naming the option."""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field, fields
+from typing import Any, Callable
+
+import torch
+
+DTYPE_NAMES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+OUTLIER_WEIGHTS = ("dequantized", "original")
+
+ModulePredicate = Callable[[str], bool]
+
+
+@dataclass(frozen=True)
+class Options:
+    """What `torch.compile(model, backend="llmint8", options={...})` accepts (DESIGN.md §2).
+
+    threshold: outlier threshold tau; columns with max |x| >= tau take the fp path. <= 0 disables outliers.
+    skip_modules: module names (exact, or a prefix ending in '.', or fnmatch patterns) or predicates
+        `f(module_path) -> bool`; matching linears stay in floating point.
+    min_features: linears with in_features or out_features below this stay in floating point.
+    dtypes: activation/weight dtypes to rewrite.
+    outlier_weights: "dequantized" (W^ from the int8 weight, no fp copy kept) or "original" (keeps the fp
+        weight for the outlier columns; costs the fp weight's memory).
+    keep_fp_weights: keep the fp storage of rewritten weights so the eager module still works.
+    stats: collect runtime outlier statistics (costs a device-to-host copy per linear per call).
+    dump_dir: directory for graph/report dumps (default: $INT8PASS_DUMP_DIR if set).
+    inductor: extra Inductor config patches, passed through to compile_fx.
+    """
+
+    threshold: float = 6.0
+    skip_modules: tuple[str | ModulePredicate, ...] = ()
+    min_features: int = 0
+    dtypes: tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16, torch.float32)
+    outlier_weights: str = "dequantized"
+    keep_fp_weights: bool = False
+    stats: bool = False
+    dump_dir: str | None = None
+    inductor: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, options: dict[str, Any] | None) -> "Options":
+        if options is None:
+            options = {}
+        if not isinstance(options, dict):
+            raise ValueError(f"llmint8 options must be a dict, got {type(options).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ValueError(f"llmint8: unknown option {unknown[0]!r}; accepted: {', '.join(sorted(known))}")
+        values = dict(options)
+        parsed = cls(
+            threshold=_threshold(values.get("threshold", cls.threshold)),
+            skip_modules=_skip_modules(values.get("skip_modules", ())),
+            min_features=_non_negative_int("min_features", values.get("min_features", 0)),
+            dtypes=_dtypes(values.get("dtypes", cls.dtypes)),
+            outlier_weights=_choice("outlier_weights", values.get("outlier_weights", "dequantized"), OUTLIER_WEIGHTS),
+            keep_fp_weights=_bool("keep_fp_weights", values.get("keep_fp_weights", False)),
+            stats=_bool("stats", values.get("stats", False)),
+            dump_dir=_dump_dir(values.get("dump_dir", os.environ.get("INT8PASS_DUMP_DIR"))),
+            inductor=_inductor(values.get("inductor", {})),
+        )
+        return parsed
+
+    def skips(self, module_path: str) -> bool:
+        from fnmatch import fnmatchcase
+
+        for rule in self.skip_modules:
+            if callable(rule):
+                if rule(module_path):
+                    return True
+            elif module_path == rule or (rule.endswith(".") and module_path.startswith(rule)):
+                return True
+            elif fnmatchcase(module_path, rule):
+                return True
+        return False
+
+
+def _threshold(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        raise ValueError(f"llmint8 option 'threshold' must be a number (not NaN), got {value!r}")
+    return float(value)
+
+
+def _non_negative_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"llmint8 option {name!r} must be an int >= 0, got {value!r}")
+    return value
+
+
+def _bool(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"llmint8 option {name!r} must be True or False, got {value!r}")
+    return value
+
+
+def _choice(name: str, value: Any, accepted: tuple[str, ...]) -> str:
+    if value not in accepted:
+        raise ValueError(f"llmint8 option {name!r} must be one of {', '.join(map(repr, accepted))}, got {value!r}")
+    return value
+
+
+def _skip_modules(value: Any) -> tuple[str | ModulePredicate, ...]:
+    items = (value,) if isinstance(value, str) or callable(value) else value
+    if not isinstance(items, (list, tuple, set, frozenset)) or not all(
+        isinstance(item, str) or callable(item) for item in items
+    ):
+        raise ValueError(
+            f"llmint8 option 'skip_modules' must be a module name, a predicate, or a list of them, got {value!r}"
+        )
+    return tuple(items)
+
+
+def _dtypes(value: Any) -> tuple[torch.dtype, ...]:
+    items = (value,) if isinstance(value, (str, torch.dtype)) else value
+    accepted = ", ".join(DTYPE_NAMES)
+    if not isinstance(items, (list, tuple, set, frozenset)) or not items:
+        raise ValueError(f"llmint8 option 'dtypes' must be a non-empty list of {accepted}, got {value!r}")
+    dtypes = []
+    for item in items:
+        dtype = DTYPE_NAMES.get(item) if isinstance(item, str) else item
+        if dtype not in DTYPE_NAMES.values():
+            raise ValueError(f"llmint8 option 'dtypes' accepts {accepted}, got {item!r}")
+        dtypes.append(dtype)
+    return tuple(dtypes)
+
+
+def _dump_dir(value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, (str, os.PathLike)) or not str(value):
+        raise ValueError(f"llmint8 option 'dump_dir' must be a path, got {value!r}")
+    return str(value)
+
+
+def _inductor(value: Any) -> dict[str, Any]:
+    from torch._inductor import config as inductor_config
+
+    if not isinstance(value, dict):
+        raise ValueError(f"llmint8 option 'inductor' must be a dict of Inductor config patches, got {value!r}")
+    valid = set(inductor_config.get_config_copy())
+    for key in value:
+        if key not in valid:
+            raise ValueError(f"llmint8 option 'inductor' has an unknown Inductor config key {key!r}")
+    return dict(value)

@@ -1,0 +1,160 @@
+"""LLM.int8() semantics in plain PyTorch: the spec every kernel and lowering is tested against.
+
+See DESIGN.md §1. Everything here is traceable (no data-dependent shapes except in `outlier_matmul`, which
+the compiled paths replace with a custom op), so the CPU lowering traces these same functions and Inductor
+fuses them.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+
+Q_MAX = 127.0
+# int8 x int8 products are at most 127**2, so int32 holds any K up to this without overflow.
+MAX_EXACT_K = (2**31 - 1) // (127 * 127)
+
+
+def _scale_to_codes(values: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """round(127 * v / s) as int8, with s = 0 giving 0.
+
+    Divides before multiplying so that values near the fp32 maximum cannot overflow: |v / s| <= 1.
+    """
+    safe_scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+    return torch.round(values / safe_scale * Q_MAX).to(torch.int8)
+
+
+def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Vector-wise (per output row) int8 quantization of a [N, K] weight -> (W_q int8 [N, K], s_w fp32 [N])."""
+    w = weight.float()
+    s_w = w.abs().amax(dim=1) if w.shape[1] > 0 else w.new_zeros(w.shape[0])
+    return _scale_to_codes(w, s_w[:, None]), s_w
+
+
+def outlier_columns(x2d: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Bool [K]: columns whose max |x| reaches the threshold, plus every column holding NaN or +-Inf.
+
+    Non-finite columns are outliers even when threshold <= 0 (no magnitude outliers): they must travel the
+    fp32 path so that NaN/Inf propagate as in an fp16 matmul instead of poisoning a row's scale.
+    """
+    if x2d.shape[0] == 0:
+        return torch.zeros(x2d.shape[1], dtype=torch.bool, device=x2d.device)
+    col_absmax = x2d.abs().amax(dim=0).float()
+    limit = threshold if threshold > 0 else math.inf
+    return ~(col_absmax < limit)  # NaN compares False, so NaN columns land in the outlier set
+
+
+def compact_indices(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Static-shape form of a column set: (indices int32 [K], count int32 [1]).
+
+    The first `count` entries are the set's columns in ascending order; the rest are the other columns (never
+    read). A stable sort keeps the order deterministic without a data-dependent shape.
+    """
+    order = torch.sort((~mask).to(torch.uint8), stable=True).indices
+    return order.to(torch.int32), mask.sum(dtype=torch.int32).reshape(1)
+
+
+def quantize_activation(
+    x2d: torch.Tensor, threshold: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Calibrate-free activation quantization of X [M, K].
+
+    Returns (X_q int8 [M, K], s_x fp32 [M], outlier indices int32 [K], outlier count int32 [1]).
+    Outlier columns are zeroed before the row scales are taken, so X_q is 0 there.
+    """
+    is_outlier = outlier_columns(x2d, threshold)
+    x_inliers = torch.where(is_outlier, 0.0, x2d.float())
+    if x2d.shape[0] == 0:
+        s_x = x_inliers.new_zeros(0)
+    else:
+        s_x = x_inliers.abs().amax(dim=1)
+    indices, count = compact_indices(is_outlier)
+    return _scale_to_codes(x_inliers, s_x[:, None]), s_x, indices, count
+
+
+def exact_int_matmul(x_q: torch.Tensor, w_q: torch.Tensor) -> torch.Tensor:
+    """(X_q . W_q^T) as int32, computed in fp64 (exact: |sums| < 2**53), so it runs on any device."""
+    return (x_q.double() @ w_q.double().t()).to(torch.int32)
+
+
+def dequantize_weight(w_q: torch.Tensor, s_w: torch.Tensor) -> torch.Tensor:
+    """W^ = W_q * s_w / 127 in fp32."""
+    return w_q.float() * (s_w[:, None] / Q_MAX)
+
+
+def outlier_matmul(
+    x2d: torch.Tensor,
+    indices: torch.Tensor,
+    count: torch.Tensor,
+    weight: torch.Tensor,
+    s_w: torch.Tensor,
+) -> torch.Tensor:
+    """X[:, O] . W[:, O]^T in fp32 [M, N]. An int8 weight is dequantized (W^); a floating weight is used as is."""
+    cols = indices[: int(count.item())].long()
+    w_cols = weight[:, cols]
+    w_cols = w_cols.float() * (s_w[:, None] / Q_MAX) if weight.dtype == torch.int8 else w_cols.float()
+    return x2d[:, cols].float() @ w_cols.t()
+
+
+def linear(
+    x: torch.Tensor,
+    w_q: torch.Tensor,
+    s_w: torch.Tensor,
+    bias: torch.Tensor | None,
+    threshold: float,
+    outlier_weight: torch.Tensor | None = None,
+    *,
+    int_matmul: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = exact_int_matmul,
+    outlier_product: Callable[..., torch.Tensor] = outlier_matmul,
+) -> torch.Tensor:
+    """Y = (X_q . W_q^T) * s_x s_w / 127^2 + X[:, O] . W^[:, O]^T + b, rounded once to X's dtype.
+
+    x may have any leading dims. `outlier_weight` replaces W^ for the outlier columns when given (the
+    `outlier_weights="original"` option). `int_matmul` and `outlier_product` let the compiled paths swap in
+    their kernels while keeping every other step of the math identical.
+    """
+    n, k = w_q.shape
+    x2d = x.reshape(-1, k)
+    x_q, s_x, indices, count = quantize_activation(x2d, threshold)
+    acc = int_matmul(x_q, w_q)
+    y = acc.float() * (s_x[:, None] * (s_w[None, :] / (Q_MAX * Q_MAX)))
+    y = y + outlier_product(x2d, indices, count, w_q if outlier_weight is None else outlier_weight, s_w)
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype).reshape(*x.shape[:-1], n)
+
+
+def error_bound(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, threshold: float
+) -> torch.Tensor:
+    """DESIGN.md §1 bound on |llmint8(x) - (x W^T + b)| for each output element, in fp64.
+
+    Slack terms used: fp32 accumulation of the scaled int32 part, the outlier product and the bias, bounded
+    by (K + 4) * 2**-24 * (|X| |W|^T + |b|) plus the same for the quantization terms; and one rounding to
+    X's dtype, half an ulp of (|exact| + bound).
+    """
+    k = weight.shape[1]
+    x2d = x.reshape(-1, k).double()
+    w = weight.double()
+    _, s_x, _, _ = quantize_activation(x.reshape(-1, k), threshold)
+    s_x = s_x.double()
+    s_w = w.abs().amax(dim=1) if k > 0 else w.new_zeros(w.shape[0])
+    abs_w_rows = w.abs().sum(dim=1)
+    abs_x_rows = x2d.abs().sum(dim=1)
+    quantization = (
+        s_x[:, None] / 254 * abs_w_rows[None, :]
+        + s_w[None, :] / 254 * abs_x_rows[:, None]
+        + k * s_x[:, None] * s_w[None, :] / 254**2
+    )
+    magnitude = x2d.abs() @ w.abs().t()
+    exact = x2d @ w.t()
+    if bias is not None:
+        magnitude = magnitude + bias.double().abs()
+        exact = exact + bias.double()
+    fp32_slack = (k + 4) * 2.0**-24 * (magnitude + quantization)
+    bound = quantization + fp32_slack
+    out_eps = torch.finfo(x.dtype).eps if x.dtype.is_floating_point else 2.0**-23
+    bound = bound + out_eps * (exact.abs() + bound)
+    return bound.reshape(*x.shape[:-1], weight.shape[0])

@@ -1,0 +1,91 @@
+"""What the pass did to each linear of each compiled graph, as data and as a table."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import asdict, dataclass, field
+
+log = logging.getLogger("int8pass")
+
+
+@dataclass
+class LayerRecord:
+    name: str  # module path of the weight's owner, e.g. "model.layers.0.mlp.up_proj"
+    op: str  # the matched graph op: linear, addmm, mm, matmul
+    out_features: int
+    in_features: int
+    dtype: str
+    rewritten: bool
+    reason: str  # why it was skipped; empty when rewritten
+    weight_bytes_before: int
+    weight_bytes_after: int  # int8 codes + fp32 scales for rewritten layers (shared weights: counted once)
+
+
+@dataclass
+class CompileReport:
+    graph_id: int
+    layers: list[LayerRecord] = field(default_factory=list)
+    released_bytes: int = 0  # fp weight storage freed after this graph was compiled
+
+    @property
+    def rewritten(self) -> list[LayerRecord]:
+        return [layer for layer in self.layers if layer.rewritten]
+
+    @property
+    def skipped(self) -> list[LayerRecord]:
+        return [layer for layer in self.layers if not layer.rewritten]
+
+    def as_dicts(self) -> list[dict]:
+        return [asdict(layer) for layer in self.layers]
+
+    def table(self) -> str:
+        header = ("layer", "op", "N x K", "dtype", "status", "bytes before", "bytes after")
+        rows = [
+            (
+                layer.name,
+                layer.op,
+                f"{layer.out_features} x {layer.in_features}",
+                layer.dtype,
+                "int8" if layer.rewritten else f"skipped: {layer.reason}",
+                f"{layer.weight_bytes_before:,}",
+                f"{layer.weight_bytes_after:,}",
+            )
+            for layer in self.layers
+        ]
+        before = sum(layer.weight_bytes_before for layer in self.layers)
+        after = sum(layer.weight_bytes_after for layer in self.layers)
+        rows.append(("total", "", "", "", f"{len(self.rewritten)}/{len(self.layers)} rewritten", f"{before:,}", f"{after:,}"))
+        widths = [max(len(str(row[i])) for row in (header, *rows)) for i in range(len(header))]
+        lines = ["  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip() for row in (header, *rows)]
+        lines.insert(1, "  ".join("-" * width for width in widths))
+        return "\n".join(lines)
+
+
+_LOCK = threading.Lock()
+_REPORTS: list[CompileReport] = []
+
+
+def new_report() -> CompileReport:
+    with _LOCK:
+        report = CompileReport(graph_id=len(_REPORTS))
+        _REPORTS.append(report)
+    return report
+
+
+def reports() -> list[CompileReport]:
+    """Every graph compiled with the llmint8 backend in this process, in compile order."""
+    with _LOCK:
+        return list(_REPORTS)
+
+
+def last_report() -> CompileReport:
+    with _LOCK:
+        if not _REPORTS:
+            raise LookupError("no graph has been compiled with backend='llmint8' yet")
+        return _REPORTS[-1]
+
+
+def clear_reports() -> None:
+    with _LOCK:
+        _REPORTS.clear()
