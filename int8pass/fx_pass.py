@@ -156,8 +156,7 @@ class ConstantInputs:
 
     @staticmethod
     def _source(node: fx.Node) -> str | None:
-        grapharg = node.meta.get("grapharg")
-        source = getattr(grapharg, "source", None)
+        source = getattr(node.meta.get("grapharg"), "source", None) or getattr(node, "_dynamo_source", None)
         if source is None:
             return None
         name = source.name

@@ -158,3 +158,19 @@ def error_bound(
     out_eps = torch.finfo(x.dtype).eps if x.dtype.is_floating_point else 2.0**-23
     bound = bound + out_eps * (exact.abs() + bound)
     return bound.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def per_tensor_int8_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """Naive W8A8 baseline: one absmax scale for all of X and one for all of W, no outlier split.
+
+    Not part of llmint8; tests, the demo and the benchmarks use it to show what the outlier split prevents.
+    """
+    x2d = x.reshape(-1, x.shape[-1]).float()
+    w = weight.float()
+    s_x, s_w = x2d.abs().amax(), w.abs().amax()
+    x_q = _scale_to_codes(x2d, s_x)
+    w_q = _scale_to_codes(w, s_w)
+    y = exact_int_matmul(x_q, w_q).float() * (s_x * s_w / (Q_MAX * Q_MAX))
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])

@@ -1,0 +1,164 @@
+"""The llmint8 backend end to end: registration, options, weight release, models compiled vs eager."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import int8pass
+from int8pass import reference
+from tests.helpers import outlier_activation, within_bound
+
+
+def mlp(k=256, hidden=512, dtype=torch.bfloat16):
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(k, hidden), torch.nn.GELU(), torch.nn.Linear(hidden, k)).eval().to(dtype)
+
+
+class AttentionBlock(torch.nn.Module):
+    def __init__(self, d=128, heads=4):
+        super().__init__()
+        self.heads = heads
+        self.norm1, self.norm2 = torch.nn.LayerNorm(d), torch.nn.LayerNorm(d)
+        self.qkv = torch.nn.Linear(d, 3 * d)
+        self.out = torch.nn.Linear(d, d)
+        self.up, self.down = torch.nn.Linear(d, 4 * d), torch.nn.Linear(4 * d, d)
+
+    def forward(self, x):
+        b, s, d = x.shape
+        q, k, v = self.qkv(self.norm1(x)).view(b, s, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        attn = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.out(attn.transpose(1, 2).reshape(b, s, d))
+        return x + self.down(torch.nn.functional.gelu(self.up(self.norm2(x))))
+
+
+def llmint8_eager(model):
+    """The model with every Linear computed by the reference math: what the compiled model must reproduce."""
+
+    def forward(linear, x):
+        w_q, s_w = reference.quantize_weight(linear.weight)
+        return reference.linear(x, w_q, s_w, linear.bias, 6.0)
+
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            module.forward = forward.__get__(module)
+    return model
+
+
+def test_backend_resolves_without_importing_int8pass():
+    code = (
+        "import torch\n"
+        "m = torch.nn.Linear(32, 16).eval()\n"
+        "with torch.no_grad():\n"
+        "    y = torch.compile(m, backend='llmint8', fullgraph=True)(torch.randn(4, 32))\n"
+        "import sys; print('int8pass' in sys.modules, tuple(y.shape))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().endswith("True (4, 16)")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_single_linear_within_bound(dtype):
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(96, 40).eval().to(dtype)
+    weight, bias = linear.weight.detach().clone(), linear.bias.detach().clone()
+    x = outlier_activation(9, 96, dtype, outlier_cols=[4, 50])
+    with torch.no_grad():
+        y = torch.compile(linear, backend="llmint8", fullgraph=True)(x)
+    within_bound(y, x, weight, bias, 6.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_mlp_and_attention_block_match_reference_model(dtype):
+    for model, x in (
+        (mlp(dtype=dtype), outlier_activation(33, 256, dtype, outlier_cols=[3, 200])),
+        (AttentionBlock().eval().to(dtype), outlier_activation(2 * 17, 128, dtype, outlier_cols=[9]).view(2, 17, 128)),
+    ):
+        torch._dynamo.reset()
+        with torch.no_grad():
+            expected = llmint8_eager(_copy(model))(x)
+            fp = model(x)
+            y = torch.compile(model, backend="llmint8", fullgraph=True)(x)
+        report = int8pass.last_report()
+        assert report.layers and all(layer.rewritten for layer in report.layers), report.table()
+        tol = 4 * torch.finfo(dtype).eps * expected.abs().max().item()
+        torch.testing.assert_close(y, expected, rtol=0, atol=max(tol, 1e-5))
+        assert (y.float() - fp.float()).abs().max() < 0.05 * fp.float().abs().max()
+
+
+def _copy(model):
+    import copy
+
+    return copy.deepcopy(model)
+
+
+def test_fp_weights_are_released_and_eager_use_fails_clearly():
+    model = mlp()
+    x = torch.randn(4, 256, dtype=torch.bfloat16)
+    with torch.no_grad():
+        compiled = torch.compile(model, backend="llmint8")
+        compiled(x)
+        report = int8pass.last_report()
+        assert report.released_bytes == (256 * 512 + 512 * 256) * 2
+        assert all(p.untyped_storage().nbytes() == 0 for n, p in model.named_parameters() if n.endswith("weight"))
+        assert sum(layer.weight_bytes_after for layer in report.layers) < 0.51 * sum(layer.weight_bytes_before for layer in report.layers)
+        # a new shape recompiles from the cached int8 weights
+        y = compiled(torch.randn(7, 3, 256, dtype=torch.bfloat16))
+        assert y.shape == (7, 3, 256) and torch.isfinite(y).all()
+        with pytest.raises(RuntimeError):
+            model(x)
+
+
+def test_keep_fp_weights_keeps_the_eager_module_working():
+    model = mlp()
+    x = torch.randn(4, 256, dtype=torch.bfloat16)
+    with torch.no_grad():
+        torch.compile(model, backend="llmint8", options={"keep_fp_weights": True})(x)
+        assert int8pass.last_report().released_bytes == 0
+        assert torch.isfinite(model(x)).all()
+
+
+def test_training_mode_keeps_autograd_working():
+    model = mlp(dtype=torch.float32).train()
+    x = torch.randn(4, 256)
+    y = torch.compile(model, backend="llmint8")(x)
+    y.sum().backward()
+    assert model[0].weight.grad is not None
+    assert all("requires grad" in layer.reason for layer in int8pass.last_report().layers)
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"treshold": 6.0}, "unknown option 'treshold'"),
+        ({"threshold": "6"}, "'threshold' must be a number"),
+        ({"threshold": float("nan")}, "'threshold' must be a number"),
+        ({"min_features": -1}, "'min_features' must be an int >= 0"),
+        ({"dtypes": ["int8"]}, "'dtypes' accepts"),
+        ({"outlier_weights": "fp16"}, "'outlier_weights' must be one of"),
+        ({"keep_fp_weights": 1}, "'keep_fp_weights' must be True or False"),
+        ({"skip_modules": [3]}, "'skip_modules' must be"),
+        ({"inductor": {"no_such_knob": 1}}, "unknown Inductor config key 'no_such_knob'"),
+    ],
+)
+def test_bad_options_raise_one_line_value_errors(options, message):
+    compiled = torch.compile(torch.nn.Linear(8, 8), backend="llmint8", options=options)
+    with pytest.raises(Exception) as info:
+        compiled(torch.randn(2, 8))
+    error = getattr(info.value, "inner_exception", info.value)  # Dynamo wraps backend errors
+    assert isinstance(error, ValueError) and message in str(error) and "\n" not in str(error)
+
+
+def test_outlier_weights_original_uses_the_fp_weight():
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 32).eval()
+    x = outlier_activation(5, 64, outlier_cols=[1, 2])
+    with torch.no_grad():
+        weight = linear.weight.detach().clone()
+        w_q, s_w = reference.quantize_weight(weight)
+        y = torch.compile(linear, backend="llmint8", options={"outlier_weights": "original"})(x)
+        expected = reference.linear(x, w_q, s_w, linear.bias, 6.0, outlier_weight=weight)
+    torch.testing.assert_close(y, expected, rtol=1e-6, atol=1e-5)
+    assert linear.weight.untyped_storage().nbytes() > 0

@@ -1,0 +1,188 @@
+"""The FX pass: every linear form is found, everything else is left as it was, and each skip says why."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import int8pass
+from int8pass import fx_pass
+from int8pass.options import Options
+from int8pass.report import CompileReport
+from tests.helpers import outlier_activation, within_bound
+
+
+class Conv1D(torch.nn.Module):
+    """GPT-2's Conv1D: weight stored [in, out], y = addmm(b, x, W)."""
+
+    def __init__(self, k, n):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(k, n) * 0.05)
+        self.bias = torch.nn.Parameter(torch.randn(n))
+
+    def forward(self, x):
+        size_out = x.size()[:-1] + (self.weight.shape[1],)
+        return torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight).view(size_out)
+
+
+class Forms(torch.nn.Module):
+    def __init__(self, form, k=48, n=24, bias=True):
+        super().__init__()
+        self.form = form
+        self.proj = torch.nn.Linear(k, n, bias=bias)
+        self.conv = Conv1D(k, n)
+
+    def forward(self, x):
+        w, b = self.proj.weight, self.proj.bias
+        x2d = x.reshape(-1, x.shape[-1])
+        if self.form == "module":
+            return self.proj(x)
+        if self.form == "functional":
+            return F.linear(x, w, b)
+        if self.form == "matmul_T":
+            return x @ w.T
+        if self.form == "matmul_t_bias":
+            return torch.matmul(x, w.t()) + b
+        if self.form == "transpose":
+            return x.matmul(w.transpose(0, 1))
+        if self.form == "mm_permute":
+            return torch.mm(x2d, w.permute(1, 0))
+        if self.form == "addmm_t":
+            return torch.addmm(b, x2d, w.t())
+        if self.form == "aten_addmm":
+            return torch.ops.aten.addmm.default(b, x2d, torch.ops.aten.t.default(w))
+        if self.form == "conv1d":
+            return self.conv(x)
+        raise ValueError(self.form)
+
+
+def rewrite(model, *inputs, options=None):
+    """Run the pass on Dynamo's graph of `model`, as our backend does: (graph, example inputs, report, code before)."""
+    captured = {}
+
+    def backend(gm, example_inputs):
+        captured["before"] = gm.code
+        captured["report"] = CompileReport(graph_id=0)
+        fx_pass.rewrite_linears(gm, example_inputs, Options.parse(options or {}), captured["report"])
+        captured["gm"], captured["inputs"] = gm, example_inputs
+        return gm.forward
+
+    torch.compile(model, backend=backend, fullgraph=True)(*inputs)
+    return captured["gm"], captured["inputs"], captured["report"], captured["before"]
+
+
+FORMS = ["module", "functional", "matmul_T", "matmul_t_bias", "transpose", "mm_permute", "addmm_t", "aten_addmm", "conv1d"]
+
+
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("shape", [(5, 48), (2, 3, 48)])
+def test_every_linear_form_is_rewritten(form, shape):
+    if form in ("mm_permute", "addmm_t", "aten_addmm") and len(shape) == 3:
+        shape = (6, 48)
+    model = Forms(form).eval()
+    x = outlier_activation(shape[0] * (shape[1] if len(shape) == 3 else 1), 48, outlier_cols=[7]).reshape(shape)
+    with torch.no_grad():
+        expected_weight = model.conv.weight.t() if form == "conv1d" else model.proj.weight
+        expected_bias = model.conv.bias if form == "conv1d" else (model.proj.bias if form in ("module", "functional", "matmul_t_bias", "addmm_t", "aten_addmm") else None)
+        gm, inputs, report, _ = rewrite(model, x, options={"keep_fp_weights": True})
+        assert [layer.rewritten for layer in report.layers] == [True], report.table()
+        assert sum(n.target is torch.ops.llmint8.linear.default for n in gm.graph.nodes) == 1
+        assert report.layers[0].name == ("conv" if form == "conv1d" else "proj")
+        assert (report.layers[0].out_features, report.layers[0].in_features) == (24, 48)
+        y = gm(*inputs)[0]
+        within_bound(y, x, expected_weight, expected_bias, 6.0)
+
+
+def test_tied_weight_is_quantized_once_and_kept_for_the_embedding():
+    class Tied(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Embedding(50, 32)
+            self.head = torch.nn.Linear(32, 50, bias=False)
+            self.head.weight = self.embed.weight
+            self.other = torch.nn.Linear(32, 32)
+
+        def forward(self, ids):
+            h = self.embed(ids)
+            return self.head(self.other(h)) + F.linear(h, self.embed.weight)
+
+    model = Tied().eval()
+    ids = torch.randint(0, 50, (2, 7))
+    with torch.no_grad():
+        expected = model(ids)
+        compiled = torch.compile(model, backend="llmint8")
+        y = compiled(ids)
+    report = int8pass.last_report()
+    assert [layer.rewritten for layer in report.layers] == [True, True, True], report.table()
+    # one int8 copy of the tied weight, and its fp copy is kept: the embedding still reads it
+    assert model.embed.weight.untyped_storage().nbytes() == 50 * 32 * 4
+    assert report.layers[2].weight_bytes_before == 0 and report.layers[2].weight_bytes_after == 0
+    assert (y - expected).abs().max() < 0.01 * expected.abs().max()
+
+
+def test_unrewritten_graph_is_left_byte_for_byte():
+    model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4)).double()
+    with torch.no_grad():
+        gm, _, report, before = rewrite(model, torch.randn(3, 16, dtype=torch.double))
+    assert gm.code == before
+    assert [layer.reason for layer in report.layers] == ["weight dtype float64 not in option dtypes"] * 2
+
+
+@pytest.mark.parametrize(
+    "options, grad, reason",
+    [
+        ({}, True, "weight requires grad and grad mode is on"),
+        ({"skip_modules": ["proj"]}, False, "skipped by option skip_modules"),
+        ({"skip_modules": [lambda name: name.startswith("pr")]}, False, "skipped by option skip_modules"),
+        ({"min_features": 32}, False, "too small: min(N, K) = 24 < min_features = 32"),
+        ({"dtypes": ["bfloat16"]}, False, "weight dtype float32 not in option dtypes"),
+    ],
+)
+def test_skip_reasons(options, grad, reason):
+    model = Forms("module").eval()
+    x = torch.randn(4, 48)
+    with torch.set_grad_enabled(grad):
+        expected = model(x)
+        y = torch.compile(model, backend="llmint8", options=options)(x)
+    layer = int8pass.last_report().layers[0]
+    assert not layer.rewritten and layer.reason.startswith(reason)
+    assert torch.equal(y, expected) or torch.allclose(y, expected, atol=1e-6)
+    assert model.proj.weight.untyped_storage().nbytes() > 0  # a skipped weight is never released
+
+
+def test_weight_passed_as_input_is_not_a_constant():
+    def f(x, w):
+        return F.linear(x, w)
+
+    x, w = torch.randn(3, 8), torch.randn(5, 8)
+    with torch.no_grad():
+        y = torch.compile(f, backend="llmint8")(x, w)
+    layer = int8pass.last_report().layers[0]
+    assert not layer.rewritten and "not a constant" in layer.reason
+    assert torch.allclose(y, F.linear(x, w))
+
+
+def test_attention_products_are_not_reported_as_linears():
+    class Attention(torch.nn.Module):
+        def __init__(self, d=32):
+            super().__init__()
+            self.qkv = torch.nn.Linear(d, 3 * d)
+            self.out = torch.nn.Linear(d, d)
+
+        def forward(self, x):
+            q, k, v = self.qkv(x).chunk(3, dim=-1)
+            scores = (q @ k.transpose(-1, -2)) / 32**0.5
+            return self.out(scores.softmax(-1) @ v)
+
+    with torch.no_grad():
+        torch.compile(Attention().eval(), backend="llmint8")(torch.randn(2, 5, 32))
+    report = int8pass.last_report()
+    assert [layer.name for layer in report.layers] == ["qkv", "out"]
+    assert all(layer.rewritten for layer in report.layers)
+
+
+def test_source_path():
+    assert fx_pass.source_path("L['self']._modules['layers']._modules['0']._parameters['weight']") == "layers.0.weight"
+    assert fx_pass.source_path("L['fn']._modules['fc']._buffers['w']") == "fc.w"
+    assert fx_pass.source_path("G['model'].fc.weight") == "fc.weight"

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# One entry point that sets up everything on a fresh machine, then runs what you ask:
+#   bash tools/dev.sh demo    # compile a model with backend="llmint8" and print what happened
+#   bash tools/dev.sh test    # the test suite (what CI runs)
+#   bash tools/dev.sh bench   # the CPU benchmark of the 4096 MLP (writes benchmarks/results/)
+# Set-up: a virtual environment in .venv that sees the system's packages, so a CUDA torch you already have is
+# kept. Without any torch, installs the CPU build torch==2.13.0, and refuses to go on if pip would pull the
+# multi-GB CUDA packages instead.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+VENV=${INT8PASS_VENV:-.venv}
+
+if [ ! -x "$VENV/bin/python" ]; then
+  "$PYTHON" -m venv --system-site-packages "$VENV"
+fi
+PY="$VENV/bin/python"
+PIP=("$PY" -m pip --disable-pip-version-check -q)
+
+if ! "$PY" -c "import torch" 2>/dev/null; then
+  report=$(mktemp)
+  "${PIP[@]}" install --dry-run --ignore-installed --report "$report" "torch==2.13.0" >/dev/null
+  if grep -q '"name": "nvidia-' "$report"; then
+    echo "tools/dev.sh: pip would install the CUDA build of torch (nvidia-* packages, several GB)." >&2
+    echo "Install the torch you want first (e.g. a CPU wheel), then rerun." >&2
+    exit 1
+  fi
+  rm -f "$report"
+  "${PIP[@]}" install "torch==2.13.0"
+fi
+extras=test
+[ "${1:-}" = demo ] && extras=
+"${PIP[@]}" install -e ".${extras:+[$extras]}" 2>&1 | grep -v "^WARNING: Location" || true
+
+case "${1:-}" in
+  demo) shift; exec "$PY" examples/demo.py "$@" ;;
+  test) shift; exec "$PY" -m pytest -q -p no:cacheprovider "$@" ;;
+  bench) shift; exec "$PY" benchmarks/cpu_mlp.py "$@" ;;
+  *) echo "usage: bash tools/dev.sh demo|test|bench [args]" >&2; exit 2 ;;
+esac
