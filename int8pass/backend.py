@@ -27,6 +27,8 @@ def llmint8(gm: torch.fx.GraphModule, example_inputs, *, options: dict[str, Any]
 
     report = new_report()
     result = fx_pass.rewrite_linears(gm, example_inputs, opts, report)
+    for qweight in result.quantized:  # the kernels' weight layout, chosen once now (the weights are constants)
+        lowering.prepare_weight(qweight.weight_q)
     compiled = compile_fx(gm, example_inputs, config_patches=config_patches, decompositions=lowering.decompositions())
     for param, name in result.releasable.values():
         report.released_bytes += weights.release_fp_storage(param, name)

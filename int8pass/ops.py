@@ -63,13 +63,13 @@ def linear(
     outlier_weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """LLM.int8() linear: x [..., K], weight_q int8 [N, K], weight_scale fp32 [N] -> [..., N] in x's dtype."""
-    _check_linear_args(x, weight_q, weight_scale, bias)
+    check_linear_args(x, weight_q, weight_scale, bias)
     return reference.linear(x, weight_q, weight_scale, bias, threshold, outlier_weight)
 
 
 @linear.register_fake
 def _(x, weight_q, weight_scale, bias, threshold, outlier_weight=None):
-    _check_linear_args(x, weight_q, weight_scale, bias)
+    check_linear_args(x, weight_q, weight_scale, bias)
     return x.new_empty((*x.shape[:-1], weight_q.shape[0]))
 
 
@@ -78,7 +78,8 @@ def _check_2d(op: str, x: torch.Tensor) -> None:
         raise ValueError(f"llmint8::{op} expects a 2-D activation [M, K], got shape {tuple(x.shape)}")
 
 
-def _check_linear_args(x, weight_q, weight_scale, bias) -> None:
+def check_linear_args(x, weight_q, weight_scale, bias) -> None:
+    """Clear errors for llmint8::linear arguments; every implementation of the op calls this."""
     if weight_q.dtype != torch.int8 or weight_q.dim() != 2:
         raise ValueError(f"llmint8::linear expects an int8 [N, K] weight, got {weight_q.dtype} {tuple(weight_q.shape)}")
     n, k = weight_q.shape

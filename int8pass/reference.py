@@ -8,8 +8,6 @@ fuses them.
 from __future__ import annotations
 
 import math
-from typing import Callable
-
 import torch
 
 Q_MAX = 127.0
@@ -79,11 +77,6 @@ def exact_int_matmul(x_q: torch.Tensor, w_q: torch.Tensor) -> torch.Tensor:
     return (x_q.double() @ w_q.double().t()).to(torch.int32)
 
 
-def dequantize_weight(w_q: torch.Tensor, s_w: torch.Tensor) -> torch.Tensor:
-    """W^ = W_q * s_w / 127 in fp32."""
-    return w_q.float() * (s_w[:, None] / Q_MAX)
-
-
 def outlier_matmul(
     x2d: torch.Tensor,
     indices: torch.Tensor,
@@ -91,11 +84,33 @@ def outlier_matmul(
     weight: torch.Tensor,
     s_w: torch.Tensor,
 ) -> torch.Tensor:
-    """X[:, O] . W[:, O]^T in fp32 [M, N]. An int8 weight is dequantized (W^); a floating weight is used as is."""
+    """X[:, O] . W^[:, O]^T in fp32 [M, N].
+
+    An int8 weight is dequantized, W^ = W_q s_w / 127, applied as (X[:, O] . W_q[:, O]^T) * s_w / 127: the
+    same product with the scale taken out of the sum, so kernels that see only the codes match bit for bit.
+    A floating weight (the outlier_weights="original" option) is used as it is.
+    """
     cols = indices[: int(count.item())].long()
-    w_cols = weight[:, cols]
-    w_cols = w_cols.float() * (s_w[:, None] / Q_MAX) if weight.dtype == torch.int8 else w_cols.float()
-    return x2d[:, cols].float() @ w_cols.t()
+    product = x2d[:, cols].float() @ weight[:, cols].float().t()
+    return product * (s_w / Q_MAX) if weight.dtype == torch.int8 else product
+
+
+def dequantize_output(
+    x: torch.Tensor,
+    acc: torch.Tensor,
+    s_x: torch.Tensor,
+    s_w: torch.Tensor,
+    outlier_product: torch.Tensor,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """The epilogue: acc * s_x s_w / 127^2 + outlier product + b in fp32, then one rounding to X's dtype.
+
+    acc is the int32 accumulator already converted to fp32 (exact below 2**24, one rounding above).
+    """
+    y = acc * (s_x[:, None] * (s_w[None, :] / (Q_MAX * Q_MAX))) + outlier_product
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype).reshape(*x.shape[:-1], s_w.shape[0])
 
 
 def linear(
@@ -105,25 +120,17 @@ def linear(
     bias: torch.Tensor | None,
     threshold: float,
     outlier_weight: torch.Tensor | None = None,
-    *,
-    int_matmul: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = exact_int_matmul,
-    outlier_product: Callable[..., torch.Tensor] = outlier_matmul,
 ) -> torch.Tensor:
     """Y = (X_q . W_q^T) * s_x s_w / 127^2 + X[:, O] . W^[:, O]^T + b, rounded once to X's dtype.
 
     x may have any leading dims. `outlier_weight` replaces W^ for the outlier columns when given (the
-    `outlier_weights="original"` option). `int_matmul` and `outlier_product` let the compiled paths swap in
-    their kernels while keeping every other step of the math identical.
+    `outlier_weights="original"` option).
     """
-    n, k = w_q.shape
-    x2d = x.reshape(-1, k)
+    x2d = x.reshape(-1, w_q.shape[1])
     x_q, s_x, indices, count = quantize_activation(x2d, threshold)
-    acc = int_matmul(x_q, w_q)
-    y = acc.float() * (s_x[:, None] * (s_w[None, :] / (Q_MAX * Q_MAX)))
-    y = y + outlier_product(x2d, indices, count, w_q if outlier_weight is None else outlier_weight, s_w)
-    if bias is not None:
-        y = y + bias.float()
-    return y.to(x.dtype).reshape(*x.shape[:-1], n)
+    acc = exact_int_matmul(x_q, w_q).float()
+    outliers = outlier_matmul(x2d, indices, count, w_q if outlier_weight is None else outlier_weight, s_w)
+    return dequantize_output(x, acc, s_x, s_w, outliers, bias)
 
 
 def error_bound(

@@ -2,12 +2,13 @@
 
 The ops (int8pass.ops) are the only thing this package knows of int8pass: it never sees model structure.
 - CPU: `llmint8::linear` decomposes, while AOT autograd traces, into the reference quantization (which Inductor
-  fuses into C++ loops), `torch._int_mm` and a fused dequantize/bias epilogue (lowering/cpu.py).
+  fuses into C++ loops), one oneDNN u8 x s8 GEMM on a weight packed at compile time, and a fused
+  dequantize/bias epilogue (lowering/cpu.py).
 - Other devices: the op stays in the graph and runs its eager implementation.
 """
 
 from __future__ import annotations
 
-from lowering.cpu import decompositions
+from lowering.cpu import decompositions, prepare_weight
 
-__all__ = ["decompositions"]
+__all__ = ["decompositions", "prepare_weight"]

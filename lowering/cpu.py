@@ -1,35 +1,114 @@
-"""CPU path: llmint8::linear as fused Inductor code around torch._int_mm."""
+"""CPU path: llmint8::linear as Inductor-fused quantization around one oneDNN u8 x s8 GEMM.
+
+oneDNN's VNNI int8 GEMM wants unsigned activations and a prepacked weight. X_q + 128 as uint8 with zero-point
+128 gives exactly the signed product, and with unit scales the GEMM returns the int32 accumulator converted to
+fp32. The packed weight is the only copy kept (the dense int8 codes are released), so the outlier columns
+W_q[:, O] are read back through the same GEMM: one extra activation row per outlier column, all 128 (zero)
+but a 129 (one) at that column, yields that column of W_q exactly. Decode (M = 1) thus still reads the
+weights once. Without oneDNN the path falls back to torch._int_mm and a gather of the dense codes.
+"""
 
 from __future__ import annotations
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
-from int8pass import reference
+from int8pass import ops, reference
+
+ZERO_POINT = 128
+
+# dense int8 weight [N, K] -> its oneDNN-packed form; the dense tensor may have had its storage released
+_PACKED: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
-def _int_matmul(x_q: torch.Tensor, weight_q: torch.Tensor) -> torch.Tensor:
-    # weight_q is [N, K] row-major, so its transpose is the column-major [K, N] operand oneDNN wants.
-    return torch._int_mm(x_q, weight_q.t())
+# Evaluated once: Dynamo cannot trace torch.backends.mkldnn.is_available().
+ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qlinear_prepack")
+
+
+def packed_weight(weight_q: torch.Tensor) -> torch.Tensor:
+    packed = _PACKED.get(weight_q)
+    if packed is None:
+        if weight_q.untyped_storage().nbytes() == 0:
+            raise RuntimeError("llmint8: an int8 weight's dense storage was released but it has no packed form")
+        packed = _PACKED[weight_q] = torch.ops.onednn.qlinear_prepack(weight_q, None)
+    return packed
+
+
+def prepare_weight(weight_q: torch.Tensor) -> int:
+    """Pack a CPU weight for oneDNN once at compile time and free the dense codes; returns the bytes freed."""
+    if weight_q.device.type != "cpu" or not ONEDNN:
+        return 0
+    packed_weight(weight_q)
+    storage = weight_q.untyped_storage()
+    freed = storage.nbytes()
+    storage.resize_(0)
+    return freed
+
+
+@torch.library.custom_op("llmint8::onednn_int8_mm", mutates_args=())
+def onednn_int8_mm(
+    x_q_shifted: torch.Tensor,
+    x: torch.Tensor,
+    outlier_indices: torch.Tensor,
+    outlier_count: torch.Tensor,
+    weight_q: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One GEMM: (float(X_q . W_q^T), X[:, O] . W_q[:, O]^T), both fp32 [M, N].
+
+    x_q_shifted is X_q + 128 as uint8; weight_q is the [N, K] int8 weight whose packed form is used.
+    """
+    m, k = x_q_shifted.shape
+    n = weight_q.shape[0]
+    cols = outlier_indices[: int(outlier_count.item())].long()
+    rows = x_q_shifted
+    if len(cols):
+        one_hot = torch.full((len(cols), k), ZERO_POINT, dtype=torch.uint8)
+        one_hot[torch.arange(len(cols)), cols] = ZERO_POINT + 1
+        rows = torch.cat([x_q_shifted, one_hot])
+    if rows.shape[0] == 0:
+        return x.new_zeros((0, n), dtype=torch.float32), x.new_zeros((0, n), dtype=torch.float32)
+    out = torch.ops.onednn.qlinear_pointwise.default(
+        rows, 1.0, ZERO_POINT, packed_weight(weight_q), torch.ones(n), torch.zeros(n, dtype=torch.int64),
+        None, 1.0, 0, torch.float32, "none", [], "",
+    )
+    acc = out[:m].clone() if len(cols) else out
+    outliers = x[:, cols].float() @ out[m:] if len(cols) else x.new_zeros((m, n), dtype=torch.float32)
+    return acc, outliers
+
+
+@onednn_int8_mm.register_fake
+def _(x_q_shifted, x, outlier_indices, outlier_count, weight_q):
+    shape = (x_q_shifted.shape[0], weight_q.shape[0])
+    return x.new_empty(shape, dtype=torch.float32), x.new_empty(shape, dtype=torch.float32)
+
+
+def linear(x, weight_q, weight_scale, bias, threshold, outlier_weight=None):
+    """llmint8::linear on CPU: the reference steps, with the matmuls done by oneDNN (or torch._int_mm)."""
+    ops.check_linear_args(x, weight_q, weight_scale, bias)
+    x2d = x.reshape(-1, weight_q.shape[1])
+    x_q, s_x, indices, count = reference.quantize_activation(x2d, threshold)
+    if ONEDNN:
+        shifted = (x_q.float() + ZERO_POINT).to(torch.uint8)  # via fp32: Inductor vectorizes this chain
+        acc, code_outliers = torch.ops.llmint8.onednn_int8_mm(shifted, x2d, indices, count, weight_q)
+        outliers = code_outliers * (weight_scale / reference.Q_MAX)
+    else:
+        # weight_q is [N, K] row-major, so its transpose is the column-major [K, N] operand _int_mm wants
+        acc = torch._int_mm(x_q, weight_q.t()).float()
+        outliers = torch.ops.llmint8.outlier_matmul(x2d, indices, count, weight_q, weight_scale)
+    if outlier_weight is not None:
+        outliers = torch.ops.llmint8.outlier_matmul(x2d, indices, count, outlier_weight, weight_scale)
+    return reference.dequantize_output(x, acc, s_x, weight_scale, outliers, bias)
 
 
 def decompose_linear(x, weight_q, weight_scale, bias, threshold, outlier_weight=None):
-    """The reference math with its two matmuls swapped for kernels; everything else is traced as is.
-
-    The column/row absmax, rounding and the dequantize-scale-bias epilogue become Inductor-fused loops; the
-    outlier columns go through llmint8::outlier_matmul, which gathers only the few outlier columns.
-    """
+    """Decomposition used while AOT autograd traces: Inductor then fuses everything around the GEMM."""
     if x.device.type != "cpu":
         return NotImplemented
-    return reference.linear(
-        x,
-        weight_q,
-        weight_scale,
-        bias,
-        threshold,
-        outlier_weight,
-        int_matmul=_int_matmul,
-        outlier_product=torch.ops.llmint8.outlier_matmul,
-    )
+    return linear(x, weight_q, weight_scale, bias, threshold, outlier_weight)
+
+
+# Eager calls of llmint8::linear on CPU use the same kernels (and so work on released dense weights).
+torch.library.register_kernel("llmint8::linear", "cpu", linear)
 
 
 def decompositions() -> dict:

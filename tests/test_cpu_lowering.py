@@ -40,8 +40,37 @@ def test_decomposed_linear_matches_reference(dtype, m):
     torch.testing.assert_close(y, reference.linear(x, w_q, s_w, bias, 6.0), rtol=2 * torch.finfo(dtype).eps, atol=1e-5)
 
 
-def test_int_matmul_kernel_is_bit_exact():
+@pytest.mark.skipif(not cpu.ONEDNN, reason="needs oneDNN")
+@pytest.mark.parametrize("m, outlier_cols", [(0, []), (1, []), (1, [0, 299]), (33, [5, 6, 100])])
+def test_onednn_gemm_is_bit_exact(m, outlier_cols):
     g = torch.Generator().manual_seed(0)
-    x_q = torch.randint(-127, 128, (33, 300), generator=g, dtype=torch.int8)
+    x = outlier_activation(m, 300, torch.bfloat16, outlier_cols=outlier_cols)
     w_q = torch.randint(-127, 128, (70, 300), generator=g, dtype=torch.int8)
-    assert torch.equal(cpu._int_matmul(x_q, w_q), reference.exact_int_matmul(x_q, w_q))
+    x_q, _, indices, count = reference.quantize_activation(x, 6.0)
+    assert int(count) == len(outlier_cols)
+    shifted = (x_q.to(torch.int16) + 128).to(torch.uint8)
+    torch.library.opcheck(torch.ops.llmint8.onednn_int8_mm.default, (shifted, x, indices, count, w_q))
+    acc, outliers = torch.ops.llmint8.onednn_int8_mm(shifted, x, indices, count, w_q)
+    assert torch.equal(acc, reference.exact_int_matmul(x_q, w_q).float())
+    ones = torch.full((70,), reference.Q_MAX)  # s_w = 127 makes the reference's outlier scale exactly 1
+    assert torch.equal(outliers, reference.outlier_matmul(x, indices, count, w_q, ones))
+
+
+def test_int_mm_fallback_without_onednn(monkeypatch):
+    monkeypatch.setattr(cpu, "ONEDNN", False)
+    x = outlier_activation(20, 64, torch.float32, outlier_cols=[3])
+    weight = torch.randn(16, 64) * 0.1
+    w_q, s_w = reference.quantize_weight(weight)
+    y = cpu.linear(x, w_q, s_w, None, 6.0)
+    torch.testing.assert_close(y, reference.linear(x, w_q, s_w, None, 6.0), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.skipif(not cpu.ONEDNN, reason="needs oneDNN")
+def test_prepared_weight_runs_from_the_packed_copy_alone():
+    x = outlier_activation(5, 64, torch.bfloat16, outlier_cols=[9])
+    weight = (torch.randn(16, 64) * 0.1).to(torch.bfloat16)
+    w_q, s_w = reference.quantize_weight(weight)
+    expected = reference.linear(x, w_q, s_w, None, 6.0)
+    assert cpu.prepare_weight(w_q) == 16 * 64
+    assert w_q.untyped_storage().nbytes() == 0
+    torch.testing.assert_close(torch.ops.llmint8.linear(x, w_q, s_w, None, 6.0), expected, rtol=0, atol=0)
