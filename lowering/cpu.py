@@ -5,10 +5,13 @@ oneDNN's VNNI int8 GEMM wants unsigned activations and a prepacked weight. X_q +
 fp32. The packed weight is the only copy kept (the dense int8 codes are released), so the outlier columns
 W_q[:, O] are read back through the same GEMM: one extra activation row per outlier column, all 128 (zero)
 but a 129 (one) at that column, yields that column of W_q exactly. Decode (M = 1) thus still reads the
-weights once. Without oneDNN the path falls back to torch._int_mm and a gather of the dense codes.
+weights once; columns read back are kept for later calls (PackedWeight). Past MAX_ONE_HOT_ROWS new outlier
+columns the packed weight is unpacked instead. Without oneDNN the path falls back to torch._int_mm and a gather of the dense codes.
 """
 
 from __future__ import annotations
+
+import threading
 
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
@@ -16,22 +19,51 @@ from torch.utils.weak import WeakIdKeyDictionary
 from int8pass import ops, reference
 
 ZERO_POINT = 128
-
-# dense int8 weight [N, K] -> its oneDNN-packed form; the dense tensor may have had its storage released
-_PACKED: WeakIdKeyDictionary = WeakIdKeyDictionary()
-
-
+# Past this many outlier columns, unpacking the whole weight (~1 GB/s) beats one GEMM row per column.
+MAX_ONE_HOT_ROWS = 256
 # Evaluated once: Dynamo cannot trace torch.backends.mkldnn.is_available().
 ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qlinear_prepack")
 
+class PackedWeight:
+    """A weight in oneDNN's packed layout, plus the outlier columns of W_q read back from it so far.
 
-def packed_weight(weight_q: torch.Tensor) -> torch.Tensor:
-    packed = _PACKED.get(weight_q)
-    if packed is None:
-        if weight_q.untyped_storage().nbytes() == 0:
-            raise RuntimeError("llmint8: an int8 weight's dense storage was released but it has no packed form")
-        packed = _PACKED[weight_q] = torch.ops.onednn.qlinear_prepack(weight_q, None)
-    return packed
+    W_q[:, k] is a constant of the weight, and emergent features recur in the same dims call after call, so
+    each column is extracted once and kept (at most 1/64 of the weight's bytes); no activation statistics are
+    carried between calls.
+    """
+
+    def __init__(self, weight_q: torch.Tensor):
+        n, k = weight_q.shape
+        self.packed = torch.ops.onednn.qlinear_prepack(weight_q, None)
+        self.slots: dict[int, int] = {}  # column -> row of `columns`
+        self.columns = torch.empty((max(8, k // 64), n), dtype=torch.int8)
+        self.lock = threading.Lock()
+
+    def lookup(self, cols: list[int]) -> list[int | None]:
+        with self.lock:
+            return [self.slots.get(c) for c in cols]
+
+    def remember(self, cols: list[int], codes: torch.Tensor) -> None:
+        with self.lock:
+            for col, row in zip(cols, codes):
+                if col not in self.slots and len(self.slots) < len(self.columns):
+                    self.columns[len(self.slots)] = row.to(torch.int8)
+                    self.slots[col] = len(self.slots)
+
+
+# dense int8 weight [N, K] -> its packed form; the dense tensor may have had its storage released
+_PACKED: WeakIdKeyDictionary = WeakIdKeyDictionary()
+_PACKING = threading.Lock()
+
+
+def packed_weight(weight_q: torch.Tensor) -> PackedWeight:
+    with _PACKING:
+        packed = _PACKED.get(weight_q)
+        if packed is None:
+            if weight_q.untyped_storage().nbytes() == 0:
+                raise RuntimeError("llmint8: an int8 weight's dense storage was released but it has no packed form")
+            packed = _PACKED[weight_q] = PackedWeight(weight_q)
+        return packed
 
 
 def prepare_weight(weight_q: torch.Tensor) -> int:
@@ -59,21 +91,36 @@ def onednn_int8_mm(
     """
     m, k = x_q_shifted.shape
     n = weight_q.shape[0]
-    cols = outlier_indices[: int(outlier_count.item())].long()
+    weight = packed_weight(weight_q)
+    cols = outlier_indices[: int(outlier_count.item())].tolist()
+    slots = weight.lookup(cols)
+    missing = [col for col, slot in zip(cols, slots) if slot is None]
+    extract_in_gemm = 0 < len(missing) <= MAX_ONE_HOT_ROWS
     rows = x_q_shifted
-    if len(cols):
-        one_hot = torch.full((len(cols), k), ZERO_POINT, dtype=torch.uint8)
-        one_hot[torch.arange(len(cols)), cols] = ZERO_POINT + 1
+    if extract_in_gemm:
+        one_hot = torch.full((len(missing), k), ZERO_POINT, dtype=torch.uint8)
+        one_hot[torch.arange(len(missing)), missing] = ZERO_POINT + 1
         rows = torch.cat([x_q_shifted, one_hot])
     if rows.shape[0] == 0:
         return x.new_zeros((0, n), dtype=torch.float32), x.new_zeros((0, n), dtype=torch.float32)
     out = torch.ops.onednn.qlinear_pointwise.default(
-        rows, 1.0, ZERO_POINT, packed_weight(weight_q), torch.ones(n), torch.zeros(n, dtype=torch.int64),
+        rows, 1.0, ZERO_POINT, weight.packed, torch.ones(n), torch.zeros(n, dtype=torch.int64),
         None, 1.0, 0, torch.float32, "none", [], "",
     )
-    acc = out[:m].clone() if len(cols) else out
-    outliers = x[:, cols].float() @ out[m:] if len(cols) else x.new_zeros((m, n), dtype=torch.float32)
-    return acc, outliers
+    if not cols:
+        return out, x.new_zeros((m, n), dtype=torch.float32)
+    # W_q[:, O]^T as fp32 [|O|, N]: cached columns, plus new ones from the one-hot rows or, for many, from
+    # unpacking the weight (to_dense gives W_q^T)
+    codes = torch.empty((len(cols), n), dtype=torch.float32)
+    cached = [i for i, slot in enumerate(slots) if slot is not None]
+    if cached:
+        codes[cached] = weight.columns[[slots[i] for i in cached]].float()
+    if missing:
+        new_codes = out[m:] if extract_in_gemm else weight.packed.to_dense()[missing].float()
+        codes[[i for i, slot in enumerate(slots) if slot is None]] = new_codes
+        weight.remember(missing, new_codes)
+    acc = out[:m].clone() if extract_in_gemm else out
+    return acc, x[:, cols].float() @ codes
 
 
 @onednn_int8_mm.register_fake
