@@ -11,6 +11,7 @@ Prints a table and writes benchmarks/results/cpu_mlp.json.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import gc
 import json
 import os
@@ -27,6 +28,11 @@ from int8pass import reference
 
 
 def rss_mib() -> float:
+    """Resident memory after handing freed heap back to the OS (glibc keeps freed blocks otherwise)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
     with open("/proc/self/status") as status:
         for line in status:
             if line.startswith("VmRSS:"):

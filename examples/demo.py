@@ -47,8 +47,11 @@ class TinyLM(torch.nn.Module):
                     if module.bias is not None:
                         module.bias.normal_(std=0.02)
             for block in self.blocks:  # emergent features: a few hidden dims with large LayerNorm gains
-                for norm in (block.norm1, block.norm2):
+                for norm, reader in ((block.norm1, block.qkv), (block.norm2, block.up)):
                     norm.weight[list(outlier_dims)] = outlier_gain
+                    # as in trained models, the weights reading those dims are small, so the features stay
+                    # in those few columns instead of flooding the next layer's inputs
+                    reader.weight[:, list(outlier_dims)] /= outlier_gain
 
     def forward(self, ids):
         x = self.embed(ids)
