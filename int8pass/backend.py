@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 
+import lowering
 from int8pass import fx_pass, weights
 from int8pass.options import Options
 from int8pass.report import log, new_report
@@ -15,8 +16,6 @@ MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagrap
 
 def llmint8(gm: torch.fx.GraphModule, example_inputs, *, options: dict[str, Any] | None = None, mode: str | None = None):
     """torch.compile backend: `torch.compile(model, backend="llmint8", options={...})`."""
-    import int8pass.ops  # noqa: F401  (registers the custom ops)
-    import lowering
     from torch._inductor.compile_fx import compile_fx
 
     opts = Options.parse(options)
@@ -27,11 +26,28 @@ def llmint8(gm: torch.fx.GraphModule, example_inputs, *, options: dict[str, Any]
 
     report = new_report()
     result = fx_pass.rewrite_linears(gm, example_inputs, opts, report)
-    for qweight in result.quantized:  # the kernels' weight layout, chosen once now (the weights are constants)
+    for _, _, qweight in result.quantized:  # the kernels' weight layout, chosen once now (weights are constants)
         lowering.prepare_weight(qweight.weight_q)
     compiled = compile_fx(gm, example_inputs, config_patches=config_patches, decompositions=lowering.decompositions())
     for param, name in result.releasable.values():
         report.released_bytes += weights.release_fp_storage(param, name)
     log.info("llmint8 graph %d: %d/%d linears rewritten, %d fp weight bytes released\n%s",
              report.graph_id, len(report.rewritten), len(report.layers), report.released_bytes, report.table())
-    return compiled
+    return _refreshing(compiled, result)
+
+
+def _refreshing(compiled, result: fx_pass.RewriteResult):
+    """Wrap the compiled graph so a weight changed after compiling (in place, `.data =`) is re-quantized before
+    the call instead of silently running on stale int8 codes. Costs a few attribute reads per weight."""
+    if not result.quantized:
+        return compiled
+
+    def run(*args):
+        for param, stored_transposed, qweight in result.quantized:
+            if not weights.is_current(param, qweight) and weights.refresh(param, stored_transposed, qweight):
+                log.warning("llmint8: a rewritten weight changed after compiling; re-quantized it")
+                lowering.prepare_weight(qweight.weight_q)  # the new fp storage is the user's: it stays
+        return compiled(*args)
+
+    run._boxed_call = getattr(compiled, "_boxed_call", False)
+    return run

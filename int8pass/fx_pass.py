@@ -167,14 +167,14 @@ class ConstantInputs:
 class RewriteResult:
     report: CompileReport
     releasable: dict[int, tuple[torch.Tensor, str]]  # id(param) -> (param, name): fp storage no longer needed
-    quantized: list[weights.QuantizedWeight]  # the int8 weights this graph uses, one per parameter layout
+    quantized: list[tuple[torch.Tensor, bool, weights.QuantizedWeight]]  # (param, stored_transposed, int8 form)
 
 
 def rewrite_linears(gm: fx.GraphModule, example_inputs, options: Options, report: CompileReport) -> RewriteResult:
     """Rewrite eligible linears of `gm` in place to llmint8::linear; fill `report`."""
     constants = ConstantInputs(gm, example_inputs)
     attrs: dict[tuple[int, bool], tuple[fx.Node, fx.Node]] = {}
-    used_weights: dict[tuple[int, bool], weights.QuantizedWeight] = {}
+    used_weights: dict[tuple[int, bool], tuple[torch.Tensor, bool, weights.QuantizedWeight]] = {}
     rewritten_params: dict[int, tuple[torch.Tensor, str, list[LayerRecord]]] = {}
     counted: set[tuple[int, bool]] = set()
     seen_weights: set[int] = set()
@@ -214,7 +214,7 @@ def rewrite_linears(gm: fx.GraphModule, example_inputs, options: Options, report
         qweight = weights.quantized(param, match.stored_transposed)
         if layout not in attrs:
             attrs[layout] = _add_weight_constants(gm, qweight, f"{weight_name}_{len(attrs)}")
-            used_weights[layout] = qweight
+            used_weights[layout] = (param, match.stored_transposed, qweight)
         record.weight_bytes_after = 0 if layout in counted else qweight.nbytes
         counted.add(layout)
         _replace(gm, match, *attrs[layout], options)

@@ -6,6 +6,7 @@ was released stays usable by later compiles (recompiles for new shapes, other gr
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -18,7 +19,7 @@ from int8pass import reference
 class QuantizedWeight:
     weight_q: torch.Tensor  # int8 [N, K], output channels as rows
     scale: torch.Tensor  # fp32 [N]
-    source_version: int  # the parameter's _version when quantized: a later in-place write means stale codes
+    source: tuple  # fingerprint() of the parameter when quantized: any change means stale codes
 
     @property
     def nbytes(self) -> int:
@@ -37,8 +38,21 @@ class ReleasedWeightError(RuntimeError):
     pass
 
 
+_LOCK = threading.Lock()
+
+
+def fingerprint(param: torch.Tensor) -> tuple:
+    """What changes when a parameter's values may have: in-place writes bump _version; `param.data = t` and
+    `.to()` swap the storage (new data_ptr) or dtype without bumping it."""
+    return (param._version, param.data_ptr(), param.dtype)
+
+
 def is_released(param: torch.Tensor) -> bool:
-    return param in _RELEASED
+    return param in _RELEASED and param.untyped_storage().nbytes() == 0
+
+
+def is_current(param: torch.Tensor, qweight: QuantizedWeight) -> bool:
+    return is_released(param) or qweight.source == fingerprint(param)
 
 
 def quantized(param: torch.Tensor, stored_transposed: bool) -> QuantizedWeight:
@@ -47,19 +61,40 @@ def quantized(param: torch.Tensor, stored_transposed: bool) -> QuantizedWeight:
     if per_layout is None:
         per_layout = _CACHE[param] = {}
     cached = per_layout.get(stored_transposed)
-    if cached is not None and (is_released(param) or cached.source_version == param._version):
+    if cached is not None and is_current(param, cached):
         return cached
     if is_released(param):
         raise ReleasedWeightError(
             f"int8pass released the floating-point storage of {_RELEASED[param]} after quantizing it, and it is "
             "needed again in a layout not quantized before; compile with options={'keep_fp_weights': True}"
         )
+    weight_q, scale = _quantize(param, stored_transposed)
+    per_layout[stored_transposed] = QuantizedWeight(weight_q.contiguous(), scale, fingerprint(param))
+    return per_layout[stored_transposed]
+
+
+def _quantize(param: torch.Tensor, stored_transposed: bool) -> tuple[torch.Tensor, torch.Tensor]:
     with torch.no_grad():
         weight = param.detach()
-        weight = weight.t() if stored_transposed else weight
-        weight_q, scale = reference.quantize_weight(weight)
-    per_layout[stored_transposed] = QuantizedWeight(weight_q.contiguous(), scale, param._version)
-    return per_layout[stored_transposed]
+        return reference.quantize_weight(weight.t() if stored_transposed else weight)
+
+
+def refresh(param: torch.Tensor, stored_transposed: bool, qweight: QuantizedWeight) -> bool:
+    """Re-quantize into the same tensors (which compiled graphs hold) if the parameter changed since.
+
+    Returns True when it did; the caller then re-prepares the kernel layout. Never leaves stale codes.
+    """
+    with _LOCK:
+        if is_current(param, qweight):
+            return False
+        weight_q, scale = _quantize(param, stored_transposed)
+        storage = qweight.weight_q.untyped_storage()
+        if storage.nbytes() == 0:  # the kernel layout had replaced the dense codes: bring them back
+            storage.resize_(qweight.weight_q.numel() * qweight.weight_q.element_size())
+        qweight.weight_q.copy_(weight_q)
+        qweight.scale.copy_(scale)
+        qweight.source = fingerprint(param)
+        return True
 
 
 def release_fp_storage(param: torch.Tensor, name: str) -> int:

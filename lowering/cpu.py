@@ -67,10 +67,15 @@ def packed_weight(weight_q: torch.Tensor) -> PackedWeight:
 
 
 def prepare_weight(weight_q: torch.Tensor) -> int:
-    """Pack a CPU weight for oneDNN once at compile time and free the dense codes; returns the bytes freed."""
-    if weight_q.device.type != "cpu" or not ONEDNN:
+    """Pack a CPU weight for oneDNN and free the dense codes; returns the bytes freed.
+
+    Called at compile time, and again after the codes were re-quantized in place (a changed parameter):
+    dense codes present means (re)pack; none means the packed form is already current.
+    """
+    if weight_q.device.type != "cpu" or not ONEDNN or weight_q.untyped_storage().nbytes() == 0:
         return 0
-    packed_weight(weight_q)
+    with _PACKING:
+        _PACKED[weight_q] = PackedWeight(weight_q)
     storage = weight_q.untyped_storage()
     freed = storage.nbytes()
     storage.resize_(0)
