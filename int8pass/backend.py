@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 import lowering
-from int8pass import fx_pass, weights
+from int8pass import fx_pass, inspect, weights
 from int8pass.options import Options
 from int8pass.report import log, new_report
 
@@ -25,12 +25,18 @@ def llmint8(gm: torch.fx.GraphModule, example_inputs, *, options: dict[str, Any]
     config_patches.update(opts.inductor)
 
     report = new_report()
+    before = inspect.readable(gm) if opts.dump_dir else ""
     result = fx_pass.rewrite_linears(gm, example_inputs, opts, report)
+    if opts.dump_dir:
+        config_patches.update(inspect.inductor_trace_patches(opts.dump_dir, report))
     for _, _, qweight in result.quantized:  # the kernels' weight layout, chosen once now (weights are constants)
         lowering.prepare_weight(qweight.weight_q)
     compiled = compile_fx(gm, example_inputs, config_patches=config_patches, decompositions=lowering.decompositions())
     for param, name in result.releasable.values():
         report.released_bytes += weights.release_fp_storage(param, name)
+    if opts.dump_dir:
+        log.info("llmint8 graph %d dumped to %s", report.graph_id,
+                 inspect.write_dump(opts.dump_dir, report, before, inspect.readable(gm)))
     log.info("llmint8 graph %d: %d/%d linears rewritten, %d fp weight bytes released\n%s",
              report.graph_id, len(report.rewritten), len(report.layers), report.released_bytes, report.table())
     return _refreshing(compiled, result)

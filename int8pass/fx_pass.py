@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from int8pass import weights
+from int8pass import stats, weights
 from int8pass.options import Options
 from int8pass.reference import MAX_EXACT_K
 from int8pass.report import CompileReport, LayerRecord
@@ -217,7 +217,8 @@ def rewrite_linears(gm: fx.GraphModule, example_inputs, options: Options, report
             used_weights[layout] = (param, match.stored_transposed, qweight)
         record.weight_bytes_after = 0 if layout in counted else qweight.nbytes
         counted.add(layout)
-        _replace(gm, match, *attrs[layout], options)
+        stats_id = stats.register(record.name, record.in_features) if options.stats else -1
+        _replace(gm, match, *attrs[layout], options, stats_id)
         record.rewritten = True
         rewritten_params.setdefault(id(param), (param, weight_name, []))[2].append(record)
 
@@ -284,7 +285,7 @@ def _add_weight_constants(gm, qweight: weights.QuantizedWeight, name: str) -> tu
         return gm.graph.get_attr(base + "_weight_q"), gm.graph.get_attr(base + "_scale")
 
 
-def _replace(gm, match: LinearMatch, weight_q: fx.Node, scale: fx.Node, options: Options) -> None:
+def _replace(gm, match: LinearMatch, weight_q: fx.Node, scale: fx.Node, options: Options, stats_id: int) -> None:
     graph = gm.graph
     node = match.node
     with graph.inserting_before(node):
@@ -295,7 +296,7 @@ def _replace(gm, match: LinearMatch, weight_q: fx.Node, scale: fx.Node, options:
                 outlier_weight = graph.call_method("t", (match.weight,))
         new = graph.call_function(
             torch.ops.llmint8.linear.default,
-            (match.x, weight_q, scale, match.bias, options.threshold, outlier_weight),
+            (match.x, weight_q, scale, match.bias, options.threshold, outlier_weight, stats_id),
         )
     new.meta.update(node.meta)
     node.replace_all_uses_with(new)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from int8pass import reference
+from int8pass import reference, stats
 
 NAMESPACE = "llmint8"
 
@@ -42,14 +42,20 @@ def outlier_matmul(
     outlier_count: torch.Tensor,
     weight: torch.Tensor,
     weight_scale: torch.Tensor,
+    stats_id: int = -1,
 ) -> torch.Tensor:
-    """X[:, O] . W[:, O]^T in fp32 [M, N]; int8 weights are dequantized with weight_scale / 127."""
+    """X[:, O] . W[:, O]^T in fp32 [M, N]; int8 weights are dequantized with weight_scale / 127.
+
+    stats_id >= 0 records the outlier columns for that layer (int8pass.stats).
+    """
     _check_2d("outlier_matmul", x)
+    if stats_id >= 0:
+        stats.record(stats_id, outlier_indices[: int(outlier_count.item())].tolist())
     return reference.outlier_matmul(x, outlier_indices, outlier_count, weight, weight_scale)
 
 
 @outlier_matmul.register_fake
-def _(x, outlier_indices, outlier_count, weight, weight_scale):
+def _(x, outlier_indices, outlier_count, weight, weight_scale, stats_id=-1):
     return x.new_empty((x.shape[0], weight.shape[0]), dtype=torch.float32)
 
 
@@ -61,14 +67,22 @@ def linear(
     bias: torch.Tensor | None,
     threshold: float,
     outlier_weight: torch.Tensor | None = None,
+    stats_id: int = -1,
 ) -> torch.Tensor:
-    """LLM.int8() linear: x [..., K], weight_q int8 [N, K], weight_scale fp32 [N] -> [..., N] in x's dtype."""
+    """LLM.int8() linear: x [..., K], weight_q int8 [N, K], weight_scale fp32 [N] -> [..., N] in x's dtype.
+
+    `outlier_weight` (optional, [N, K] floating) replaces the dequantized weight for the outlier columns;
+    stats_id >= 0 records each call's outlier columns for that layer (int8pass.stats).
+    """
     check_linear_args(x, weight_q, weight_scale, bias)
+    if stats_id >= 0:
+        is_outlier = reference.outlier_columns(x.reshape(-1, weight_q.shape[1]), threshold)
+        stats.record(stats_id, is_outlier.nonzero().flatten().tolist())
     return reference.linear(x, weight_q, weight_scale, bias, threshold, outlier_weight)
 
 
 @linear.register_fake
-def _(x, weight_q, weight_scale, bias, threshold, outlier_weight=None):
+def _(x, weight_q, weight_scale, bias, threshold, outlier_weight=None, stats_id=-1):
     check_linear_args(x, weight_q, weight_scale, bias)
     return x.new_empty((*x.shape[:-1], weight_q.shape[0]))
 

@@ -27,7 +27,7 @@ class Options:
     outlier_weights: "dequantized" (W^ from the int8 weight, no fp copy kept) or "original" (keeps the fp
         weight for the outlier columns; costs the fp weight's memory).
     keep_fp_weights: keep the fp storage of rewritten weights so the eager module still works.
-    stats: collect runtime outlier statistics (costs a device-to-host copy per linear per call).
+    stats: collect runtime outlier statistics per layer (int8pass.outlier_stats(); cost in int8pass/stats.py).
     dump_dir: directory for graph/report dumps (default: $INT8PASS_DUMP_DIR if set).
     inductor: extra Inductor config patches, passed through to compile_fx.
     """

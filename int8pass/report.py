@@ -9,6 +9,22 @@ from dataclasses import asdict, dataclass, field
 log = logging.getLogger("int8pass")
 
 
+def _register_with_torch_logs() -> None:
+    """Let TORCH_LOGS="int8pass" (or "+int8pass" for debug) turn this logger on, like torch.compile's own."""
+    import os
+
+    try:
+        from torch._logging._internal import _init_logs, register_log
+    except ImportError:  # a torch without this private API: plain `logging` configuration still works
+        return
+    register_log("int8pass", "int8pass")
+    if "int8pass" in os.environ.get("TORCH_LOGS", ""):
+        _init_logs()  # TORCH_LOGS was parsed when torch was imported, before this name existed
+
+
+_register_with_torch_logs()
+
+
 @dataclass
 class LayerRecord:
     name: str  # module path of the weight's owner, e.g. "model.layers.0.mlp.up_proj"

@@ -16,7 +16,7 @@ import threading
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
-from int8pass import ops, reference
+from int8pass import ops, reference, stats
 
 ZERO_POINT = 128
 # Past this many outlier columns, unpacking the whole weight (~1 GB/s) beats one GEMM row per column.
@@ -89,15 +89,18 @@ def onednn_int8_mm(
     outlier_indices: torch.Tensor,
     outlier_count: torch.Tensor,
     weight_q: torch.Tensor,
+    stats_id: int = -1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One GEMM: (float(X_q . W_q^T), X[:, O] . W_q[:, O]^T), both fp32 [M, N].
 
     x_q_shifted is X_q + 128 as uint8; weight_q is the [N, K] int8 weight whose packed form is used.
+    stats_id >= 0 records the outlier columns for that layer (int8pass.stats).
     """
     m, k = x_q_shifted.shape
     n = weight_q.shape[0]
     weight = packed_weight(weight_q)
     cols = outlier_indices[: int(outlier_count.item())].tolist()
+    stats.record(stats_id, cols)
     slots = weight.lookup(cols)
     missing = [col for col, slot in zip(cols, slots) if slot is None]
     extract_in_gemm = 0 < len(missing) <= MAX_ONE_HOT_ROWS
@@ -129,34 +132,34 @@ def onednn_int8_mm(
 
 
 @onednn_int8_mm.register_fake
-def _(x_q_shifted, x, outlier_indices, outlier_count, weight_q):
+def _(x_q_shifted, x, outlier_indices, outlier_count, weight_q, stats_id=-1):
     shape = (x_q_shifted.shape[0], weight_q.shape[0])
     return x.new_empty(shape, dtype=torch.float32), x.new_empty(shape, dtype=torch.float32)
 
 
-def linear(x, weight_q, weight_scale, bias, threshold, outlier_weight=None):
+def linear(x, weight_q, weight_scale, bias, threshold, outlier_weight=None, stats_id=-1):
     """llmint8::linear on CPU: the reference steps, with the matmuls done by oneDNN (or torch._int_mm)."""
     ops.check_linear_args(x, weight_q, weight_scale, bias)
     x2d = x.reshape(-1, weight_q.shape[1])
     x_q, s_x, indices, count = reference.quantize_activation(x2d, threshold)
     if ONEDNN:
         shifted = (x_q.float() + ZERO_POINT).to(torch.uint8)  # via fp32: Inductor vectorizes this chain
-        acc, code_outliers = torch.ops.llmint8.onednn_int8_mm(shifted, x2d, indices, count, weight_q)
+        acc, code_outliers = torch.ops.llmint8.onednn_int8_mm(shifted, x2d, indices, count, weight_q, stats_id)
         outliers = code_outliers * (weight_scale / reference.Q_MAX)
     else:
         # weight_q is [N, K] row-major, so its transpose is the column-major [K, N] operand _int_mm wants
         acc = torch._int_mm(x_q, weight_q.t()).float()
-        outliers = torch.ops.llmint8.outlier_matmul(x2d, indices, count, weight_q, weight_scale)
+        outliers = torch.ops.llmint8.outlier_matmul(x2d, indices, count, weight_q, weight_scale, stats_id)
     if outlier_weight is not None:
         outliers = torch.ops.llmint8.outlier_matmul(x2d, indices, count, outlier_weight, weight_scale)
     return reference.dequantize_output(x, acc, s_x, weight_scale, outliers, bias)
 
 
-def decompose_linear(x, weight_q, weight_scale, bias, threshold, outlier_weight=None):
+def decompose_linear(x, weight_q, weight_scale, bias, threshold, outlier_weight=None, stats_id=-1):
     """Decomposition used while AOT autograd traces: Inductor then fuses everything around the GEMM."""
     if x.device.type != "cpu":
         return NotImplemented
-    return linear(x, weight_q, weight_scale, bias, threshold, outlier_weight)
+    return linear(x, weight_q, weight_scale, bias, threshold, outlier_weight, stats_id)
 
 
 # Eager calls of llmint8::linear on CPU use the same kernels (and so work on released dense weights).
