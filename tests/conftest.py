@@ -2,6 +2,11 @@ import os
 
 import pytest
 import torch
+
+# Without CUDA the Triton kernels run in Triton's interpreter on CPU tensors. The mode is fixed when a kernel
+# is decorated, so it is set here, before any test module imports lowering's Triton kernels.
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
 from hypothesis import HealthCheck, settings
 
 settings.register_profile(

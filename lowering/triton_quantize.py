@@ -1,0 +1,147 @@
+"""Triton activation quantization: reference.quantize_activation on the GPU, with no host synchronisation.
+
+Three small kernels, each reading X at most twice:
+1. `_outlier_flags_kernel`: flags[k] = 1 for every column with some |x| not below the threshold (NaN and
+   +-Inf included). Each program reduces one [BLOCK_M, BLOCK_K] tile and ORs its flags in with an atomic max,
+   so a long prefill is split over rows as well as columns.
+2. `_compact_kernel`: one program turns the flags into the reference's index list (outlier columns ascending,
+   then the others ascending) and writes the count on the device, so nothing has a data-dependent shape.
+3. `_quantize_rows_kernel`: per row, the absmax over the non-outlier columns, then the int8 codes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from int8pass.reference import Q_MAX
+
+_Q_MAX = tl.constexpr(Q_MAX)
+
+# (BLOCK_M, BLOCK_K) of the tiles the flag and row kernels read; the compaction walks K in COMPACT_BLOCK steps.
+FLAGS_BLOCK = (32, 128)
+ROWS_BLOCK = (8, 256)
+COMPACT_BLOCK = 1024
+
+
+@triton.jit
+def round_half_even(v):
+    """torch.round of fp32 values with |v| < 2**22, as int32.
+
+    Never subtracts from `v` itself: the compiler may fuse the multiplication producing `v` into a following
+    add (an FMA skips the rounding of the product), which would move exact ties.
+    """
+    floor = tl.floor(v)
+    r = floor.to(tl.int32)
+    half = floor + 0.5
+    round_up = (v > half) | ((v == half) & ((r & 1) == 1))
+    return r + round_up.to(tl.int32)
+
+
+@triton.jit
+def _outlier_flags_kernel(
+    x_ptr, flags_ptr, M, K, stride_xm, stride_xk, limit,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """flags[k] |= any(!(|X[m, k]| < limit)) over this program's rows; flags starts at zero."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask = (rows < M)[:, None] & (cols < K)[None, :]
+    x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * stride_xm + cols[None, :] * stride_xk, mask=mask, other=0.0)
+    # `<` is False for NaN, so NaN counts as an outlier; limit = inf still catches +-Inf.
+    is_outlier = mask & ~(tl.abs(x.to(tl.float32)) < limit)
+    tl.atomic_max(flags_ptr + cols, tl.max(is_outlier.to(tl.int32), axis=0), mask=cols < K)
+
+
+@triton.jit
+def _compact_kernel(flags_ptr, indices_ptr, count_ptr, K, BLOCK: tl.constexpr):
+    """Single program: indices = outlier columns ascending, then the rest ascending; count = #outliers.
+
+    What a stable sort of (~flags) gives (reference.compact_indices): a first pass counts the outliers, a
+    second places every column at its rank by a running prefix sum.
+    """
+    offs = tl.arange(0, BLOCK)
+    count = 0
+    for start in range(0, K, BLOCK):
+        count += tl.sum(tl.load(flags_ptr + start + offs, mask=start + offs < K, other=0), axis=0)
+    outliers_before = 0
+    for start in range(0, K, BLOCK):
+        cols = start + offs
+        in_range = cols < K
+        flag = tl.load(flags_ptr + cols, mask=in_range, other=0)
+        other = in_range.to(tl.int32) - flag
+        outlier_rank = outliers_before + tl.cumsum(flag, axis=0) - 1
+        other_rank = count + (start - outliers_before) + tl.cumsum(other, axis=0) - 1
+        tl.store(indices_ptr + tl.where(flag == 1, outlier_rank, other_rank), cols, mask=in_range)
+        outliers_before += tl.sum(flag, axis=0)
+    tl.store(count_ptr, count)
+
+
+@triton.jit
+def _quantize_rows_kernel(
+    x_ptr, flags_ptr, x_q_ptr, s_x_ptr, M, K,
+    stride_xm, stride_xk, stride_qm, stride_qk,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """s_x[m] = max |X~[m, :]| and X_q = round(X~ / s_x * 127), where X~ is X with outlier columns zeroed."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = rows < M
+    x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_xm
+    q_rows = x_q_ptr + rows.to(tl.int64)[:, None] * stride_qm
+    offs_k = tl.arange(0, BLOCK_K)
+
+    s_x = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for start in range(0, K, BLOCK_K):
+        cols = start + offs_k
+        mask = row_mask[:, None] & (cols < K)[None, :]
+        x = tl.load(x_rows + cols[None, :] * stride_xk, mask=mask, other=0.0).to(tl.float32)
+        is_outlier = tl.load(flags_ptr + cols, mask=cols < K, other=0) == 1
+        x = tl.where(is_outlier[None, :], 0.0, x)  # non-finite values are all in outlier columns
+        s_x = tl.maximum(s_x, tl.max(tl.abs(x), axis=1))
+    tl.store(s_x_ptr + rows, s_x, mask=row_mask)
+
+    safe_scale = tl.where(s_x == 0.0, 1.0, s_x)[:, None]
+    for start in range(0, K, BLOCK_K):
+        cols = start + offs_k
+        mask = row_mask[:, None] & (cols < K)[None, :]
+        x = tl.load(x_rows + cols[None, :] * stride_xk, mask=mask, other=0.0).to(tl.float32)
+        is_outlier = tl.load(flags_ptr + cols, mask=cols < K, other=0) == 1
+        x = tl.where(is_outlier[None, :], 0.0, x)
+        # IEEE division (Triton's `/` is approximate on CUDA), then * 127, in the reference's order.
+        codes = round_half_even(tl.div_rn(x, safe_scale) * _Q_MAX)
+        tl.store(q_rows + cols[None, :] * stride_qk, codes.to(tl.int8), mask=mask)
+
+
+def quantize_activation(
+    x2d: torch.Tensor, threshold: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """X [M, K] -> (X_q int8 [M, K], s_x fp32 [M], outlier indices int32 [K], outlier count int32 [1]).
+
+    Same outputs, bit for bit, as reference.quantize_activation; the count stays on the device.
+    """
+    m, k = x2d.shape
+    device = x2d.device
+    limit = threshold if threshold > 0 else math.inf
+
+    flags = torch.zeros(k, dtype=torch.int32, device=device)
+    block_m, block_k = FLAGS_BLOCK
+    grid = (triton.cdiv(m, block_m), triton.cdiv(k, block_k))
+    _outlier_flags_kernel[grid](
+        x2d, flags, m, k, x2d.stride(0), x2d.stride(1), limit, BLOCK_M=block_m, BLOCK_K=block_k
+    )
+
+    indices = torch.empty(k, dtype=torch.int32, device=device)
+    count = torch.empty(1, dtype=torch.int32, device=device)
+    _compact_kernel[(1,)](flags, indices, count, k, BLOCK=COMPACT_BLOCK)
+
+    x_q = torch.empty((m, k), dtype=torch.int8, device=device)
+    s_x = torch.empty(m, dtype=torch.float32, device=device)
+    block_m, block_k = ROWS_BLOCK
+    _quantize_rows_kernel[(triton.cdiv(m, block_m),)](
+        x2d, flags, x_q, s_x, m, k, x2d.stride(0), x2d.stride(1), x_q.stride(0), x_q.stride(1),
+        BLOCK_M=block_m, BLOCK_K=block_k,
+    )
+    return x_q, s_x, indices, count
