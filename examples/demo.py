@@ -103,9 +103,9 @@ def main():
         bf16_ms = time_ms(model_bf16, ids)
         eager_copy = copy.deepcopy(model_bf16)  # the compiled model releases its fp weights
 
-        print("[2/4] compiling with torch.compile(model, backend='llmint8') ...", flush=True)
+        print("[2/4] compiling with torch.compile(model, backend='llmint8', options={'stats': True}) ...", flush=True)
         start = time.perf_counter()
-        compiled = torch.compile(model_bf16, backend="llmint8")
+        compiled = torch.compile(model_bf16, backend="llmint8", options={"stats": True})
         y = compiled(ids)
         print(f"      compiled in {time.perf_counter() - start:.1f} s", flush=True)
 
@@ -116,6 +116,9 @@ def main():
     after = sum(layer.weight_bytes_after for layer in report.layers)
     print(f"\nlinear weight memory: {before / 2**20:.1f} MiB bf16 -> {after / 2**20:.1f} MiB ({after / before:.3f}x); "
           f"fp storage released: {report.released_bytes / 2**20:.1f} MiB")
+
+    print("\nruntime outlier columns per layer (emergent features: the same dims, call after call)\n")
+    print(int8pass.stats_table())
 
     print("\n[4/4] output agreement (logits vs fp32) and speed, batch 1 x", args.tokens, "tokens\n")
     agreement("bf16 eager", ref_bf16, ref_fp32)
