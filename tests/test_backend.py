@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import int8pass
+from examples.demo import Block
 from int8pass import reference
 from tests.helpers import outlier_activation, within_bound
 
@@ -14,23 +15,6 @@ from tests.helpers import outlier_activation, within_bound
 def mlp(k=256, hidden=512, dtype=torch.bfloat16):
     torch.manual_seed(0)
     return torch.nn.Sequential(torch.nn.Linear(k, hidden), torch.nn.GELU(), torch.nn.Linear(hidden, k)).eval().to(dtype)
-
-
-class AttentionBlock(torch.nn.Module):
-    def __init__(self, d=128, heads=4):
-        super().__init__()
-        self.heads = heads
-        self.norm1, self.norm2 = torch.nn.LayerNorm(d), torch.nn.LayerNorm(d)
-        self.qkv = torch.nn.Linear(d, 3 * d)
-        self.out = torch.nn.Linear(d, d)
-        self.up, self.down = torch.nn.Linear(d, 4 * d), torch.nn.Linear(4 * d, d)
-
-    def forward(self, x):
-        b, s, d = x.shape
-        q, k, v = self.qkv(self.norm1(x)).view(b, s, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        attn = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
-        x = x + self.out(attn.transpose(1, 2).reshape(b, s, d))
-        return x + self.down(torch.nn.functional.gelu(self.up(self.norm2(x))))
 
 
 def llmint8_eager(model):
@@ -74,7 +58,7 @@ def test_single_linear_within_bound(dtype):
 def test_mlp_and_attention_block_match_reference_model(dtype):
     for model, x in (
         (mlp(dtype=dtype), outlier_activation(33, 256, dtype, outlier_cols=[3, 200])),
-        (AttentionBlock().eval().to(dtype), outlier_activation(2 * 17, 128, dtype, outlier_cols=[9]).view(2, 17, 128)),
+        (Block(128, 4).eval().to(dtype), outlier_activation(2 * 17, 128, dtype, outlier_cols=[9]).view(2, 17, 128)),
     ):
         torch._dynamo.reset()
         with torch.no_grad():
