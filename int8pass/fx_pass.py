@@ -127,6 +127,16 @@ def source_path(source_name: str) -> str:
     return ".".join(next(group for group in m.groups() if group) for m in _PART.finditer(rest)) or source_name
 
 
+def _calling_module(node: fx.Node) -> str:
+    """Path of the innermost module whose forward made this call ("" at the root): names a tied weight's
+    consumer (lm_head) rather than its owner (the embedding)."""
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return ""
+    path = source_path(list(stack.values())[-1][0])
+    return "" if path.startswith(("L[", "G[")) else path
+
+
 class ConstantInputs:
     """Which nodes of a Dynamo graph are constants (parameters and buffers of the compiled module)."""
 
@@ -192,7 +202,7 @@ def rewrite_linears(gm: fx.GraphModule, example_inputs, options: Options, report
         weight_name = constants.name(match.weight) if param is not None else match.weight.name
         n, k = (weight_value.shape[1], weight_value.shape[0]) if match.stored_transposed else weight_value.shape
         record = LayerRecord(
-            name=weight_name.rsplit(".", 1)[0] if "." in weight_name else weight_name,
+            name=_calling_module(node) or (weight_name.rsplit(".", 1)[0] if "." in weight_name else weight_name),
             op=match.op,
             out_features=int(n),
             in_features=int(k),

@@ -39,7 +39,9 @@ def outlier_columns(x2d: torch.Tensor, threshold: float) -> torch.Tensor:
     """
     if x2d.shape[0] == 0:
         return torch.zeros(x2d.shape[1], dtype=torch.bool, device=x2d.device)
-    col_absmax = x2d.abs().amax(dim=0).float()
+    # in fp32 (the same values: abs and max are exact); a bf16 result here trips Inductor's C++ codegen when
+    # several linears share one input (duplicate declarations when storing the shared reduction as bf16)
+    col_absmax = x2d.float().abs().amax(dim=0)
     limit = threshold if threshold > 0 else math.inf
     return ~(col_absmax < limit)  # NaN compares False, so NaN columns land in the outlier set
 

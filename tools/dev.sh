@@ -28,7 +28,7 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
   rm -f "$report"
   "${PIP[@]}" install "torch==2.13.0"
 fi
-extras=test
+extras=test,models  # transformers: the tests compile real HF model code
 [ "${1:-}" = demo ] && extras=
 "${PIP[@]}" install -e ".${extras:+[$extras]}" 2>&1 | grep -v "^WARNING: Location" || true
 

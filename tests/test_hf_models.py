@@ -1,0 +1,66 @@
+"""Hugging Face transformers models, built from configs (no hub), compiled with llmint8 vs eager."""
+
+import pytest
+import torch
+
+import int8pass
+
+transformers = pytest.importorskip("transformers")
+
+VOCAB = 1000
+
+
+def gpt2():
+    config = transformers.GPT2Config(n_layer=2, n_embd=128, n_head=4, vocab_size=VOCAB, n_positions=256)
+    return transformers.GPT2LMHeadModel(config)
+
+
+def opt():
+    config = transformers.OPTConfig(num_hidden_layers=2, hidden_size=128, ffn_dim=256, num_attention_heads=4,
+                                    vocab_size=VOCAB, max_position_embeddings=256, word_embed_proj_dim=128)
+    return transformers.OPTForCausalLM(config)
+
+
+def llama():
+    config = transformers.LlamaConfig(num_hidden_layers=2, hidden_size=128, intermediate_size=256, num_attention_heads=4,
+                                      num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=256)
+    return transformers.LlamaForCausalLM(config)
+
+
+def bert():
+    config = transformers.BertConfig(num_hidden_layers=2, hidden_size=128, intermediate_size=256, num_attention_heads=4,
+                                     vocab_size=VOCAB, max_position_embeddings=256)
+    return transformers.BertModel(config)
+
+
+# linears per model: 2 blocks x (attention + MLP) + the output head (GPT-2's is tied to the embedding)
+@pytest.mark.parametrize("build, linears", [(gpt2, 9), (opt, 13), (llama, 15), (bert, 13)])
+def test_model_compiles_with_every_linear_rewritten(build, linears):
+    torch.manual_seed(0)
+    model = build().eval().to(torch.bfloat16)
+    ids = torch.randint(0, VOCAB, (2, 12))
+    int8pass.clear_reports()
+    with torch.no_grad():
+        expected = model(ids)[0].float()
+        got = torch.compile(model, backend="llmint8", options={"keep_fp_weights": True})(ids)[0].float()
+    layers = [layer for report in int8pass.reports() for layer in report.layers]
+    assert len(layers) == linears and all(layer.rewritten for layer in layers), [(l.name, l.reason) for l in layers]
+    assert (got - expected).abs().max() < 0.05 * expected.abs().max()
+
+
+def test_gpt2_generate_with_tied_head_and_released_weights():
+    torch.manual_seed(0)
+    model = gpt2().eval().to(torch.bfloat16)
+    ids = torch.randint(0, VOCAB, (1, 10))
+    with torch.no_grad():
+        expected = model.generate(ids, max_new_tokens=6, do_sample=False)
+        int8pass.clear_reports()
+        model.forward = torch.compile(model.forward, backend="llmint8")
+        got = model.generate(ids, max_new_tokens=6, do_sample=False)
+    assert got.shape == expected.shape and torch.equal(got[:, :10], ids)
+    head = [layer for report in int8pass.reports() for layer in report.layers if layer.name == "lm_head"]
+    assert head and all(layer.rewritten for layer in head)
+    # the tied embedding still reads the shared weight in fp: it is kept; the other linears are released
+    assert model.transformer.wte.weight.untyped_storage().nbytes() > 0
+    assert model.transformer.h[0].mlp.c_fc.weight.untyped_storage().nbytes() == 0
+    assert len(int8pass.reports()) <= 4  # prefill, then decode steps share dynamic graphs
