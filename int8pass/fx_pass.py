@@ -118,11 +118,11 @@ def _example(node) -> torch.Tensor | None:
 
 
 _ROOT = re.compile(r"^[LG]\['[^']*'\]")
-_PART = re.compile(r"\._(?:modules|parameters|buffers)\['([^']+)'\]|\.([A-Za-z_]\w*)|\['([^']+)'\]")
+_PART = re.compile(r"\._(?:modules|parameters|buffers)\['([^']+)'\]|\.(\w+)|\['([^']+)'\]|\[(\d+)\]")
 
 
 def source_path(source_name: str) -> str:
-    """L['self']._modules['fc1']._parameters['weight'] -> 'fc1.weight'."""
+    """L['self']._modules['fc1']._parameters['weight'] -> 'fc1.weight'; L['self'].layers.0.fc -> 'layers.0.fc'."""
     rest = _ROOT.sub("", source_name)
     return ".".join(next(group for group in m.groups() if group) for m in _PART.finditer(rest)) or source_name
 

@@ -64,3 +64,11 @@ def test_gpt2_generate_with_tied_head_and_released_weights():
     assert model.transformer.wte.weight.untyped_storage().nbytes() > 0
     assert model.transformer.h[0].mlp.c_fc.weight.untyped_storage().nbytes() == 0
     assert len(int8pass.reports()) <= 4  # prefill, then decode steps share dynamic graphs
+
+
+def test_report_names_hf_layers_by_module_path():
+    torch.manual_seed(0)
+    with torch.no_grad():
+        torch.compile(bert().eval(), backend="llmint8")(torch.randint(0, VOCAB, (1, 5)))
+    names = [layer.name for layer in int8pass.last_report().layers]
+    assert "encoder.layer.0.attention.self.query" in names and "encoder.layer.1.output.dense" in names

