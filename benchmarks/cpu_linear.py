@@ -1,0 +1,102 @@
+"""Linear-level CPU benchmark: llmint8 vs bf16 (eager and torch.compile) vs bitsandbytes and torchao.
+
+Shapes (N x K) from DESIGN.md §3 that a 2-core CPU can run in reasonable time (Llama-3.1-8B / OPT-6.7B), token
+counts M = 1, 16, 128, 512, activations with 0.5% outlier columns (|x| 20-60), threshold 6, bf16. All ratios
+come from the same run. Peers run where installed: bitsandbytes Linear8bitLt (threshold 6, eval, its CPU path)
+and torchao Int8DynamicActivationInt8WeightConfig compiled with Inductor (as torchao recommends).
+Prints a markdown table and writes benchmarks/results/cpu_linear.{json,md}.
+
+    bash tools/dev.sh bench-linear
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cpu_mlp import activations, time_ms  # noqa: E402
+
+SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336), (1024, 4096)]
+RESULTS = Path(__file__).parent / "results"
+
+
+def peers(linear: torch.nn.Linear) -> dict:
+    """name -> callable for each peer that is installed and runs here; failures are reported, not hidden."""
+    built = {}
+    try:
+        import bitsandbytes as bnb
+
+        module = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=True,
+                                     has_fp16_weights=False, threshold=6.0)
+        module.load_state_dict(linear.state_dict())
+        built["bitsandbytes int8 (t=6)"] = module.eval()
+    except Exception as error:  # noqa: BLE001  (any failure to build a peer is reported)
+        print(f"bitsandbytes unavailable: {type(error).__name__}: {error}", file=sys.stderr)
+    try:
+        from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
+
+        module = copy.deepcopy(linear)
+        quantize_(module, Int8DynamicActivationInt8WeightConfig())
+        built["torchao int8 dyn + compile"] = torch.compile(module, dynamic=False)
+    except Exception as error:  # noqa: BLE001
+        print(f"torchao unavailable: {type(error).__name__}: {error}", file=sys.stderr)
+    return built
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, nargs="+", default=[1, 16, 128, 512])
+    parser.add_argument("--min-seconds", type=float, default=1.0)
+    args = parser.parse_args()
+    # Every variant is an nn.Linear sharing one forward code object and dynamic=False recompiles per M: past
+    # Dynamo's recompile limit it would silently run frames eagerly and time bf16 instead of the variant.
+    torch._dynamo.config.recompile_limit = 64
+    torch._dynamo.config.accumulated_recompile_limit = 1024
+    rows = []
+    for n, k in SHAPES:
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        linear = torch.nn.Linear(k, n).eval().to(torch.bfloat16)
+        with torch.no_grad():
+            variants = {
+                "bf16 eager": linear,
+                "bf16 compile": torch.compile(copy.deepcopy(linear), dynamic=False),
+                "llmint8": torch.compile(copy.deepcopy(linear), backend="llmint8", dynamic=False),
+                **peers(linear),
+            }
+            for m in args.tokens:
+                x = activations(m, k, torch.bfloat16, 0.005)
+                row = {"N": n, "K": k, "M": m}
+                for name, fn in variants.items():
+                    try:
+                        row[name] = round(time_ms(fn, x, args.min_seconds), 3)
+                    except Exception as error:  # noqa: BLE001  (a peer that fails at a shape is reported)
+                        print(f"{name} failed at M={m} {n}x{k}: {type(error).__name__}: {error}", file=sys.stderr)
+                rows.append(row)
+                print(" ".join(f"{key}={value}" for key, value in row.items()), flush=True)
+
+    names = [key for key in rows[0] if key not in ("N", "K", "M")]
+    header = "| N x K | M | " + " | ".join(f"{name} ms" for name in names) + " | llmint8 vs bf16 eager | vs bf16 compile |"
+    lines = [header, "|" + "---|" * (header.count("|") - 1)]
+    for row in rows:
+        cells = [f"{row[name]:.2f}" if name in row else "n/a" for name in names]
+        lines.append(f"| {row['N']} x {row['K']} | {row['M']} | " + " | ".join(cells)
+                     + f" | {row['bf16 eager'] / row['llmint8']:.2f}x | {row['bf16 compile'] / row['llmint8']:.2f}x |")
+    table = "\n".join(lines)
+    print("\n" + table)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "cpu_linear.md").write_text(table + "\n")
+    machine = {"torch": torch.__version__, "threads": torch.get_num_threads(),
+               "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+    (RESULTS / "cpu_linear.json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=2) + "\n")
+    print(f"\nwrote {RESULTS / 'cpu_linear.md'} and .json")
+
+
+if __name__ == "__main__":
+    main()
