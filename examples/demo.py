@@ -67,10 +67,12 @@ class TinyLM(torch.nn.Module):
         return self.lm_head(self.norm(x))
 
 
-def naive_int8(model: torch.nn.Module) -> torch.nn.Module:
-    """Per-tensor W8A8 without outlier decomposition: the baseline that fails on emergent features."""
-    for module in model.modules():
-        if isinstance(module, torch.nn.Linear):
+def naive_int8(model: torch.nn.Module, skip: tuple[str, ...] = ("lm_head",)) -> torch.nn.Module:
+    """Per-tensor W8A8 without outlier decomposition: the baseline that fails on emergent features.
+
+    Leaves the modules named in `skip` in floating point, as llmint8 leaves output heads by default."""
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and name not in skip:
             module.forward = (lambda m: lambda x: reference.per_tensor_int8_linear(x, m.weight, m.bias))(module)
     return model
 

@@ -257,8 +257,8 @@ def _skip_reason(match: LinearMatch, param: torch.Tensor | None, record: LayerRe
         return match.problem
     if torch.is_grad_enabled() and param.requires_grad:
         return "weight requires grad and grad mode is on (training/autograd keeps the fp linear)"
-    if options.skips(record.name):
-        return "skipped by option skip_modules"
+    if reason := options.skip_reason(record.name):
+        return reason
     x_value = _example(match.x)
     x_dtype = x_value.dtype if x_value is not None else None
     if param.dtype not in options.dtypes:

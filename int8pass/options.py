@@ -9,6 +9,9 @@ from typing import Any, Callable
 
 import torch
 
+# Output projections to the vocabulary stay in floating point by default, as bitsandbytes and transformers do:
+# their logits feed a softmax over the whole vocabulary and are the most sensitive to quantization noise.
+OUTPUT_HEADS = ("lm_head", "*.lm_head", "embed_out", "*.embed_out")
 DTYPE_NAMES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 OUTLIER_WEIGHTS = ("dequantized", "original")
 
@@ -21,7 +24,8 @@ class Options:
 
     threshold: outlier threshold tau; columns with max |x| >= tau take the fp path. <= 0 disables outliers.
     skip_modules: module names (exact, or a prefix ending in '.', or fnmatch patterns) or predicates
-        `f(module_path) -> bool`; matching linears stay in floating point.
+        `f(module_path) -> bool`; matching linears stay in floating point. Default: OUTPUT_HEADS (lm_head,
+        embed_out); pass [] to rewrite those too.
     min_features: linears with in_features or out_features below this stay in floating point.
     dtypes: activation/weight dtypes to rewrite.
     outlier_weights: "dequantized" (W^ from the int8 weight, no fp copy kept) or "original" (keeps the fp
@@ -33,7 +37,7 @@ class Options:
     """
 
     threshold: float = 6.0
-    skip_modules: tuple[str | ModulePredicate, ...] = ()
+    skip_modules: tuple[str | ModulePredicate, ...] = OUTPUT_HEADS
     min_features: int = 0
     dtypes: tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16, torch.float32)
     outlier_weights: str = "dequantized"
@@ -55,7 +59,7 @@ class Options:
         values = dict(options)
         parsed = cls(
             threshold=_threshold(values.get("threshold", cls.threshold)),
-            skip_modules=_skip_modules(values.get("skip_modules", ())),
+            skip_modules=_skip_modules(values.get("skip_modules", OUTPUT_HEADS)),
             min_features=_non_negative_int("min_features", values.get("min_features", 0)),
             dtypes=_dtypes(values.get("dtypes", cls.dtypes)),
             outlier_weights=_choice("outlier_weights", values.get("outlier_weights", "dequantized"), OUTLIER_WEIGHTS),
@@ -66,18 +70,20 @@ class Options:
         )
         return parsed
 
-    def skips(self, module_path: str) -> bool:
+    def skip_reason(self, module_path: str) -> str:
+        """Why skip_modules leaves this module in floating point, or "" if it does not."""
         from fnmatch import fnmatchcase
 
         for rule in self.skip_modules:
             if callable(rule):
-                if rule(module_path):
-                    return True
-            elif module_path == rule or (rule.endswith(".") and module_path.startswith(rule)):
-                return True
-            elif fnmatchcase(module_path, rule):
-                return True
-        return False
+                matched = rule(module_path)
+            else:
+                matched = module_path == rule or (rule.endswith(".") and module_path.startswith(rule)) or fnmatchcase(module_path, rule)
+            if matched:
+                if self.skip_modules == OUTPUT_HEADS:
+                    return "output head, skipped by default as in bitsandbytes (skip_modules=[] rewrites it)"
+                return "skipped by option skip_modules"
+        return ""
 
 
 def _threshold(value: Any) -> float:
