@@ -5,6 +5,7 @@
 #   bash tools/dev.sh bench     # the CPU benchmark of the 4096 MLP (writes benchmarks/results/)
 #   bash tools/dev.sh accuracy  # embedding cosine and perplexity vs fp32/bf16/naive int8 (benchmarks/results/)
 #   bash tools/dev.sh bench-linear  # linear-level CPU benchmark vs bf16, bitsandbytes and torchao
+#   bash tools/dev.sh bench-model   # model-level: prefill/decode tokens/s and memory vs the same peers
 # Set-up: a virtual environment in .venv that sees the system's packages, so a CUDA torch you already have is
 # kept. Without any torch, installs the CPU build torch==2.13.0, and refuses to go on if pip would pull the
 # multi-GB CUDA packages instead.
@@ -33,7 +34,7 @@ fi
 extras=test,models  # transformers: the tests compile real HF model code
 [ "${1:-}" = test ] || extras=models
 "${PIP[@]}" install -e ".[$extras]" 2>&1 | grep -v "^WARNING: Location" || true
-if [ "${1:-}" = bench-linear ]; then
+if [ "${1:-}" = bench-linear ] || [ "${1:-}" = bench-model ]; then
   "${PIP[@]}" install bitsandbytes torchao 2>&1 | grep -v "^WARNING: Location" || true  # the peers measured
 fi
 if [ "${1:-}" = demo ] || [ "${1:-}" = accuracy ]; then
@@ -47,5 +48,6 @@ case "${1:-}" in
   bench) shift; exec "$PY" benchmarks/cpu_mlp.py "$@" ;;
   accuracy) shift; exec "$PY" benchmarks/accuracy.py "$@" ;;
   bench-linear) shift; exec "$PY" benchmarks/cpu_linear.py "$@" ;;
-  *) echo "usage: bash tools/dev.sh demo|test|bench|accuracy|bench-linear [args]" >&2; exit 2 ;;
+  bench-model) shift; exec "$PY" benchmarks/cpu_model.py "$@" ;;
+  *) echo "usage: bash tools/dev.sh demo|test|bench|accuracy|bench-linear|bench-model [args]" >&2; exit 2 ;;
 esac
