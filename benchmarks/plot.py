@@ -1,4 +1,4 @@
-"""Plot benchmarks/results/cpu_linear.json: speed-up over bf16 eager per shape and token count, per variant.
+"""Plot benchmarks/results/{cpu,cuda}_linear.json (from linear.py): speed-up over bf16 eager per shape and token count, per variant.
 
     .venv/bin/python benchmarks/plot.py       (needs matplotlib; bash tools/dev.sh bench-linear installs it)
 """
@@ -17,10 +17,12 @@ def plot(json_path: Path = RESULTS / "cpu_linear.json", png_path: Path = RESULTS
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = json.loads(json_path.read_text())["rows"]
+    data = json.loads(json_path.read_text())
+    rows = data["rows"]
     shapes = sorted({(row["N"], row["K"]) for row in rows}, key=lambda shape: -shape[0] * shape[1])
     variants = [key for key in rows[0] if key not in ("N", "K", "M", "bf16 eager")]
-    fig, axes = plt.subplots(1, len(shapes), figsize=(4 * len(shapes), 3.6), sharey=True)
+    fig, axes = plt.subplots(1, len(shapes), figsize=(4 * len(shapes), 3.6), sharey=True, squeeze=False)
+    axes = axes[0]
     for ax, (n, k) in zip(axes, shapes):
         shape_rows = [row for row in rows if (row["N"], row["K"]) == (n, k)]
         ms = [str(row["M"]) for row in shape_rows]
@@ -32,7 +34,8 @@ def plot(json_path: Path = RESULTS / "cpu_linear.json", png_path: Path = RESULTS
         ax.set_xlabel("tokens M")
     axes[0].set_ylabel("speed-up over bf16 eager")
     axes[-1].legend(fontsize=8)
-    fig.suptitle("CPU linear layers, bf16, 0.5% outlier columns, threshold 6 (higher is faster)")
+    fig.suptitle(f"linear layers on {data['machine'].get('device', 'cpu')}, bf16, 0.5% outlier columns, "
+                 "threshold 6 (higher is faster)")
     fig.tight_layout()
     fig.savefig(png_path, dpi=110)
     return png_path

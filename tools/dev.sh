@@ -47,7 +47,7 @@ case "${1:-}" in
   test) shift; exec "$PY" -m pytest -q -p no:cacheprovider "$@" ;;
   bench) shift; exec "$PY" benchmarks/cpu_mlp.py "$@" ;;
   accuracy) shift; exec "$PY" benchmarks/accuracy.py "$@" ;;
-  bench-linear) shift; exec "$PY" benchmarks/cpu_linear.py "$@" ;;
+  bench-linear) shift; exec "$PY" benchmarks/linear.py "$@" ;;
   bench-model) shift; exec "$PY" benchmarks/cpu_model.py "$@" ;;
   *) echo "usage: bash tools/dev.sh demo|test|bench|accuracy|bench-linear|bench-model [args]" >&2; exit 2 ;;
 esac

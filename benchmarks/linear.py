@@ -1,10 +1,10 @@
-"""Linear-level CPU benchmark: llmint8 vs bf16 (eager and torch.compile) vs bitsandbytes and torchao.
+"""Linear-level benchmark: llmint8 vs bf16 (eager and torch.compile) vs bitsandbytes and torchao.
 
-Shapes (N x K) from DESIGN.md §3 that a 2-core CPU can run in reasonable time (Llama-3.1-8B / OPT-6.7B), token
-counts M = 1, 16, 128, 512, activations with 0.5% outlier columns (|x| 20-60), threshold 6, bf16. All ratios
-come from the same run. Peers run where installed: bitsandbytes Linear8bitLt (threshold 6, eval, its CPU path)
-and torchao Int8DynamicActivationInt8WeightConfig compiled with Inductor (as torchao recommends).
-Prints a markdown table and writes benchmarks/results/cpu_linear.{json,md}.
+Runs on CUDA when present (all DESIGN.md §3 shapes, M = 1 ... 4096), else on CPU (the Llama-3.1-8B / OPT-6.7B
+shapes a 2-core CPU runs in reasonable time, M = 1 ... 512). Activations with 0.5% outlier columns (|x| 20-60),
+threshold 6, bf16. All ratios come from the same run. Peers run where installed: bitsandbytes Linear8bitLt
+(threshold 6, eval) and torchao Int8DynamicActivationInt8WeightConfig compiled with Inductor (as torchao
+recommends). Prints a markdown table and writes benchmarks/results/{cpu,cuda}_linear.{json,md,png}.
 
     bash tools/dev.sh bench-linear
 """
@@ -22,8 +22,25 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cpu_mlp import activations, time_ms  # noqa: E402
 
-SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336), (1024, 4096)]
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DESIGN_SHAPES = [(4096, 4096), (16384, 4096), (4096, 16384), (14336, 4096), (4096, 14336), (1024, 4096),
+                 (8192, 8192), (28672, 8192), (8192, 28672), (9216, 9216), (36864, 9216)]
+SHAPES = DESIGN_SHAPES if DEVICE == "cuda" else [(4096, 4096), (14336, 4096), (4096, 14336), (1024, 4096)]
+TOKENS = [1, 16, 128, 512, 2048, 4096] if DEVICE == "cuda" else [1, 16, 128, 512]
 RESULTS = Path(__file__).parent / "results"
+
+
+def synchronized(fn):
+    """Time GPU work, not its launch."""
+    if DEVICE != "cuda":
+        return fn
+
+    def run(x):
+        out = fn(x)
+        torch.cuda.synchronize()
+        return out
+
+    return run
 
 
 def peers(linear: torch.nn.Linear) -> dict:
@@ -35,7 +52,7 @@ def peers(linear: torch.nn.Linear) -> dict:
         module = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=True,
                                      has_fp16_weights=False, threshold=6.0)
         module.load_state_dict(linear.state_dict())
-        built["bitsandbytes int8 (t=6)"] = module.eval()
+        built["bitsandbytes int8 (t=6)"] = module.eval().to(DEVICE)
     except Exception as error:  # noqa: BLE001  (any failure to build a peer is reported)
         print(f"bitsandbytes unavailable: {type(error).__name__}: {error}", file=sys.stderr)
     try:
@@ -51,8 +68,9 @@ def peers(linear: torch.nn.Linear) -> dict:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tokens", type=int, nargs="+", default=[1, 16, 128, 512])
+    parser.add_argument("--tokens", type=int, nargs="+", default=TOKENS)
     parser.add_argument("--min-seconds", type=float, default=1.0)
+    parser.add_argument("--results", type=Path, default=RESULTS)
     args = parser.parse_args()
     # Every variant is an nn.Linear sharing one forward code object and dynamic=False recompiles per M: past
     # Dynamo's recompile limit it would silently run frames eagerly and time bf16 instead of the variant.
@@ -62,7 +80,7 @@ def main():
     for n, k in SHAPES:
         torch._dynamo.reset()
         torch.manual_seed(0)
-        linear = torch.nn.Linear(k, n).eval().to(torch.bfloat16)
+        linear = torch.nn.Linear(k, n).eval().to(DEVICE, torch.bfloat16)
         with torch.no_grad():
             variants = {
                 "bf16 eager": linear,
@@ -71,11 +89,11 @@ def main():
                 **peers(linear),
             }
             for m in args.tokens:
-                x = activations(m, k, torch.bfloat16, 0.005)
+                x = activations(m, k, torch.bfloat16, 0.005).to(DEVICE)
                 row = {"N": n, "K": k, "M": m}
                 for name, fn in variants.items():
                     try:
-                        row[name] = round(time_ms(fn, x, args.min_seconds), 3)
+                        row[name] = round(time_ms(synchronized(fn), x, args.min_seconds), 3)
                     except Exception as error:  # noqa: BLE001  (a peer that fails at a shape is reported)
                         print(f"{name} failed at M={m} {n}x{k}: {type(error).__name__}: {error}", file=sys.stderr)
                 rows.append(row)
@@ -90,16 +108,17 @@ def main():
                      + f" | {row['bf16 eager'] / row['llmint8']:.2f}x | {row['bf16 compile'] / row['llmint8']:.2f}x |")
     table = "\n".join(lines)
     print("\n" + table)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "cpu_linear.md").write_text(table + "\n")
-    machine = {"torch": torch.__version__, "threads": torch.get_num_threads(),
-               "cpu_capability": torch.backends.cpu.get_cpu_capability()}
-    (RESULTS / "cpu_linear.json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=2) + "\n")
-    print(f"\nwrote {RESULTS / 'cpu_linear.md'} and .json")
+    args.results.mkdir(parents=True, exist_ok=True)
+    stem = args.results / f"{DEVICE}_linear"
+    stem.with_suffix(".md").write_text(table + "\n")
+    machine = {"device": torch.cuda.get_device_name() if DEVICE == "cuda" else torch.backends.cpu.get_cpu_capability(),
+               "torch": torch.__version__, "threads": torch.get_num_threads()}
+    stem.with_suffix(".json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=2) + "\n")
+    print(f"\nwrote {stem}.md and .json")
     try:
         from plot import plot
 
-        print(f"wrote {plot()}")
+        print(f"wrote {plot(stem.with_suffix('.json'), stem.with_suffix('.png'))}")
     except ImportError as error:
         print(f"no plot: {error}")
 
