@@ -183,10 +183,9 @@ class RewriteResult:
 def rewrite_linears(gm: fx.GraphModule, example_inputs, options: Options, report: CompileReport) -> RewriteResult:
     """Rewrite eligible linears of `gm` in place to llmint8::linear; fill `report`."""
     constants = ConstantInputs(gm, example_inputs)
-    attrs: dict[tuple[int, bool], tuple[fx.Node, fx.Node]] = {}
-    used_weights: dict[tuple[int, bool], tuple[torch.Tensor, bool, weights.QuantizedWeight]] = {}
+    # (id(param), stored_transposed) -> the int8 weight and its two get_attr nodes, one per parameter layout
+    layouts: dict[tuple[int, bool], tuple[torch.Tensor, bool, weights.QuantizedWeight, fx.Node, fx.Node]] = {}
     rewritten_params: dict[int, tuple[torch.Tensor, str, list[LayerRecord]]] = {}
-    counted: set[tuple[int, bool]] = set()
     seen_weights: set[int] = set()
 
     for node in list(gm.graph.nodes):
@@ -221,14 +220,15 @@ def rewrite_linears(gm: fx.GraphModule, example_inputs, options: Options, report
             continue
 
         layout = (id(param), match.stored_transposed)
-        qweight = weights.quantized(param, match.stored_transposed)
-        if layout not in attrs:
-            attrs[layout] = _add_weight_constants(gm, qweight, f"{weight_name}_{len(attrs)}")
-            used_weights[layout] = (param, match.stored_transposed, qweight)
-        record.weight_bytes_after = 0 if layout in counted else qweight.nbytes
-        counted.add(layout)
+        first_use = layout not in layouts
+        if first_use:
+            qweight = weights.quantized(param, match.stored_transposed)
+            nodes = _add_weight_constants(gm, qweight, f"{weight_name}_{len(layouts)}")
+            layouts[layout] = (param, match.stored_transposed, qweight, *nodes)
+        _, _, qweight, weight_q_node, scale_node = layouts[layout]
+        record.weight_bytes_after = qweight.nbytes if first_use else 0  # shared int8 bytes count once
         stats_id = stats.register(record.name, record.in_features) if options.stats else -1
-        _replace(gm, match, *attrs[layout], options, stats_id)
+        _replace(gm, match, weight_q_node, scale_node, options, stats_id)
         record.rewritten = True
         rewritten_params.setdefault(id(param), (param, weight_name, []))[2].append(record)
 
@@ -247,7 +247,7 @@ def rewrite_linears(gm: fx.GraphModule, example_inputs, options: Options, report
             releasable[key] = (param, name)
     gm.graph.lint()
     gm.recompile()
-    return RewriteResult(report, releasable, list(used_weights.values()))
+    return RewriteResult(report, releasable, [entry[:3] for entry in layouts.values()])
 
 
 def _skip_reason(match: LinearMatch, param: torch.Tensor | None, record: LayerRecord, options: Options) -> str:

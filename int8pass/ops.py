@@ -75,9 +75,7 @@ def linear(
     stats_id >= 0 records each call's outlier columns for that layer (int8pass.stats).
     """
     check_linear_args(x, weight_q, weight_scale, bias)
-    if stats_id >= 0:
-        is_outlier = reference.outlier_columns(x.reshape(-1, weight_q.shape[1]), threshold)
-        stats.record(stats_id, is_outlier.nonzero().flatten().tolist())
+    stats.record_activation(stats_id, x.reshape(-1, weight_q.shape[1]), threshold)
     return reference.linear(x, weight_q, weight_scale, bias, threshold, outlier_weight)
 
 

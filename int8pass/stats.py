@@ -13,6 +13,8 @@ import threading
 from collections import Counter
 from dataclasses import dataclass, field
 
+from int8pass.reference import outlier_columns
+
 
 @dataclass
 class LayerStats:
@@ -47,6 +49,13 @@ def record(stats_id: int, columns: list[int]) -> None:
         layer = _LAYERS[stats_id]
         layer.counts.append(len(columns))
         layer.column_calls.update(columns)
+
+
+def record_activation(stats_id: int, x2d, threshold: float) -> None:
+    """Record the outlier columns of X [M, K] (for kernels that do not expose their outlier set)."""
+    if stats_id < 0:
+        return
+    record(stats_id, outlier_columns(x2d, threshold).nonzero().flatten().tolist())
 
 
 def outlier_stats() -> list[LayerStats]:

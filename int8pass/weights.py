@@ -103,11 +103,17 @@ def release_fp_storage(param: torch.Tensor, name: str) -> int:
     The tensor keeps its shape, dtype and device, so Dynamo's guards still match and no recompile happens;
     only its data is gone (the way FSDP frees parameters). Eager use of the module afterwards fails.
     """
-    storage = param.untyped_storage()
-    freed = storage.nbytes()
+    freed = free_storage(param)
     if freed:
-        storage.resize_(0)
         _RELEASED[param] = name
+    return freed
+
+
+def free_storage(tensor: torch.Tensor) -> int:
+    """Empty a tensor's storage in place (shape, dtype and device stay); returns the bytes freed."""
+    storage = tensor.untyped_storage()
+    freed = storage.nbytes()
+    storage.resize_(0)
     return freed
 
 

@@ -16,7 +16,7 @@ import threading
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
-from int8pass import ops, reference, stats
+from int8pass import ops, reference, stats, weights
 
 ZERO_POINT = 128
 # Past this many outlier columns, unpacking the whole weight (~1 GB/s) beats one GEMM row per column.
@@ -76,10 +76,7 @@ def prepare_weight(weight_q: torch.Tensor) -> int:
         return 0
     with _PACKING:
         _PACKED[weight_q] = PackedWeight(weight_q)
-    storage = weight_q.untyped_storage()
-    freed = storage.nbytes()
-    storage.resize_(0)
-    return freed
+    return weights.free_storage(weight_q)
 
 
 @torch.library.custom_op("llmint8::onednn_int8_mm", mutates_args=())
@@ -102,7 +99,8 @@ def onednn_int8_mm(
     cols = outlier_indices[: int(outlier_count.item())].tolist()
     stats.record(stats_id, cols)
     slots = weight.lookup(cols)
-    missing = [col for col, slot in zip(cols, slots) if slot is None]
+    missing_at = [i for i, slot in enumerate(slots) if slot is None]
+    missing = [cols[i] for i in missing_at]
     extract_in_gemm = 0 < len(missing) <= MAX_ONE_HOT_ROWS
     rows = x_q_shifted
     if extract_in_gemm:
@@ -125,7 +123,7 @@ def onednn_int8_mm(
         codes[cached] = weight.columns[[slots[i] for i in cached]].float()
     if missing:
         new_codes = out[m:] if extract_in_gemm else weight.packed.to_dense()[missing].float()
-        codes[[i for i, slot in enumerate(slots) if slot is None]] = new_codes
+        codes[missing_at] = new_codes
         weight.remember(missing, new_codes)
     acc = out[:m].clone() if extract_in_gemm else out
     return acc, x[:, cols].float() @ codes

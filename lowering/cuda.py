@@ -19,9 +19,8 @@ def linear(x, weight_q, weight_scale, bias, threshold, outlier_weight=None, stat
     if outlier_weight is not None:
         # outlier_weights="original" is not in the Triton epilogue: the reference math (syncs the host)
         return reference.linear(x, weight_q, weight_scale, bias, threshold, outlier_weight)
-    if stats_id >= 0:  # opt-in: one device-to-host copy of the outlier set per call
-        is_outlier = reference.outlier_columns(x.reshape(-1, weight_q.shape[1]), threshold)
-        stats.record(stats_id, is_outlier.nonzero().flatten().tolist())
+    # opt-in: one device-to-host copy of the outlier set per call
+    stats.record_activation(stats_id, x.reshape(-1, weight_q.shape[1]), threshold)
     return triton_gemm.linear(x, weight_q, weight_scale, bias, threshold)
 
 
