@@ -29,8 +29,9 @@ def llmint8(gm: torch.fx.GraphModule, example_inputs, *, options: dict[str, Any]
     result = fx_pass.rewrite_linears(gm, example_inputs, opts, report)
     if opts.dump_dir:
         config_patches.update(inspect.inductor_trace_patches(opts.dump_dir, report))
-    for _, _, qweight in result.quantized:  # the kernels' weight layout, chosen once now (weights are constants)
-        lowering.prepare_weight(qweight.weight_q)
+    with torch._inductor.config.patch(config_patches):  # the kernels' weight layout, chosen once (a constant)
+        for _, _, qweight in result.quantized:
+            lowering.prepare_weight(qweight.weight_q)
     compiled = compile_fx(gm, example_inputs, config_patches=config_patches, decompositions=lowering.decompositions())
     for param, name in result.releasable.values():
         report.released_bytes += weights.release_fp_storage(param, name)
@@ -39,10 +40,10 @@ def llmint8(gm: torch.fx.GraphModule, example_inputs, *, options: dict[str, Any]
                  inspect.write_dump(opts.dump_dir, report, before, inspect.readable(gm)))
     log.info("llmint8 graph %d: %d/%d linears rewritten, %d fp weight bytes released\n%s",
              report.graph_id, len(report.rewritten), len(report.layers), report.released_bytes, report.table())
-    return _refreshing(compiled, result)
+    return _refreshing(compiled, result, config_patches)
 
 
-def _refreshing(compiled, result: fx_pass.RewriteResult):
+def _refreshing(compiled, result: fx_pass.RewriteResult, config_patches: dict):
     """Wrap the compiled graph so a weight changed after compiling (in place, `.data =`) is re-quantized before
     the call instead of silently running on stale int8 codes. Costs a few attribute reads per weight."""
     if not result.quantized:
@@ -52,7 +53,8 @@ def _refreshing(compiled, result: fx_pass.RewriteResult):
         for param, stored_transposed, qweight in result.quantized:
             if not weights.is_current(param, qweight) and weights.refresh(param, stored_transposed, qweight):
                 log.warning("llmint8: a rewritten weight changed after compiling; re-quantized it")
-                lowering.prepare_weight(qweight.weight_q)  # the new fp storage is the user's: it stays
+                with torch._inductor.config.patch(config_patches):  # the new fp storage is the user's: it stays
+                    lowering.prepare_weight(qweight.weight_q)
         return compiled(*args)
 
     run._boxed_call = getattr(compiled, "_boxed_call", False)

@@ -17,15 +17,20 @@ NAMESPACE = "llmint8"
 
 @torch.library.custom_op(f"{NAMESPACE}::quantize_activation", mutates_args=())
 def quantize_activation(
-    x: torch.Tensor, threshold: float
+    x: torch.Tensor, threshold: float, stats_id: int = -1
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """X [M, K] -> (X_q int8 [M, K], s_x fp32 [M], outlier indices int32 [K], outlier count int32 [1])."""
+    """X [M, K] -> (X_q int8 [M, K], s_x fp32 [M], outlier indices int32 [K], outlier count int32 [1]).
+
+    stats_id >= 0 records the outlier columns for that layer (int8pass.stats).
+    """
     _check_2d("quantize_activation", x)
-    return reference.quantize_activation(x, threshold)
+    quantized = reference.quantize_activation(x, threshold)
+    stats.record_indices(stats_id, quantized[2], quantized[3])
+    return quantized
 
 
 @quantize_activation.register_fake
-def _(x, threshold):
+def _(x, threshold, stats_id=-1):
     m, k = x.shape
     return (
         x.new_empty((m, k), dtype=torch.int8),
@@ -49,14 +54,44 @@ def outlier_matmul(
     stats_id >= 0 records the outlier columns for that layer (int8pass.stats).
     """
     _check_2d("outlier_matmul", x)
-    if stats_id >= 0:
-        stats.record(stats_id, outlier_indices[: int(outlier_count.item())].tolist())
+    stats.record_indices(stats_id, outlier_indices, outlier_count)
     return reference.outlier_matmul(x, outlier_indices, outlier_count, weight, weight_scale)
 
 
 @outlier_matmul.register_fake
 def _(x, outlier_indices, outlier_count, weight, weight_scale, stats_id=-1):
     return x.new_empty((x.shape[0], weight.shape[0]), dtype=torch.float32)
+
+
+@torch.library.custom_op(f"{NAMESPACE}::int8_mm_dequant", mutates_args=())
+def int8_mm_dequant(
+    x: torch.Tensor,
+    x_q: torch.Tensor,
+    s_x: torch.Tensor,
+    outlier_indices: torch.Tensor,
+    outlier_count: torch.Tensor,
+    weight_q: torch.Tensor,
+    weight_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    outlier_weight: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The GEMM after quantize_activation: (X_q . W_q^T) s_x s_w / 127^2 + X[:, O] . W[:, O]^T + b -> [M, N].
+
+    In X's dtype, rounded once. The outlier weight is W^ (dequantized codes) unless `outlier_weight` is given.
+    On Triton devices Inductor lowers this op to a template that fuses the following pointwise ops.
+    """
+    _check_2d("int8_mm_dequant", x)
+    check_linear_args(x, weight_q, weight_scale, bias)
+    acc = reference.exact_int_matmul(x_q, weight_q).float()
+    outlier_w = weight_q if outlier_weight is None else outlier_weight
+    outliers = reference.outlier_matmul(x, outlier_indices, outlier_count, outlier_w, weight_scale)
+    return reference.dequantize_output(x, acc, s_x, weight_scale, outliers, bias)
+
+
+@int8_mm_dequant.register_fake
+def _(x, x_q, s_x, outlier_indices, outlier_count, weight_q, weight_scale, bias, outlier_weight=None):
+    check_linear_args(x, weight_q, weight_scale, bias)
+    return x.new_empty((x.shape[0], weight_q.shape[0]))
 
 
 @torch.library.custom_op(f"{NAMESPACE}::linear", mutates_args=())

@@ -51,6 +51,13 @@ def record(stats_id: int, columns: list[int]) -> None:
         layer.column_calls.update(columns)
 
 
+def record_indices(stats_id: int, indices, count) -> None:
+    """Record an outlier set given as the ops' (index buffer, count tensor): one device-to-host copy."""
+    if stats_id < 0:
+        return
+    record(stats_id, indices[: int(count.item())].tolist())
+
+
 def record_activation(stats_id: int, x2d, threshold: float) -> None:
     """Record the outlier columns of X [M, K] (for kernels that do not expose their outlier set)."""
     if stats_id < 0:

@@ -1,20 +1,49 @@
 """Inductor lowerings for the llmint8 custom ops.
 
 The ops (int8pass.ops) are the only thing this package knows of int8pass: it never sees model structure.
-- CPU: `llmint8::linear` decomposes, while AOT autograd traces, into the reference quantization (which Inductor
-  fuses into C++ loops), one oneDNN u8 x s8 GEMM on a weight packed at compile time, and a fused
-  dequantize/bias epilogue (lowering/cpu.py).
-- CUDA (when Triton is installed): the op stays in the graph and runs as Triton kernels (lowering/cuda.py).
+`llmint8::linear` is decomposed while AOT autograd traces, by device:
+- Triton devices (CUDA; CPU with Inductor's cpu_backend="triton"): activation quantization, then
+  llmint8::int8_mm_dequant, which Inductor lowers to a Triton template with the following pointwise ops
+  fused into its epilogue (lowering/triton_path.py, lowering/int8_mm_template.py).
+- CPU: the reference quantization (which Inductor fuses into C++ loops), one oneDNN u8 x s8 GEMM on a weight
+  packed at compile time, and a fused dequantize/bias epilogue (lowering/cpu.py).
 - Other devices: the op runs its eager implementation, the reference math.
 """
 
 from __future__ import annotations
 
-import importlib.util
+import torch
 
-from lowering.cpu import decompositions, prepare_weight
+from lowering import cpu
+from lowering.inductor_api import HAS_TRITON, uses_triton
 
-if importlib.util.find_spec("triton") is not None:
-    from lowering import cuda  # noqa: F401  (registers the CUDA kernel of llmint8::linear)
+if HAS_TRITON:
+    from lowering import triton_path
+
+
+def prepare_weight(weight_q: torch.Tensor) -> int:
+    """Put a constant int8 weight in the layout its device's kernels read; returns the bytes freed.
+
+    Call under the Inductor config the graph compiles with: Triton kernels read the dense codes as they are.
+    """
+    return 0 if uses_triton(weight_q.device) else cpu.prepare_weight(weight_q)
+
+
+def decompose_linear(x, weight_q, weight_scale, bias, threshold, outlier_weight=None, stats_id=-1):
+    if uses_triton(x.device):
+        return triton_path.linear(x, weight_q, weight_scale, bias, threshold, outlier_weight, stats_id)
+    if x.device.type == "cpu":
+        return cpu.linear(x, weight_q, weight_scale, bias, threshold, outlier_weight, stats_id)
+    return NotImplemented
+
+
+def decompositions() -> dict:
+    """Inductor's decomposition table plus ours."""
+    from torch._inductor.decomposition import select_decomp_table
+
+    table = dict(select_decomp_table())
+    table[torch.ops.llmint8.linear.default] = decompose_linear
+    return table
+
 
 __all__ = ["decompositions", "prepare_weight"]

@@ -153,21 +153,6 @@ def linear(x, weight_q, weight_scale, bias, threshold, outlier_weight=None, stat
     return reference.dequantize_output(x, acc, s_x, weight_scale, outliers, bias)
 
 
-def decompose_linear(x, weight_q, weight_scale, bias, threshold, outlier_weight=None, stats_id=-1):
-    """Decomposition used while AOT autograd traces: Inductor then fuses everything around the GEMM."""
-    if x.device.type != "cpu":
-        return NotImplemented
-    return linear(x, weight_q, weight_scale, bias, threshold, outlier_weight, stats_id)
-
-
 # Eager calls of llmint8::linear on CPU use the same kernels (and so work on released dense weights).
 torch.library.register_kernel("llmint8::linear", "cpu", linear)
 
-
-def decompositions() -> dict:
-    """Inductor's decomposition table plus ours."""
-    from torch._inductor.decomposition import select_decomp_table
-
-    table = dict(select_decomp_table())
-    table[torch.ops.llmint8.linear.default] = decompose_linear
-    return table

@@ -1,3 +1,4 @@
+import importlib.util
 import os
 
 import pytest
@@ -7,6 +8,10 @@ import torch
 # is decorated, so it is set here, before any test module imports lowering's Triton kernels.
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
+    if importlib.util.find_spec("triton") is not None:  # Inductor's Triton code for CPU tensors, interpreted
+        from tests import interpreter_driver
+
+        interpreter_driver.install()
 from hypothesis import HealthCheck, settings
 
 settings.register_profile(

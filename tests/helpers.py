@@ -24,3 +24,19 @@ def within_bound(y, x, weight, bias, threshold):
     err = (y.double() - exact).abs()
     bad = ~(err <= bound)
     assert not bad.any(), f"{int(bad.sum())} elements out of bound; worst err {err[bad].max():.4g} vs bound {bound[bad].min():.4g}"
+
+
+def assert_close_to_reference(y, x, w_q, s_w, bias, threshold, outlier_weight=None):
+    """Y against reference.linear: the same math, so only the fp32 summation order over the outlier columns
+    (and FMA contraction on a GPU) may differ, each by at most one rounding of |X| |W^|^T; then one rounding
+    to X's dtype (the interpreter truncates to bf16 instead of rounding: under one ulp either way)."""
+    from int8pass import reference
+
+    want = reference.linear(x, w_q, s_w, bias, threshold, outlier_weight)
+    x2d = x.reshape(-1, w_q.shape[1])
+    count = int(reference.quantize_activation(x2d, threshold)[3])
+    w_abs = w_q.float().abs() * (s_w / reference.Q_MAX)[:, None]
+    magnitude = x2d.float().abs().nan_to_num(0.0, 0.0, 0.0) @ w_abs.t()
+    atol = (count + 2) * 2.0**-24 * float(magnitude.max()) + 1e-7 if magnitude.numel() else 0.0
+    eps = torch.finfo(x.dtype).eps
+    torch.testing.assert_close(y, want, rtol=2 * eps, atol=atol, equal_nan=True)

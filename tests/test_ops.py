@@ -39,6 +39,15 @@ def test_opcheck_linear(with_bias, shape):
     torch.library.opcheck(ops.linear.default, (x, w_q, s_w, bias, 6.0, weight))
 
 
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_opcheck_int8_mm_dequant(with_bias):
+    x, weight, w_q, s_w = weight_and_activation()
+    x_q, s_x, indices, count = reference.quantize_activation(x, 6.0)
+    bias = torch.randn(7).to(torch.bfloat16) if with_bias else None
+    torch.library.opcheck(ops.int8_mm_dequant.default, (x, x_q, s_x, indices, count, w_q, s_w, bias))
+    torch.library.opcheck(ops.int8_mm_dequant.default, (x, x_q, s_x, indices, count, w_q, s_w, bias, weight))
+
+
 def test_ops_match_reference_bit_exactly():
     x, weight, w_q, s_w = weight_and_activation()
     for got, want in zip(ops.quantize_activation(x, 6.0), reference.quantize_activation(x, 6.0)):
@@ -46,6 +55,8 @@ def test_ops_match_reference_bit_exactly():
     _, _, indices, count = reference.quantize_activation(x, 6.0)
     assert torch.equal(ops.outlier_matmul(x, indices, count, w_q, s_w), reference.outlier_matmul(x, indices, count, w_q, s_w))
     assert torch.equal(ops.linear(x, w_q, s_w, None, 6.0), reference.linear(x, w_q, s_w, None, 6.0))
+    y = ops.int8_mm_dequant(x, *reference.quantize_activation(x, 6.0), w_q, s_w, None)
+    assert torch.equal(y, reference.linear(x, w_q, s_w, None, 6.0))
 
 
 def test_fake_shapes_are_static():

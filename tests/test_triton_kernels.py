@@ -16,7 +16,7 @@ from hypothesis import strategies as st  # noqa: E402
 
 from int8pass import reference  # noqa: E402
 from lowering import triton_gemm, triton_quantize  # noqa: E402
-from tests.helpers import outlier_activation, within_bound  # noqa: E402
+from tests.helpers import assert_close_to_reference, outlier_activation, within_bound  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # conftest.py selects the interpreter without CUDA
 
@@ -44,20 +44,6 @@ def quantized_weight(n, k, dtype, seed=0):
     """A floating weight [N, K] with its int8 codes and scales."""
     weight = (torch.randn(n, k, generator=torch.Generator().manual_seed(seed)) * 0.05).to(dtype).to(DEVICE)
     return (weight, *reference.quantize_weight(weight))
-
-
-def assert_close_to_reference(y, x, w_q, s_w, bias, threshold):
-    """Y against reference.linear: the same math, so only the fp32 summation order over the outlier columns
-    (and FMA contraction on a GPU) may differ, each by at most one rounding of |X| |W^|^T; then one rounding
-    to X's dtype (the interpreter truncates to bf16 instead of rounding: under one ulp either way)."""
-    want = reference.linear(x, w_q, s_w, bias, threshold)
-    x2d = x.reshape(-1, w_q.shape[1])
-    count = int(reference.quantize_activation(x2d, threshold)[3])
-    w_abs = w_q.float().abs() * (s_w / reference.Q_MAX)[:, None]
-    magnitude = x2d.float().abs().nan_to_num(0.0, 0.0, 0.0) @ w_abs.t()
-    atol = (count + 2) * 2.0**-24 * float(magnitude.max()) + 1e-7 if magnitude.numel() else 0.0
-    eps = torch.finfo(x.dtype).eps
-    torch.testing.assert_close(y, want, rtol=2 * eps, atol=atol, equal_nan=True)
 
 
 @triton.jit
@@ -151,7 +137,7 @@ def test_nan_and_inf_columns_poison_only_their_rows(dtype, threshold):
 
 def test_cuda_op_kernel_matches_reference_and_records_stats():
     from int8pass import stats
-    from lowering import cuda
+    from lowering import triton_path
 
     stats.reset_stats()
     layer = stats.register("layer", 40)
@@ -159,9 +145,9 @@ def test_cuda_op_kernel_matches_reference_and_records_stats():
     weight = (torch.randn(24, 40) * 0.1).to(torch.bfloat16).to(DEVICE)
     bias = torch.randn(24).to(torch.bfloat16).to(DEVICE)
     w_q, s_w = reference.quantize_weight(weight)
-    y = cuda.linear(x, w_q, s_w, bias, 6.0, stats_id=layer)
+    y = triton_path.linear(x, w_q, s_w, bias, 6.0, stats_id=layer)
     assert y.shape == (2, 3, 24)
     torch.testing.assert_close(y, reference.linear(x, w_q, s_w, bias, 6.0), rtol=2 * torch.finfo(torch.bfloat16).eps, atol=1e-3)
     assert stats.outlier_stats()[0].counts == [2]
     with pytest.raises(ValueError, match="int8"):
-        cuda.linear(x, weight, s_w, bias, 6.0)
+        triton_path.linear(x, weight, s_w, bias, 6.0)

@@ -1,0 +1,60 @@
+"""The Inductor internals the template lowering uses, in one place.
+
+Inductor has no stable extension API: these names moved between releases before, and may again. Each one is
+imported here and nowhere else; all were checked against torch 2.11 (the GPU machines) and 2.13 (ours).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+from torch._inductor import config
+from torch._inductor.ir import FixedLayout
+from torch._inductor.lowering import fallback_handler, register_lowering
+from torch._inductor.select_algorithm import SymbolicGridFn, TritonTemplate, realize_inputs
+from torch._inductor.select_algorithm import autotune_select_algorithm as _autotune_select_algorithm
+from torch._inductor.virtualized import V
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+__all__ = [
+    "FixedLayout", "SymbolicGridFn", "TritonTemplate", "V", "autotune_select_algorithm", "fallback",
+    "max_autotune", "realize_inputs", "register_op_lowering", "size_hint", "uses_triton",
+]
+
+
+def uses_triton(device: torch.device) -> bool:
+    """Whether Inductor generates Triton for `device` under the current config: always on CUDA, and on CPU
+    when the user chose cpu_backend="triton" (which is also how CI runs the template in the interpreter)."""
+    if not HAS_TRITON:
+        return False
+    return device.type == "cuda" or (device.type == "cpu" and config.cpu_backend == "triton")
+
+
+def autotune_select_algorithm(name, choices, input_nodes, layout):
+    """The fastest choice's output node (benchmarked only when there is more than one choice).
+
+    torch 2.13 returns (node, choice); 2.11 returns the node.
+    """
+    selected = _autotune_select_algorithm(name, choices, input_nodes, layout)
+    return selected[0] if isinstance(selected, tuple) else selected
+
+
+def max_autotune() -> bool:
+    return bool(config.max_autotune or config.max_autotune_gemm)
+
+
+def register_op_lowering(op):
+    """Register a lowering for a custom op; its arguments are passed through without type promotion."""
+    return register_lowering(op, type_promotion_kind=None)
+
+
+def fallback(op, *args, **kwargs):
+    """The op as an extern kernel call (its registered device kernel), as Inductor does for unlowered ops."""
+    return fallback_handler(op, add_to_fallback_set=False)(*args, **kwargs)
+
+
+def size_hint(expr) -> int:
+    """A concrete value for a (possibly symbolic) size: what the shape was when compiling."""
+    return V.graph.sizevars.optimization_hint(expr, fallback=config.unbacked_symint_fallback)

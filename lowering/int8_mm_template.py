@@ -1,0 +1,98 @@
+"""Inductor lowering of llmint8::int8_mm_dequant to a Triton template, so following pointwise ops fuse into it.
+
+The template is the eager kernel's tile math (triton_gemm.int8_product_tile and dequantize_tile) followed by
+Inductor's `store_output`, where Inductor appends the pointwise ops it fuses (a GELU, a residual add, a
+cast...), so a linear and what follows it are one kernel after the activation quantization. Where Triton is
+not Inductor's code generator for the device the op stays an extern kernel call.
+
+Tile configs: one by heuristic (triton_gemm.gemm_config) by default; under max-autotune, every config in
+CONFIGS for the M class (decode: M <= 16, GEMV-like and weight-bandwidth bound; prefill: compute bound) is
+benchmarked and the fastest kept.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lowering import inductor_api as inductor
+from lowering.triton_gemm import gemm_config
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
+DECODE_CONFIGS = [(16, 32, 128, 4, 4), (16, 64, 128, 4, 4), (16, 64, 256, 4, 3), (16, 128, 128, 4, 4), (16, 32, 256, 2, 4)]
+PREFILL_CONFIGS = [
+    (64, 64, 128, 4, 4), (64, 128, 128, 4, 4), (128, 64, 128, 4, 4), (128, 128, 64, 8, 3), (128, 128, 128, 8, 3),
+    (128, 256, 64, 8, 3), (256, 128, 64, 8, 3),
+]
+
+# Jinja source. `def_kernel` names the inputs (pointer arguments); `size`/`stride` give their shapes, as
+# constants or, for dynamic shapes, kernel arguments; `store_output` writes Y and Inductor's fused epilogue.
+SOURCE = r"""
+{%- set outlier_w = "W_Q" if OUTLIER_CODES else "OW" -%}
+{%- set optional_inputs = ([] if OUTLIER_CODES else ["OW"]) + (["BIAS"] if HAS_BIAS else []) -%}
+from lowering.triton_gemm import int8_product_tile, dequantize_tile
+{{def_kernel("X_Q", "W_Q", "S_X", "S_W", "X", "IDX", "CNT", *optional_inputs)}}
+    M = {{size("X_Q", 0)}}
+    N = {{size("W_Q", 0)}}
+    K = {{size("X_Q", 1)}}
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = int8_product_tile(
+        X_Q, W_Q, rows, cols, M, N, K,
+        {{stride("X_Q", 0)}}, {{stride("X_Q", 1)}}, {{stride("W_Q", 0)}}, {{stride("W_Q", 1)}},
+        BLOCK_M, BLOCK_N, BLOCK_K,
+    )
+    y = dequantize_tile(
+        acc, rows, cols, M, N, S_X, S_W, X, {{stride("X", 0)}}, {{stride("X", 1)}},
+        {{outlier_w}}, {{stride(outlier_w, 0)}}, {{stride(outlier_w, 1)}}, IDX, CNT, {{"BIAS" if HAS_BIAS else "None"}},
+        OUTLIER_CODES, HAS_BIAS, BLOCK_M, BLOCK_N,
+    )
+    idx_m = rows[:, None]
+    idx_n = cols[None, :]
+    mask = (idx_m < M) & (idx_n < N)
+    {{store_output(("idx_m", "idx_n"), "y", "mask", val_shape=("BLOCK_M", "BLOCK_N"))}}
+"""
+
+
+@inductor.SymbolicGridFn
+def _grid(m, n, meta, *, cdiv):
+    return (cdiv(m, meta["BLOCK_M"]), cdiv(n, meta["BLOCK_N"]), 1)
+
+
+TEMPLATE = inductor.TritonTemplate(name="llmint8_int8_mm_dequant", grid=_grid, source=SOURCE)
+
+
+def configs(m_hint: int) -> list[tuple[int, int, int, int, int]]:
+    if not inductor.max_autotune():
+        c = gemm_config(m_hint)
+        return [(c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"], c["num_warps"], c["num_stages"])]
+    return DECODE_CONFIGS if m_hint <= 16 else PREFILL_CONFIGS
+
+
+@inductor.register_op_lowering(torch.ops.llmint8.int8_mm_dequant.default)
+def lower_int8_mm_dequant(x, x_q, s_x, indices, count, weight_q, weight_scale, bias=None, outlier_weight=None):
+    op = torch.ops.llmint8.int8_mm_dequant.default
+    device = x.get_device()
+    if not inductor.uses_triton(device):
+        return inductor.fallback(op, x, x_q, s_x, indices, count, weight_q, weight_scale, bias, outlier_weight)
+
+    optional_inputs = [node for node in (outlier_weight, bias) if node is not None]  # the order SOURCE names them
+    input_nodes = inductor.realize_inputs(x_q, weight_q, s_x, weight_scale, x, indices, count, *optional_inputs)
+    m, n = x_q.get_size()[0], weight_q.get_size()[0]
+    layout = inductor.FixedLayout(device, x.get_dtype(), [m, n])
+    choices: list = []
+    for block_m, block_n, block_k, num_warps, num_stages in configs(inductor.size_hint(m)):
+        TEMPLATE.maybe_append_choice(
+            choices,
+            input_nodes=tuple(input_nodes),
+            layout=layout,
+            num_warps=num_warps,
+            num_stages=num_stages,
+            BLOCK_M=block_m,
+            BLOCK_N=block_n,
+            BLOCK_K=block_k,
+            OUTLIER_CODES=outlier_weight is None,
+            HAS_BIAS=bias is not None,
+        )
+    if not choices:  # the template could not be generated (logged by Inductor)
+        return inductor.fallback(op, x, x_q, s_x, indices, count, weight_q, weight_scale, bias, outlier_weight)
+    return inductor.autotune_select_algorithm("llmint8_int8_mm_dequant", choices, input_nodes, layout)
