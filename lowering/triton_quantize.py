@@ -1,12 +1,13 @@
 """Triton activation quantization: reference.quantize_activation on the GPU, with no host synchronisation.
 
-Three small kernels, each reading X at most twice:
+Two launches, each reading X at most twice:
 1. `_outlier_flags_kernel`: flags[k] = 1 for every column with some |x| not below the threshold (NaN and
-   +-Inf included). Each program reduces one [BLOCK_M, BLOCK_K] tile and ORs its flags in with an atomic max,
-   so a long prefill is split over rows as well as columns.
-2. `_compact_kernel`: one program turns the flags into the reference's index list (outlier columns ascending,
-   then the others ascending) and writes the count on the device, so nothing has a data-dependent shape.
-3. `_quantize_rows_kernel`: per row, the absmax over the non-outlier columns, then the int8 codes.
+   +-Inf included). Each program reduces a column block over its rows. Up to SINGLE_PASS_ROWS rows one
+   program covers all of them and stores its flags; a longer prefill is split over rows as well, and the
+   programs OR their flags into a zeroed buffer with an atomic max (one memset more).
+2. `_quantize_rows_kernel`: per row block, the absmax over the non-outlier columns, then the int8 codes; its
+   last program instead turns the flags into the reference's index list (outlier columns ascending, then the
+   others ascending) and writes the count on the device, so nothing has a data-dependent shape.
 """
 
 from __future__ import annotations
@@ -25,6 +26,9 @@ _Q_MAX = tl.constexpr(Q_MAX)
 FLAGS_BLOCK = (32, 128)
 ROWS_BLOCK = (8, 256)
 COMPACT_BLOCK = 1024
+# Up to this many rows, one program per column block reads all rows (decode and short prompts: no memset,
+# no atomics); past it, programs split the rows so a long prefill still fills the GPU.
+SINGLE_PASS_ROWS = 256
 
 
 @triton.jit
@@ -43,22 +47,30 @@ def round_half_even(v):
 
 @triton.jit
 def _outlier_flags_kernel(
-    x_ptr, flags_ptr, M, K, stride_xm, stride_xk, limit,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    x_ptr, flags_ptr, M, K, stride_xm, stride_xk, limit, rows_per_program,
+    ATOMIC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """flags[k] |= any(!(|X[m, k]| < limit)) over this program's rows; flags starts at zero."""
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    """flags[k] = any(!(|X[m, k]| < limit)) over this program's rows; ORed into zeroed flags if ATOMIC."""
+    first_row = tl.program_id(0) * rows_per_program
     cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-    mask = (rows < M)[:, None] & (cols < K)[None, :]
-    x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * stride_xm + cols[None, :] * stride_xk, mask=mask, other=0.0)
-    # `<` is False for NaN, so NaN counts as an outlier; limit = inf still catches +-Inf.
-    is_outlier = mask & ~(tl.abs(x.to(tl.float32)) < limit)
-    tl.atomic_max(flags_ptr + cols, tl.max(is_outlier.to(tl.int32), axis=0), mask=cols < K)
+    col_mask = cols < K
+    is_outlier = tl.zeros((BLOCK_K,), dtype=tl.int32)
+    for start in range(first_row, tl.minimum(first_row + rows_per_program, M), BLOCK_M):
+        rows = start + tl.arange(0, BLOCK_M)
+        mask = (rows < M)[:, None] & col_mask[None, :]
+        x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * stride_xm + cols[None, :] * stride_xk, mask=mask, other=0.0)
+        # `<` is False for NaN, so NaN counts as an outlier; limit = inf still catches +-Inf.
+        tile = (mask & ~(tl.abs(x.to(tl.float32)) < limit)).to(tl.int32)
+        is_outlier = tl.maximum(is_outlier, tl.max(tile, axis=0))
+    if ATOMIC:
+        tl.atomic_max(flags_ptr + cols, is_outlier, mask=col_mask)
+    else:
+        tl.store(flags_ptr + cols, is_outlier, mask=col_mask)
 
 
 @triton.jit
-def _compact_kernel(flags_ptr, indices_ptr, count_ptr, K, BLOCK: tl.constexpr):
-    """Single program: indices = outlier columns ascending, then the rest ascending; count = #outliers.
+def compact_outliers(flags_ptr, indices_ptr, count_ptr, K, BLOCK: tl.constexpr):
+    """In one program: indices = outlier columns ascending, then the rest ascending; count = #outliers.
 
     What a stable sort of (~flags) gives (reference.compact_indices): a first pass counts the outliers, a
     second places every column at its rank by a running prefix sum.
@@ -81,13 +93,12 @@ def _compact_kernel(flags_ptr, indices_ptr, count_ptr, K, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _quantize_rows_kernel(
-    x_ptr, flags_ptr, x_q_ptr, s_x_ptr, M, K,
-    stride_xm, stride_xk, stride_qm, stride_qk,
+def quantize_row_block(
+    x_ptr, flags_ptr, x_q_ptr, s_x_ptr, block, M, K, stride_xm, stride_xk, stride_qm, stride_qk,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """s_x[m] = max |X~[m, :]| and X_q = round(X~ / s_x * 127), where X~ is X with outlier columns zeroed."""
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < M
     x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_xm
     q_rows = x_q_ptr + rows.to(tl.int64)[:, None] * stride_qm
@@ -115,6 +126,22 @@ def _quantize_rows_kernel(
         tl.store(q_rows + cols[None, :] * stride_qk, codes.to(tl.int8), mask=mask)
 
 
+@triton.jit
+def _quantize_rows_kernel(
+    x_ptr, flags_ptr, x_q_ptr, s_x_ptr, indices_ptr, count_ptr, M, K,
+    stride_xm, stride_xk, stride_qm, stride_qk,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, COMPACT_BLOCK: tl.constexpr,
+):
+    """One row block per program; the program after the last row block compacts the outlier index list."""
+    if tl.program_id(0) == tl.num_programs(0) - 1:
+        compact_outliers(flags_ptr, indices_ptr, count_ptr, K, COMPACT_BLOCK)
+    else:
+        quantize_row_block(
+            x_ptr, flags_ptr, x_q_ptr, s_x_ptr, tl.program_id(0), M, K, stride_xm, stride_xk, stride_qm, stride_qk,
+            BLOCK_M, BLOCK_K,
+        )
+
+
 def quantize_activation(
     x2d: torch.Tensor, threshold: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -126,22 +153,24 @@ def quantize_activation(
     device = x2d.device
     limit = threshold if threshold > 0 else math.inf
 
-    flags = torch.zeros(k, dtype=torch.int32, device=device)
     block_m, block_k = FLAGS_BLOCK
-    grid = (triton.cdiv(m, block_m), triton.cdiv(k, block_k))
-    _outlier_flags_kernel[grid](
-        x2d, flags, m, k, x2d.stride(0), x2d.stride(1), limit, BLOCK_M=block_m, BLOCK_K=block_k
+    rows_per_program = max(block_m, SINGLE_PASS_ROWS)
+    row_programs = triton.cdiv(m, rows_per_program)
+    atomic = row_programs > 1
+    flags = (torch.zeros if atomic else torch.empty)(k, dtype=torch.int32, device=device)
+    _outlier_flags_kernel[(max(1, row_programs), triton.cdiv(k, block_k))](
+        x2d, flags, m, k, x2d.stride(0), x2d.stride(1), limit, rows_per_program,
+        ATOMIC=atomic, BLOCK_M=block_m, BLOCK_K=block_k,
     )
-
-    indices = torch.empty(k, dtype=torch.int32, device=device)
-    count = torch.empty(1, dtype=torch.int32, device=device)
-    _compact_kernel[(1,)](flags, indices, count, k, BLOCK=COMPACT_BLOCK)
 
     x_q = torch.empty((m, k), dtype=torch.int8, device=device)
     s_x = torch.empty(m, dtype=torch.float32, device=device)
+    indices = torch.empty(k, dtype=torch.int32, device=device)
+    count = torch.empty(1, dtype=torch.int32, device=device)
     block_m, block_k = ROWS_BLOCK
-    _quantize_rows_kernel[(triton.cdiv(m, block_m),)](
-        x2d, flags, x_q, s_x, m, k, x2d.stride(0), x2d.stride(1), x_q.stride(0), x_q.stride(1),
-        BLOCK_M=block_m, BLOCK_K=block_k,
+    _quantize_rows_kernel[(triton.cdiv(m, block_m) + 1,)](
+        x2d, flags, x_q, s_x, indices, count, m, k,
+        x2d.stride(0), x2d.stride(1), x_q.stride(0), x_q.stride(1),
+        BLOCK_M=block_m, BLOCK_K=block_k, COMPACT_BLOCK=COMPACT_BLOCK,
     )
     return x_q, s_x, indices, count

@@ -87,6 +87,18 @@ def test_many_outlier_columns_are_compacted_across_blocks():
         assert torch.equal(got, want)
 
 
+@pytest.mark.parametrize("m", [triton_quantize.SINGLE_PASS_ROWS, 2 * triton_quantize.SINGLE_PASS_ROWS + 5])
+def test_long_prefill_flags_are_split_over_rows(m):
+    # Outliers only in the last rows: the program covering them, not the first, must flag their columns.
+    x = outlier_activation(m, 70, torch.bfloat16).to(DEVICE)
+    x[m - 3, 4] = 50.0
+    x[m - 1, 69] = float("-inf")
+    got = triton_quantize.quantize_activation(x, 6.0)
+    for g, w in zip(got, reference.quantize_activation(x, 6.0)):
+        assert torch.equal(g, w)
+    assert got[2][: int(got[3])].tolist() == [4, 69]
+
+
 @pytest.mark.parametrize("m, k, n", [(0, 5, 3), (1, 1, 1), (16, 300, 40), (17, 129, 33), (40, 64, 16)])
 def test_int32_accumulator_is_exact(m, k, n):
     g = torch.Generator().manual_seed(m * k * n)
