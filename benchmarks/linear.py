@@ -4,7 +4,7 @@ Runs on CUDA when present (all DESIGN.md §3 shapes, M = 1 ... 4096), else on CP
 shapes a 2-core CPU runs in reasonable time, M = 1 ... 512). Activations with 0.5% outlier columns (|x| 20-60),
 threshold 6, bf16. All ratios come from the same run. Peers run where installed: bitsandbytes Linear8bitLt
 (threshold 6, eval) and torchao Int8DynamicActivationInt8WeightConfig compiled with Inductor (as torchao
-recommends). Prints a markdown table and writes benchmarks/results/{cpu,cuda}_linear.{json,md,png}.
+recommends). On CUDA it also counts the kernels one llmint8 call launches (profiler). Prints a markdown table and writes benchmarks/results/{cpu,cuda}_linear.{json,md,png}.
 
     bash tools/dev.sh bench-linear
 """
@@ -41,6 +41,16 @@ def synchronized(fn):
         return out
 
     return run
+
+
+def cuda_kernels_per_call(fn, x) -> int:
+    """CUDA kernels (and memsets) one call launches, from the profiler: the fused-kernel count of a linear."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn(x)
+        torch.cuda.synchronize()
+    return sum(1 for event in prof.events() if event.device_type == torch.autograd.DeviceType.CUDA)
 
 
 def peers(linear: torch.nn.Linear) -> dict:
@@ -96,16 +106,21 @@ def main():
                         row[name] = round(time_ms(synchronized(fn), x, args.min_seconds), 3)
                     except Exception as error:  # noqa: BLE001  (a peer that fails at a shape is reported)
                         print(f"{name} failed at M={m} {n}x{k}: {type(error).__name__}: {error}", file=sys.stderr)
+                if DEVICE == "cuda":
+                    row["llmint8 kernels"] = cuda_kernels_per_call(variants["llmint8"], x)
                 rows.append(row)
                 print(" ".join(f"{key}={value}" for key, value in row.items()), flush=True)
 
-    names = [key for key in rows[0] if key not in ("N", "K", "M")]
-    header = "| N x K | M | " + " | ".join(f"{name} ms" for name in names) + " | llmint8 vs bf16 eager | vs bf16 compile |"
+    names = [key for key in rows[0] if key not in ("N", "K", "M", "llmint8 kernels")]
+    kernels = "llmint8 kernels" in rows[0]
+    header = ("| N x K | M | " + " | ".join(f"{name} ms" for name in names) + " | llmint8 vs bf16 eager | vs bf16 compile |"
+              + (" llmint8 kernels/call |" if kernels else ""))
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for row in rows:
         cells = [f"{row[name]:.2f}" if name in row else "n/a" for name in names]
         lines.append(f"| {row['N']} x {row['K']} | {row['M']} | " + " | ".join(cells)
-                     + f" | {row['bf16 eager'] / row['llmint8']:.2f}x | {row['bf16 compile'] / row['llmint8']:.2f}x |")
+                     + f" | {row['bf16 eager'] / row['llmint8']:.2f}x | {row['bf16 compile'] / row['llmint8']:.2f}x |"
+                     + (f" {row['llmint8 kernels']} |" if kernels else ""))
     table = "\n".join(lines)
     print("\n" + table)
     args.results.mkdir(parents=True, exist_ok=True)

@@ -42,3 +42,32 @@ def test_compiled_cuda_mlp_matches_reference():
         y = torch.compile(model, backend="llmint8", fullgraph=True)(x)
     assert all(layer.rewritten for layer in int8pass.last_report().layers)
     torch.testing.assert_close(y, expected, rtol=0.02, atol=0.02)
+
+
+def test_cuda_linear_and_following_pointwise_ops_are_one_template_kernel():
+    from torch._inductor.utils import run_and_get_code
+
+    model = cuda_mlp()
+    x = outlier_activation(32, 256, torch.bfloat16, outlier_cols=[3]).cuda()
+    with torch.no_grad():
+        _, (code,) = run_and_get_code(torch.compile(model, backend="llmint8", fullgraph=True), x)
+    kernels = [line.split("def ")[1].split("(")[0] for line in code.splitlines() if line.startswith("def triton_")]
+    templates = [name for name in kernels if name.startswith("triton_tem_")]
+    assert len(templates) == 2 and "gelu" in templates[0], kernels  # GELU fused into the first GEMM
+    assert not [name for name in kernels if name.startswith("triton_poi_")], kernels
+
+
+@pytest.mark.parametrize("outlier_weights", ["dequantized", "original"])
+def test_cuda_graph_replays_with_new_outlier_sets(outlier_weights):
+    linear = torch.nn.Linear(256, 64).eval().to("cuda", torch.bfloat16)
+    weight, bias = linear.weight.detach().clone(), linear.bias.detach().clone()
+    compiled = torch.compile(linear, backend="llmint8", mode="reduce-overhead", fullgraph=True,
+                             options={"outlier_weights": outlier_weights, "keep_fp_weights": True})
+    w_q, s_w = reference.quantize_weight(weight)
+    original = weight if outlier_weights == "original" else None
+    with torch.no_grad():
+        for seed in range(4):
+            x = outlier_activation(8, 256, torch.bfloat16, outlier_cols=range(seed), seed=seed).cuda()
+            y = compiled(x).clone()
+            want = reference.linear(x, w_q, s_w, bias, 6.0, original)
+            torch.testing.assert_close(y, want, rtol=2 * torch.finfo(torch.bfloat16).eps, atol=1e-3)
