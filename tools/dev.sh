@@ -6,6 +6,8 @@
 #   bash tools/dev.sh accuracy  # embedding cosine and perplexity vs fp32/bf16/naive int8 (benchmarks/results/)
 #   bash tools/dev.sh bench-linear  # linear-level CPU benchmark vs bf16, bitsandbytes and torchao
 #   bash tools/dev.sh bench-model   # model-level: prefill/decode tokens/s and memory vs the same peers
+#   bash tools/dev.sh test-torch211 # the test suite on torch 2.11 + Triton 3.6 (the GPU machines' versions);
+#                                   # PyPI has only the CUDA build of torch 2.11: this one downloads ~3 GB
 # Set-up: a virtual environment in .venv that sees the system's packages, so a CUDA torch you already have is
 # kept. Without any torch, installs the CPU build torch==2.13.0, and refuses to go on if pip would pull the
 # multi-GB CUDA packages instead.
@@ -13,6 +15,17 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 VENV=${INT8PASS_VENV:-.venv}
+
+if [ "${1:-}" = test-torch211 ]; then
+  shift
+  OLD=.venv-torch211
+  [ -x "$OLD/bin/python" ] || "$PYTHON" -m venv "$OLD"  # no system packages: only these versions
+  # numpy < 2.3: Triton 3.6's interpreter indexes with 1-element arrays, which newer numpy rejects
+  "$OLD/bin/python" -m pip --disable-pip-version-check -q install "torch==2.11.0" "triton==3.6.0" "numpy<2.3" \
+    2>&1 | grep -v "^WARNING: Location" || true
+  "$OLD/bin/python" -m pip --disable-pip-version-check -q install -e ".[test,models]" 2>&1 | grep -v "^WARNING: Location" || true
+  exec "$OLD/bin/python" -m pytest -q -p no:cacheprovider "$@"
+fi
 
 if [ ! -x "$VENV/bin/python" ]; then
   "$PYTHON" -m venv --system-site-packages "$VENV"
@@ -49,5 +62,5 @@ case "${1:-}" in
   accuracy) shift; exec "$PY" benchmarks/accuracy.py "$@" ;;
   bench-linear) shift; exec "$PY" benchmarks/linear.py "$@" ;;
   bench-model) shift; exec "$PY" benchmarks/cpu_model.py "$@" ;;
-  *) echo "usage: bash tools/dev.sh demo|test|bench|accuracy|bench-linear|bench-model [args]" >&2; exit 2 ;;
+  *) echo "usage: bash tools/dev.sh demo|test|bench|accuracy|bench-linear|bench-model|test-torch211 [args]" >&2; exit 2 ;;
 esac
