@@ -94,6 +94,28 @@ def _(x, x_q, s_x, outlier_indices, outlier_count, weight_q, weight_scale, bias,
     return x.new_empty((x.shape[0], weight_q.shape[0]))
 
 
+@torch.library.custom_op(f"{NAMESPACE}::fused_linear", mutates_args=())
+def fused_linear(
+    x: torch.Tensor,
+    weight_q: torch.Tensor,
+    weight_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    threshold: float,
+    outlier_weight: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """llmint8::linear of a 2-D X [M, K] with few rows, as one kernel on Triton devices (quantization, GEMM
+    and epilogue): what a decode step runs. Inductor fuses the following pointwise ops into it too."""
+    _check_2d("fused_linear", x)
+    check_linear_args(x, weight_q, weight_scale, bias)
+    return reference.linear(x, weight_q, weight_scale, bias, threshold, outlier_weight)
+
+
+@fused_linear.register_fake
+def _(x, weight_q, weight_scale, bias, threshold, outlier_weight=None):
+    check_linear_args(x, weight_q, weight_scale, bias)
+    return x.new_empty((x.shape[0], weight_q.shape[0]))
+
+
 @torch.library.custom_op(f"{NAMESPACE}::linear", mutates_args=())
 def linear(
     x: torch.Tensor,

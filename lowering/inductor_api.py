@@ -20,7 +20,7 @@ HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 __all__ = [
     "FixedLayout", "SymbolicGridFn", "TritonTemplate", "V", "autotune_select_algorithm", "fallback",
-    "max_autotune", "realize_inputs", "register_op_lowering", "size_hint", "uses_triton",
+    "max_autotune", "realize_inputs", "register_op_lowering", "size_hint", "statically_at_most", "uses_triton",
 ]
 
 
@@ -53,6 +53,11 @@ def register_op_lowering(op):
 def fallback(op, *args, **kwargs):
     """The op as an extern kernel call (its registered device kernel), as Inductor does for unlowered ops."""
     return fallback_handler(op, add_to_fallback_set=False)(*args, **kwargs)
+
+
+def statically_at_most(expr, bound: int) -> bool:
+    """Whether a (possibly symbolic) size is known to be <= bound without adding a guard."""
+    return V.graph.sizevars.statically_known_leq(expr, bound)
 
 
 def size_hint(expr) -> int:

@@ -1,10 +1,14 @@
-"""Triton int8 GEMM with the LLM.int8() epilogue: reference.linear on the GPU in one launch after quantization.
+"""Triton int8 GEMMs with the LLM.int8() epilogue: reference.linear on the GPU.
 
-Two tile functions hold the math, shared by the eager kernel below and by the Inductor template
-(lowering/int8_mm_template.py), which adds Inductor's fused epilogue after them:
-- `int8_product_tile`: the exact int32 product X_q . W_q^T of one [BLOCK_M, BLOCK_N] tile, with tl.dot;
-- `dequantize_tile`: scales it, adds the outlier columns' fp32 product (read from X and W_q, or the original
-  weight, through the index list up to the count stored on the device: no host sync) and the bias.
+Two kernels, each one launch:
+- `_int8_linear_kernel`, after triton_quantize.quantize_activation: the exact int32 product X_q . W_q^T of a
+  [BLOCK_M, BLOCK_N] tile with tl.dot, then the scales, the outlier columns' fp32 product (read from X and
+  W_q, or the original weight, through the index list up to the count stored on the device) and the bias;
+- `_fused_linear_kernel`, for X with at most FUSED_MAX_M rows (decode): every program holds all of X's rows,
+  so it finds the outlier columns and row scales itself and quantizes X on the fly: the whole linear is one
+  launch reading the weight once. The outlier product is an fp32 tl.dot on the K blocks holding outliers.
+The tile functions (`*_tile`) are shared with the Inductor templates (lowering/int8_mm_template.py), which
+add Inductor's fused epilogue after them. No kernel syncs the host.
 """
 
 from __future__ import annotations
@@ -14,9 +18,12 @@ import triton
 import triton.language as tl
 
 from int8pass.reference import Q_MAX
-from lowering.triton_quantize import quantize_activation
+from lowering.triton_quantize import is_outlier, outlier_limit, quantize_activation, to_codes
 
 _Q_MAX = tl.constexpr(Q_MAX)
+INF = tl.constexpr(float("inf"))
+# Up to this many rows of X, one program row block holds them all: the single-kernel path.
+FUSED_MAX_M = 16
 
 # Tile shapes and launch options by number of rows: decode (M <= 16) streams the weight through thin tiles
 # so that many programs share it; larger M uses square tiles. The template autotunes over more (CONFIGS).
@@ -51,22 +58,33 @@ def int8_product_tile(
 
 
 @triton.jit
+def scale_tile(acc, s_x, s_w, outliers, cols, N, bias_ptr, OUTLIER_CODES: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """fp32 tile of Y = acc s_x s_w / 127^2 + outliers + b, in reference.dequantize_output's order.
+
+    `outliers` is X[:, O] . W[:, O]^T, still to be scaled by s_w / 127 if W was W_q's codes (OUTLIER_CODES).
+    tl.div_rn is IEEE division (`/` is not, on CUDA).
+    """
+    y = acc.to(tl.float32) * (s_x[:, None] * tl.div_rn(s_w, _Q_MAX * _Q_MAX)[None, :])
+    if OUTLIER_CODES:
+        outliers = outliers * tl.div_rn(s_w, _Q_MAX)[None, :]
+    y = y + outliers
+    if HAS_BIAS:
+        y = y + tl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+    return y
+
+
+@triton.jit
 def dequantize_tile(
     acc, rows, cols, M, N,
     s_x_ptr, s_w_ptr, x_ptr, stride_xm, stride_xk,
     outlier_w_ptr, stride_own, stride_owk, indices_ptr, count_ptr, bias_ptr,
     OUTLIER_CODES: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """fp32 tile of Y = acc s_x s_w / 127^2 + X[:, O] . W[:, O]^T + b, in reference.dequantize_output's order.
-
-    The outlier weight is W_q's codes scaled by s_w / 127 (OUTLIER_CODES) or the original floating weight.
-    tl.div_rn is IEEE division (`/` is not, on CUDA).
-    """
+    """fp32 tile of Y from the int32 product: scales from memory, outlier columns through the index list."""
     row_mask = rows < M
     col_mask = cols < N
     s_x = tl.load(s_x_ptr + rows, mask=row_mask, other=0.0)
     s_w = tl.load(s_w_ptr + cols, mask=col_mask, other=0.0)
-    y = acc.to(tl.float32) * (s_x[:, None] * tl.div_rn(s_w, _Q_MAX * _Q_MAX)[None, :])
 
     # Outlier columns in ascending order, fp32 products (reference.outlier_matmul).
     x_rows = x_ptr + rows.to(tl.int64) * stride_xm
@@ -77,13 +95,58 @@ def dequantize_tile(
         x_col = tl.load(x_rows + k * stride_xk, mask=row_mask, other=0.0).to(tl.float32)
         w_col = tl.load(w_cols + k * stride_owk, mask=col_mask, other=0).to(tl.float32)
         outliers += x_col[:, None] * w_col[None, :]
-    if OUTLIER_CODES:
-        outliers = outliers * tl.div_rn(s_w, _Q_MAX)[None, :]
-    y = y + outliers
+    return scale_tile(acc, s_x, s_w, outliers, cols, N, bias_ptr, OUTLIER_CODES, HAS_BIAS)
 
-    if HAS_BIAS:
-        y = y + tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-    return y
+
+@triton.jit
+def quantizing_product_tile(
+    x_ptr, w_q_ptr, outlier_w_ptr, rows, cols, M, N, K, limit,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_own, stride_owk,
+    OUTLIER_CODES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """(exact int32 X_q . W_q^T, fp32 X[:, O] . W[:, O]^T, s_x) for a program holding every row of X.
+
+    With all rows in the tile, a K block's column maxima are the whole columns' (reference.outlier_columns):
+    a first pass over X takes the row scales of the non-outlier columns, the second quantizes X on the fly
+    (the reference's codes) into the int32 product and adds the outlier columns' exact fp32 products.
+    """
+    row_mask = rows < M
+    col_mask = cols < N
+    offs_k = tl.arange(0, BLOCK_K)
+    x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_xm
+
+    s_x = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for start in range(0, K, BLOCK_K):
+        ks = start + offs_k
+        mask = row_mask[:, None] & (ks < K)[None, :]
+        x = tl.load(x_rows + ks[None, :] * stride_xk, mask=mask, other=0.0).to(tl.float32)
+        outlier_cols = tl.max((mask & is_outlier(x, limit)).to(tl.int32), axis=0) == 1
+        s_x = tl.maximum(s_x, tl.max(tl.abs(tl.where(outlier_cols[None, :], 0.0, x)), axis=1))
+    safe_scale = tl.where(s_x == 0.0, 1.0, s_x)[:, None]
+
+    w_cols = cols.to(tl.int64)[None, :]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    outliers = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for start in range(0, K, BLOCK_K):
+        ks = start + offs_k
+        k_mask = ks < K
+        mask = row_mask[:, None] & k_mask[None, :]
+        w_mask = k_mask[:, None] & col_mask[None, :]
+        x = tl.load(x_rows + ks[None, :] * stride_xk, mask=mask, other=0.0).to(tl.float32)
+        outlier_cols = tl.max((mask & is_outlier(x, limit)).to(tl.int32), axis=0) == 1
+        codes = to_codes(tl.where(outlier_cols[None, :], 0.0, x), safe_scale).to(tl.int8)
+        w = tl.load(w_q_ptr + ks[:, None] * stride_wk + w_cols * stride_wn, mask=w_mask, other=0)
+        acc = tl.dot(codes, w, acc, out_dtype=tl.int32)
+        if tl.max(outlier_cols.to(tl.int32), axis=0) > 0:
+            if OUTLIER_CODES:
+                w_outliers = w.to(tl.float32)
+            else:
+                w_outliers = tl.load(outlier_w_ptr + ks[:, None] * stride_owk + w_cols * stride_own,
+                                     mask=w_mask, other=0.0).to(tl.float32)
+            # Zero outside the outlier columns, so exactly the reference's products: fp32 FMAs, no TF32.
+            x_outliers = tl.where(outlier_cols[None, :], x, 0.0)
+            outliers += tl.dot(x_outliers, w_outliers, input_precision="ieee")
+    return acc, outliers, s_x
 
 
 @triton.jit
@@ -133,6 +196,57 @@ def _launch(x_q, w_q, out, x=None, s_x=None, s_w=None, bias=None, indices=None, 
     return out
 
 
+@triton.jit
+def _fused_linear_kernel(
+    x_ptr, w_q_ptr, outlier_w_ptr, s_w_ptr, bias_ptr, y_ptr, M, N, K, limit,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_own, stride_owk, stride_ym, stride_yn,
+    RAW_ACC: tl.constexpr, OUTLIER_CODES: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """All of Y's rows (M <= BLOCK_M) for BLOCK_N columns, from X itself; the raw int32 product if RAW_ACC."""
+    rows = tl.arange(0, BLOCK_M)
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc, outliers, s_x = quantizing_product_tile(
+        x_ptr, w_q_ptr, outlier_w_ptr, rows, cols, M, N, K, limit,
+        stride_xm, stride_xk, stride_wn, stride_wk, stride_own, stride_owk,
+        OUTLIER_CODES, BLOCK_M, BLOCK_N, BLOCK_K,
+    )
+    y_ptrs = y_ptr + rows[:, None] * stride_ym + cols[None, :] * stride_yn
+    mask = (rows < M)[:, None] & (cols < N)[None, :]
+    if RAW_ACC:
+        tl.store(y_ptrs, acc, mask=mask)
+    else:
+        s_w = tl.load(s_w_ptr + cols, mask=cols < N, other=0.0)
+        y = scale_tile(acc, s_x, s_w, outliers, cols, N, bias_ptr, OUTLIER_CODES, HAS_BIAS)
+        tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def fused_linear(
+    x2d: torch.Tensor,
+    w_q: torch.Tensor,
+    s_w: torch.Tensor,
+    bias: torch.Tensor | None,
+    threshold: float,
+    outlier_weight: torch.Tensor | None = None,
+    raw_acc: bool = False,
+) -> torch.Tensor:
+    """Y [M, N] in X's dtype (or the int32 X_q . W_q^T if raw_acc) in one launch, for M <= FUSED_MAX_M."""
+    m, k = x2d.shape
+    n = w_q.shape[0]
+    if m > FUSED_MAX_M:
+        raise ValueError(f"llmint8: the single-kernel linear takes at most {FUSED_MAX_M} rows, got {m}")
+    out = torch.empty((m, n), dtype=torch.int32 if raw_acc else x2d.dtype, device=x2d.device)
+    config = DECODE_CONFIG
+    outlier_w = w_q if outlier_weight is None else outlier_weight
+    _fused_linear_kernel[(triton.cdiv(n, config["BLOCK_N"]),)](
+        x2d, w_q, outlier_w, s_w, bias, out, m, n, k, outlier_limit(threshold),
+        x2d.stride(0), x2d.stride(1), w_q.stride(0), w_q.stride(1), outlier_w.stride(0), outlier_w.stride(1),
+        out.stride(0), out.stride(1),
+        RAW_ACC=raw_acc, OUTLIER_CODES=outlier_weight is None, HAS_BIAS=bias is not None, **config,
+    )
+    return out
+
+
 def int8_matmul_int32(x_q: torch.Tensor, w_q: torch.Tensor) -> torch.Tensor:
     """The kernel's exact int32 accumulator X_q . W_q^T [M, N] (reference.exact_int_matmul), for tests."""
     out = torch.empty((x_q.shape[0], w_q.shape[0]), dtype=torch.int32, device=x_q.device)
@@ -163,8 +277,12 @@ def linear(
     threshold: float,
     outlier_weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """reference.linear for X with any leading dims: quantization, then one GEMM launch."""
+    """reference.linear for X with any leading dims: one launch for up to FUSED_MAX_M rows, else quantization
+    and then the GEMM."""
     x2d = x.reshape(-1, w_q.shape[1])
-    x_q, s_x, indices, count = quantize_activation(x2d, threshold)
-    y = int8_mm_dequant(x2d, x_q, s_x, indices, count, w_q, s_w, bias, outlier_weight)
+    if x2d.shape[0] <= FUSED_MAX_M:
+        y = fused_linear(x2d, w_q, s_w, bias, threshold, outlier_weight)
+    else:
+        x_q, s_x, indices, count = quantize_activation(x2d, threshold)
+        y = int8_mm_dequant(x2d, x_q, s_x, indices, count, w_q, s_w, bias, outlier_weight)
     return y.reshape(*x.shape[:-1], w_q.shape[0])

@@ -1,16 +1,19 @@
-"""Triton path: llmint8::linear as activation quantization plus one GEMM, with no host synchronisation.
+"""Triton path: llmint8::linear as Triton kernels, with no host synchronisation (safe under CUDA graphs).
 
 Used on CUDA, and on CPU when Inductor's cpu_backend is "triton". `linear` is both the decomposition applied
-while AOT autograd traces and the eager CUDA kernel of llmint8::linear:
-- llmint8::quantize_activation: Triton kernels on CUDA (lowering/triton_quantize.py), an extern call;
-- llmint8::int8_mm_dequant: Inductor lowers it to a template that fuses the pointwise ops after it
-  (lowering/int8_mm_template.py); its eager CUDA kernel is lowering/triton_gemm.py. The outlier loop
-  reads its bound on the device, so both are safe under CUDA graphs.
+while AOT autograd traces and the eager CUDA kernel of llmint8::linear. By the number of rows of X:
+- up to triton_gemm.FUSED_MAX_M (decode; known when compiling): llmint8::fused_linear, one kernel;
+- more, or a dynamic count: llmint8::quantize_activation (two Triton launches, an extern call), then
+  llmint8::int8_mm_dequant.
+Inductor lowers fused_linear and int8_mm_dequant to templates that fuse the pointwise ops after them
+(lowering/int8_mm_template.py); their eager CUDA kernels are in lowering/triton_gemm.py. Collecting outlier
+statistics needs the outlier index list, so it takes the second form.
 """
 
 from __future__ import annotations
 
 import torch
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from int8pass import ops, stats
 from lowering import int8_mm_template, triton_gemm, triton_quantize  # noqa: F401  (registers the lowering)
@@ -19,8 +22,11 @@ from lowering import int8_mm_template, triton_gemm, triton_quantize  # noqa: F40
 def linear(x, weight_q, weight_scale, bias, threshold, outlier_weight=None, stats_id=-1):
     ops.check_linear_args(x, weight_q, weight_scale, bias)
     x2d = x.reshape(-1, weight_q.shape[1])
-    x_q, s_x, indices, count = torch.ops.llmint8.quantize_activation(x2d, threshold, stats_id)
-    y = torch.ops.llmint8.int8_mm_dequant(x2d, x_q, s_x, indices, count, weight_q, weight_scale, bias, outlier_weight)
+    if stats_id < 0 and statically_known_true(x2d.shape[0] <= triton_gemm.FUSED_MAX_M):
+        y = torch.ops.llmint8.fused_linear(x2d, weight_q, weight_scale, bias, threshold, outlier_weight)
+    else:
+        x_q, s_x, indices, count = torch.ops.llmint8.quantize_activation(x2d, threshold, stats_id)
+        y = torch.ops.llmint8.int8_mm_dequant(x2d, x_q, s_x, indices, count, weight_q, weight_scale, bias, outlier_weight)
     return y.reshape(*x.shape[:-1], weight_q.shape[0])
 
 
@@ -35,6 +41,12 @@ def _int8_mm_dequant_cuda(x, x_q, s_x, indices, count, weight_q, weight_scale, b
     return triton_gemm.int8_mm_dequant(x, x_q, s_x, indices, count, weight_q, weight_scale, bias, outlier_weight)
 
 
+def _fused_linear_cuda(x, weight_q, weight_scale, bias, threshold, outlier_weight=None):
+    ops.check_linear_args(x, weight_q, weight_scale, bias)
+    return triton_gemm.fused_linear(x, weight_q, weight_scale, bias, threshold, outlier_weight)
+
+
 torch.library.register_kernel("llmint8::quantize_activation", "cuda", _quantize_activation_cuda)
+torch.library.register_kernel("llmint8::fused_linear", "cuda", _fused_linear_cuda)
 torch.library.register_kernel("llmint8::int8_mm_dequant", "cuda", _int8_mm_dequant_cuda)
 torch.library.register_kernel("llmint8::linear", "cuda", linear)

@@ -46,6 +46,19 @@ def round_half_even(v):
 
 
 @triton.jit
+def to_codes(x, safe_scale):
+    """int32 codes round(x / s * 127) of fp32 values: IEEE division (Triton's `/` is approximate on CUDA),
+    then * 127, in the reference's order."""
+    return round_half_even(tl.div_rn(x, safe_scale) * _Q_MAX)
+
+
+@triton.jit
+def is_outlier(x, limit):
+    """!(|x| < limit) elementwise: `<` is False for NaN, so NaN counts; limit = inf still catches +-Inf."""
+    return ~(tl.abs(x.to(tl.float32)) < limit)
+
+
+@triton.jit
 def _outlier_flags_kernel(
     x_ptr, flags_ptr, M, K, stride_xm, stride_xk, limit, rows_per_program,
     ATOMIC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -54,18 +67,17 @@ def _outlier_flags_kernel(
     first_row = tl.program_id(0) * rows_per_program
     cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     col_mask = cols < K
-    is_outlier = tl.zeros((BLOCK_K,), dtype=tl.int32)
+    column_flags = tl.zeros((BLOCK_K,), dtype=tl.int32)
     for start in range(first_row, tl.minimum(first_row + rows_per_program, M), BLOCK_M):
         rows = start + tl.arange(0, BLOCK_M)
         mask = (rows < M)[:, None] & col_mask[None, :]
         x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * stride_xm + cols[None, :] * stride_xk, mask=mask, other=0.0)
-        # `<` is False for NaN, so NaN counts as an outlier; limit = inf still catches +-Inf.
-        tile = (mask & ~(tl.abs(x.to(tl.float32)) < limit)).to(tl.int32)
-        is_outlier = tl.maximum(is_outlier, tl.max(tile, axis=0))
+        tile = (mask & is_outlier(x, limit)).to(tl.int32)
+        column_flags = tl.maximum(column_flags, tl.max(tile, axis=0))
     if ATOMIC:
-        tl.atomic_max(flags_ptr + cols, is_outlier, mask=col_mask)
+        tl.atomic_max(flags_ptr + cols, column_flags, mask=col_mask)
     else:
-        tl.store(flags_ptr + cols, is_outlier, mask=col_mask)
+        tl.store(flags_ptr + cols, column_flags, mask=col_mask)
 
 
 @triton.jit
@@ -121,8 +133,7 @@ def quantize_row_block(
         x = tl.load(x_rows + cols[None, :] * stride_xk, mask=mask, other=0.0).to(tl.float32)
         is_outlier = tl.load(flags_ptr + cols, mask=cols < K, other=0) == 1
         x = tl.where(is_outlier[None, :], 0.0, x)
-        # IEEE division (Triton's `/` is approximate on CUDA), then * 127, in the reference's order.
-        codes = round_half_even(tl.div_rn(x, safe_scale) * _Q_MAX)
+        codes = to_codes(x, safe_scale)
         tl.store(q_rows + cols[None, :] * stride_qk, codes.to(tl.int8), mask=mask)
 
 
@@ -142,6 +153,11 @@ def _quantize_rows_kernel(
         )
 
 
+def outlier_limit(threshold: float) -> float:
+    """The kernels' `limit`: |x| >= limit marks an outlier column; threshold <= 0 leaves only non-finite ones."""
+    return threshold if threshold > 0 else math.inf
+
+
 def quantize_activation(
     x2d: torch.Tensor, threshold: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -151,7 +167,7 @@ def quantize_activation(
     """
     m, k = x2d.shape
     device = x2d.device
-    limit = threshold if threshold > 0 else math.inf
+    limit = outlier_limit(threshold)
 
     block_m, block_k = FLAGS_BLOCK
     rows_per_program = max(block_m, SINGLE_PASS_ROWS)

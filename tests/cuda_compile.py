@@ -39,6 +39,15 @@ def eager_kernels():
             "s_w_ptr": "*fp32", "outlier_w_ptr": "*i8", "bias_ptr": "*bf16", "indices_ptr": "*i32", "count_ptr": "*i32",
             **{name: "i32" for name in ("M", "N", "K", "stride_qm", "stride_qk", "stride_wn", "stride_wk", "stride_ym",
                                        "stride_yn", "stride_xm", "stride_xk", "stride_own", "stride_owk")}}
+    fused = {"x_ptr": "*bf16", "w_q_ptr": "*i8", "outlier_w_ptr": "*i8", "s_w_ptr": "*fp32", "bias_ptr": "*bf16",
+             "y_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32", "limit": "fp32",
+             **{name: "i32" for name in ("stride_xm", "stride_xk", "stride_wn", "stride_wk", "stride_own", "stride_owk",
+                                        "stride_ym", "stride_yn")}}
+    config = triton_gemm.DECODE_CONFIG
+    yield "fused_linear", triton_gemm._fused_linear_kernel, fused, {
+        "RAW_ACC": False, "OUTLIER_CODES": True, "HAS_BIAS": True,
+        **{key: config[key] for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K")},
+    }, {"num_warps": config["num_warps"], "num_stages": config["num_stages"]}
     for label, config in (("decode", triton_gemm.DECODE_CONFIG), ("prefill", triton_gemm.PREFILL_CONFIG)):
         blocks = {key: config[key] for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K")}
         yield f"int8_linear({label})", triton_gemm._int8_linear_kernel, gemm, {

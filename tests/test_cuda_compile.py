@@ -24,13 +24,15 @@ pytestmark = pytest.mark.skipif(
 
 
 def generated_modules(tmp_path: Path) -> list[Path]:
-    """The Triton modules Inductor writes for two llmint8 graphs: a linear with a fused epilogue, and a
-    dynamic-M bias-free one with the original outlier weights."""
+    """The Triton modules Inductor writes for three llmint8 graphs: a linear with a fused epilogue (the
+    two-step path), the same as a decode step (the single kernel, threshold 0), and a dynamic-M bias-free
+    one with the original outlier weights."""
     torch.manual_seed(0)
     fused = torch.nn.Linear(256, 128).to(torch.bfloat16)
     plain = torch.nn.Linear(256, 96, bias=False).to(torch.float16)
     graphs = [
         (lambda x: torch.relu(fused(x)) + 1, torch.randn(40, 256, dtype=torch.bfloat16), {}, False),
+        (lambda x: torch.relu(fused(x)) + 1, torch.randn(1, 256, dtype=torch.bfloat16), {"threshold": 0.0}, False),
         (plain, torch.randn(8, 256, dtype=torch.float16), {"outlier_weights": "original", "keep_fp_weights": True}, True),
     ]
     paths = []
@@ -49,13 +51,13 @@ def generated_modules(tmp_path: Path) -> list[Path]:
 
 def test_kernels_compile_for_sm80_and_sm90(tmp_path):
     paths = generated_modules(tmp_path)
-    assert len(paths) == 2 and all("triton_tem_" in p.name for p in paths)
+    assert len(paths) == 3 and all("triton_tem_" in p.name for p in paths)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = Path(__file__).resolve().parent.parent
     run = subprocess.run([sys.executable, "-m", "tests.cuda_compile", *map(str, paths)], cwd=root, env=env,
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout + run.stderr
     lines = [line for line in run.stdout.splitlines() if ": ok" in line]
-    assert len(lines) == 2 * (5 + len(paths)), run.stdout
-    gemms = [line for line in lines if "int8_linear" in line or "triton_tem_" in line]
+    assert len(lines) == 2 * (6 + len(paths)), run.stdout
+    gemms = [line for line in lines if "linear" in line or "triton_tem_" in line]
     assert all(int(line.rsplit(" ", 1)[1]) > 0 for line in gemms), run.stdout  # tensor cores, both targets

@@ -5,6 +5,8 @@ interpreter (conftest.py): the generated template code, its fused epilogues, dyn
 all run in CI. Y matches reference.linear up to the fp32 order of the outlier columns.
 """
 
+import re
+
 import pytest
 import torch
 
@@ -36,6 +38,11 @@ def template_kernels(code: str) -> list[str]:
     return [line.split("def ")[1].split("(")[0] for line in code.splitlines() if line.startswith("def triton_")]
 
 
+def extern_calls(code: str) -> list[str]:
+    """The llmint8 ops the generated code calls as extern kernels."""
+    return re.findall(r"= (torch\.ops\.llmint8\.\w+\.default)\(", code)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("m, k, n, bias", [(1, 64, 48, True), (7, 100, 33, False), (37, 129, 70, True)])
 def test_template_matches_reference(dtype, m, k, n, bias):
@@ -46,10 +53,14 @@ def test_template_matches_reference(dtype, m, k, n, bias):
     w_q, s_w = reference.quantize_weight(weight)
     assert_close_to_reference(y, x, w_q, s_w, b, 6.0)
     within_bound(y, x, weight, b, 6.0)
-    assert "triton_tem_" in code and "llmint8.int8_mm_dequant.default(" not in code  # template, not extern call
+    # up to 16 rows: one kernel (quantization included); more: the quantization op, then the GEMM template
+    assert len(template_kernels(code)) == 1 and "triton_tem_" in template_kernels(code)[0]
+    assert extern_calls(code) == (
+        [] if m <= 16 else ["torch.ops.llmint8.quantize_activation.default"])
 
 
-def test_pointwise_ops_after_the_linear_fuse_into_the_template():
+@pytest.mark.parametrize("batch", [1, 2])  # 1 x 9 rows: one kernel in all; 2 x 9: quantization, then one
+def test_pointwise_ops_after_the_linear_fuse_into_the_template(batch):
     class Block(torch.nn.Module):
         def __init__(self):
             super().__init__()
@@ -59,8 +70,8 @@ def test_pointwise_ops_after_the_linear_fuse_into_the_template():
             return torch.relu(self.up(x)) * 2 + residual
 
     block = Block().eval().to(DEVICE)
-    x = outlier_activation(2 * 9, 64, outlier_cols=[5]).view(2, 9, 64).to(DEVICE)
-    residual = torch.randn(2, 9, 48, device=DEVICE)
+    x = outlier_activation(batch * 9, 64, outlier_cols=[5]).view(batch, 9, 64).to(DEVICE)
+    residual = torch.randn(batch, 9, 48, device=DEVICE)
     w_q, s_w = reference.quantize_weight(block.up.weight.detach())
     bias = block.up.bias.detach().clone()
     with torch.no_grad():
@@ -71,6 +82,7 @@ def test_pointwise_ops_after_the_linear_fuse_into_the_template():
     kernels = template_kernels(code)
     assert len(kernels) == 1 and kernels[0].startswith("triton_tem_fused"), kernels
     assert "relu" in kernels[0] and "add" in kernels[0] and "mul" in kernels[0]
+    assert len(extern_calls(code)) == (0 if batch == 1 else 1), extern_calls(code)
 
 
 def test_original_outlier_weights_in_the_template():

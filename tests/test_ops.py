@@ -48,6 +48,14 @@ def test_opcheck_int8_mm_dequant(with_bias):
     torch.library.opcheck(ops.int8_mm_dequant.default, (x, x_q, s_x, indices, count, w_q, s_w, bias, weight))
 
 
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_opcheck_fused_linear(with_bias):
+    x, weight, w_q, s_w = weight_and_activation()
+    bias = torch.randn(7).to(torch.bfloat16) if with_bias else None
+    torch.library.opcheck(ops.fused_linear.default, (x, w_q, s_w, bias, 6.0))
+    torch.library.opcheck(ops.fused_linear.default, (x, w_q, s_w, bias, 6.0, weight))
+
+
 def test_ops_match_reference_bit_exactly():
     x, weight, w_q, s_w = weight_and_activation()
     for got, want in zip(ops.quantize_activation(x, 6.0), reference.quantize_activation(x, 6.0)):
@@ -57,6 +65,7 @@ def test_ops_match_reference_bit_exactly():
     assert torch.equal(ops.linear(x, w_q, s_w, None, 6.0), reference.linear(x, w_q, s_w, None, 6.0))
     y = ops.int8_mm_dequant(x, *reference.quantize_activation(x, 6.0), w_q, s_w, None)
     assert torch.equal(y, reference.linear(x, w_q, s_w, None, 6.0))
+    assert torch.equal(ops.fused_linear(x, w_q, s_w, None, 6.0), reference.linear(x, w_q, s_w, None, 6.0))
 
 
 def test_fake_shapes_are_static():

@@ -129,11 +129,39 @@ def test_linear_matches_reference_and_bound(x, n, threshold, with_bias, batched)
     within_bound(y, x, weight, bias, threshold)
 
 
+@given(
+    x=activations(max_m=triton_gemm.FUSED_MAX_M, max_k=300),
+    n=st.integers(1, 70),
+    threshold=st.sampled_from(THRESHOLDS),
+    with_bias=st.booleans(),
+    original=st.booleans(),
+)
+def test_single_kernel_linear_matches_reference(x, n, threshold, with_bias, original):
+    # Quantizes X inside the GEMM: its int32 product is still the reference's, bit for bit (codes included).
+    weight, w_q, s_w = quantized_weight(n, x.shape[1], x.dtype)
+    bias = torch.randn(n).to(x.dtype).to(DEVICE) if with_bias else None
+    x_q = reference.quantize_activation(x, threshold)[0]
+    acc = triton_gemm.fused_linear(x, w_q, s_w, bias, threshold, raw_acc=True)
+    assert torch.equal(acc, reference.exact_int_matmul(x_q, w_q))
+    outlier_weight = weight if original else None
+    y = triton_gemm.fused_linear(x, w_q, s_w, bias, threshold, outlier_weight)
+    assert y.shape == (x.shape[0], n) and y.dtype == x.dtype
+    assert_close_to_reference(y, x, w_q, s_w, bias, threshold, outlier_weight)
+    within_bound(y, x, weight, bias, threshold)
+
+
+def test_single_kernel_linear_rejects_long_inputs():
+    _, w_q, s_w = quantized_weight(8, 32, torch.float32)
+    with pytest.raises(ValueError, match="at most 16 rows"):
+        triton_gemm.fused_linear(torch.randn(17, 32, device=DEVICE), w_q, s_w, None, 6.0)
+
+
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's inf * 0
 @pytest.mark.parametrize("threshold", [0.0, 6.0])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_nan_and_inf_columns_poison_only_their_rows(dtype, threshold):
-    x = outlier_activation(20, 50, dtype, outlier_cols=[7]).to(DEVICE)
+@pytest.mark.parametrize("m", [6, 20])  # the single-kernel and the two-step path
+def test_nan_and_inf_columns_poison_only_their_rows(dtype, threshold, m):
+    x = outlier_activation(m, 50, dtype, outlier_cols=[7]).to(DEVICE)
     x[2, 11] = float("nan")
     x[5, 30] = float("inf")
     weight, w_q, s_w = quantized_weight(24, 50, dtype)
@@ -143,7 +171,7 @@ def test_nan_and_inf_columns_poison_only_their_rows(dtype, threshold):
     y = triton_gemm.linear(x, w_q, s_w, bias, threshold)
     floating = x.float() @ weight.float().t()
     assert torch.equal(y.isfinite(), floating.isfinite())
-    assert not y[[2, 5]].isfinite().any() and y[[0, 1, 3, 4, *range(6, 20)]].isfinite().all()
+    assert not y[[2, 5]].isfinite().any() and y[[0, 1, 3, 4, *range(6, m)]].isfinite().all()
     assert_close_to_reference(y, x, w_q, s_w, bias, threshold)
 
 
