@@ -85,6 +85,17 @@ def test_pointwise_ops_after_the_linear_fuse_into_the_template(batch):
     assert len(extern_calls(code)) == (0 if batch == 1 else 1), extern_calls(code)
 
 
+@pytest.mark.parametrize("m", [5, 30])
+def test_strided_activation(m):
+    # X is every other column of a wider tensor: the templates read it through its strides.
+    linear, weight, b = make_linear(48, 20, torch.float16)
+    wide = outlier_activation(m, 96, torch.float16, outlier_cols=[10]).to(DEVICE)
+    with torch.no_grad():
+        y = compile_llmint8(lambda t: linear(t[:, ::2]))(wide)
+    w_q, s_w = reference.quantize_weight(weight)
+    assert_close_to_reference(y, wide[:, ::2], w_q, s_w, b, 6.0)
+
+
 def test_original_outlier_weights_in_the_template():
     linear, weight, b = make_linear(80, 24, torch.bfloat16)
     x = outlier_activation(12, 80, torch.bfloat16, outlier_cols=[0, 41]).to(DEVICE)
