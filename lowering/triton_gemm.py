@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from int8pass.reference import Q_MAX
-from lowering.triton_quantize import is_outlier, outlier_limit, quantize_activation, to_codes
+from lowering.triton_quantize import is_outlier, outlier_limit, to_codes
 
 _Q_MAX = tl.constexpr(Q_MAX)
 INF = tl.constexpr(float("inf"))
@@ -268,21 +268,3 @@ def int8_mm_dequant(
     out = torch.empty((x2d.shape[0], w_q.shape[0]), dtype=x2d.dtype, device=x2d.device)
     return _launch(x_q, w_q, out, x2d, s_x, s_w, bias, indices, count, outlier_weight)
 
-
-def linear(
-    x: torch.Tensor,
-    w_q: torch.Tensor,
-    s_w: torch.Tensor,
-    bias: torch.Tensor | None,
-    threshold: float,
-    outlier_weight: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """reference.linear for X with any leading dims: one launch for up to FUSED_MAX_M rows, else quantization
-    and then the GEMM."""
-    x2d = x.reshape(-1, w_q.shape[1])
-    if x2d.shape[0] <= FUSED_MAX_M:
-        y = fused_linear(x2d, w_q, s_w, bias, threshold, outlier_weight)
-    else:
-        x_q, s_x, indices, count = quantize_activation(x2d, threshold)
-        y = int8_mm_dequant(x2d, x_q, s_x, indices, count, w_q, s_w, bias, outlier_weight)
-    return y.reshape(*x.shape[:-1], w_q.shape[0])

@@ -40,6 +40,13 @@ def activations(draw, max_m=40, max_k=100):
     return x.to(DEVICE)
 
 
+def two_step_linear(x, w_q, s_w, bias, threshold):
+    """The Triton path for more than FUSED_MAX_M rows: quantization kernels, then the GEMM; any leading dims."""
+    x2d = x.reshape(-1, w_q.shape[1])
+    y = triton_gemm.int8_mm_dequant(x2d, *triton_quantize.quantize_activation(x2d, threshold), w_q, s_w, bias)
+    return y.reshape(*x.shape[:-1], w_q.shape[0])
+
+
 def quantized_weight(n, k, dtype, seed=0):
     """A floating weight [N, K] with its int8 codes and scales."""
     weight = (torch.randn(n, k, generator=torch.Generator().manual_seed(seed)) * 0.05).to(dtype).to(DEVICE)
@@ -123,7 +130,7 @@ def test_linear_matches_reference_and_bound(x, n, threshold, with_bias, batched)
     bias = torch.randn(n).to(x.dtype).to(DEVICE) if with_bias else None
     if batched:  # leading dims are flattened and restored
         x = x.reshape(1, *x.shape)
-    y = triton_gemm.linear(x, w_q, s_w, bias, threshold)
+    y = two_step_linear(x, w_q, s_w, bias, threshold)
     assert y.shape == (*x.shape[:-1], n) and y.dtype == x.dtype
     assert_close_to_reference(y, x, w_q, s_w, bias, threshold)
     within_bound(y, x, weight, bias, threshold)
@@ -159,8 +166,9 @@ def test_single_kernel_linear_rejects_long_inputs():
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's inf * 0
 @pytest.mark.parametrize("threshold", [0.0, 6.0])
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("m", [6, 20])  # the single-kernel and the two-step path
-def test_nan_and_inf_columns_poison_only_their_rows(dtype, threshold, m):
+@pytest.mark.parametrize("single_kernel", [True, False])
+def test_nan_and_inf_columns_poison_only_their_rows(dtype, threshold, single_kernel):
+    m = 6 if single_kernel else 20
     x = outlier_activation(m, 50, dtype, outlier_cols=[7]).to(DEVICE)
     x[2, 11] = float("nan")
     x[5, 30] = float("inf")
@@ -168,7 +176,10 @@ def test_nan_and_inf_columns_poison_only_their_rows(dtype, threshold, m):
     bias = torch.randn(24).to(dtype).to(DEVICE)
     _, _, indices, count = triton_quantize.quantize_activation(x, threshold)
     assert set(indices[: int(count)].tolist()) == ({7, 11, 30} if threshold else {11, 30})
-    y = triton_gemm.linear(x, w_q, s_w, bias, threshold)
+    if single_kernel:
+        y = triton_gemm.fused_linear(x, w_q, s_w, bias, threshold)
+    else:
+        y = two_step_linear(x, w_q, s_w, bias, threshold)
     floating = x.float() @ weight.float().t()
     assert torch.equal(y.isfinite(), floating.isfinite())
     assert not y[[2, 5]].isfinite().any() and y[[0, 1, 3, 4, *range(6, m)]].isfinite().all()
