@@ -1,6 +1,5 @@
 """The FX pass: every linear form is found, everything else is left as it was, and each skip says why."""
 
-
 import pytest
 import torch
 import torch.nn.functional as F
