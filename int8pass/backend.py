@@ -22,6 +22,9 @@ def llmint8(gm: torch.fx.GraphModule, example_inputs, *, options: dict[str, Any]
     if mode is not None and mode not in MODES:
         raise ValueError(f"llmint8: unknown mode {mode!r}; accepted: {', '.join(MODES)}")
     config_patches = dict(torch._inductor.list_mode_options(mode)) if mode not in (None, "default") else {}
+    # Inductor's on-disk graph caches key on the graph and its config, not on our lowerings: a hit could
+    # return code from another int8pass version (seen on torch 2.11). Kernel-level caches stay on.
+    config_patches["fx_graph_cache"] = False
     config_patches.update(opts.inductor)
 
     report = new_report()

@@ -128,6 +128,23 @@ def test_max_autotune_selects_among_tile_configs(m):
     assert_close_to_reference(y, x, w_q, s_w, b, 6.0)
 
 
+def test_a_changed_lowering_is_not_served_from_inductor_caches(monkeypatch, tmp_path):
+    # Inductor's graph caches do not key on our lowerings (torch 2.11 served a stale graph here).
+    from lowering import triton_gemm
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    linear, _, _ = make_linear(64, 40, torch.float32)
+    x = torch.randn(3, 64, device=DEVICE)
+    calls = []
+    for fused_max_m in (0, triton_gemm.FUSED_MAX_M):
+        monkeypatch.setattr(triton_gemm, "FUSED_MAX_M", fused_max_m)
+        torch._dynamo.reset()
+        with torch.no_grad():
+            _, (code,) = run_and_get_code(compile_llmint8(linear), x)
+        calls.append(extern_calls(code))
+    assert calls == [["torch.ops.llmint8.quantize_activation.default"], []]
+
+
 def test_stats_are_recorded_on_the_template_path():
     stats.reset_stats()
     linear, _, _ = make_linear(64, 16, torch.float32)
