@@ -23,7 +23,7 @@ TRITON = {"inductor": {"cpu_backend": "triton"}} if DEVICE == "cpu" else {}
 
 
 def compile_llmint8(model, **options):
-    return torch.compile(model, backend="llmint8", options={**TRITON, **options})
+    return torch.compile(model, backend="llmint8", fullgraph=True, options={**TRITON, **options})
 
 
 def make_linear(k, n, dtype, bias=True, seed=0):
