@@ -2,9 +2,10 @@
 
 The ops (int8pass.ops) are the only thing this package knows of int8pass: it never sees model structure.
 `llmint8::linear` is decomposed while AOT autograd traces, by device:
-- Triton devices (CUDA; CPU with Inductor's cpu_backend="triton"): activation quantization, then
-  llmint8::int8_mm_dequant, which Inductor lowers to a Triton template with the following pointwise ops
-  fused into its epilogue (lowering/triton_path.py, lowering/int8_mm_template.py).
+- Triton devices (CUDA; CPU with Inductor's cpu_backend="triton"): llmint8::fused_linear (one kernel) for
+  at most 16 rows, else activation quantization and llmint8::int8_mm_dequant; Inductor lowers both GEMMs
+  to Triton templates with the following pointwise ops fused in (lowering/triton_path.py,
+  lowering/int8_mm_template.py).
 - CPU: the reference quantization (which Inductor fuses into C++ loops), one oneDNN u8 x s8 GEMM on a weight
   packed at compile time, and a fused dequantize/bias epilogue (lowering/cpu.py).
 - Other devices: the op runs its eager implementation, the reference math.

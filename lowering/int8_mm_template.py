@@ -100,10 +100,10 @@ def configs(m_hint: int) -> list[tuple[int, int, int, int, int]]:
     return DECODE_CONFIGS if m_hint <= 16 else PREFILL_CONFIGS
 
 
-def select(name, template, op_args, input_nodes, m, layout, **meta):
-    """The template over the tile configs for M (benchmarked under max-autotune), or the extern op."""
+def select(name, template, op_args, input_nodes, tile_configs, layout, **meta):
+    """The template over the tile configs (benchmarked if more than one), or the extern op."""
     choices: list = []
-    for block_m, block_n, block_k, num_warps, num_stages in configs(inductor.size_hint(m)):
+    for block_m, block_n, block_k, num_warps, num_stages in tile_configs:
         template.maybe_append_choice(
             choices, input_nodes=tuple(input_nodes), layout=layout, num_warps=num_warps, num_stages=num_stages,
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, **meta,
@@ -123,8 +123,8 @@ def lower_int8_mm_dequant(x, x_q, s_x, indices, count, weight_q, weight_scale, b
     input_nodes = inductor.realize_inputs(x_q, weight_q, s_x, weight_scale, x, indices, count, *optional_inputs)
     m, n = x_q.get_size()[0], weight_q.get_size()[0]
     layout = inductor.FixedLayout(x.get_device(), x.get_dtype(), [m, n])
-    return select("llmint8_int8_mm_dequant", INT8_MM_DEQUANT, op_args, input_nodes, m, layout,
-                  OUTLIER_CODES=outlier_weight is None, HAS_BIAS=bias is not None)
+    return select("llmint8_int8_mm_dequant", INT8_MM_DEQUANT, op_args, input_nodes, configs(inductor.size_hint(m)),
+                  layout, OUTLIER_CODES=outlier_weight is None, HAS_BIAS=bias is not None)
 
 
 @inductor.register_op_lowering(torch.ops.llmint8.fused_linear.default)
@@ -136,6 +136,8 @@ def lower_fused_linear(x, weight_q, weight_scale, bias, threshold, outlier_weigh
     optional_inputs = [node for node in (outlier_weight, bias) if node is not None]
     input_nodes = inductor.realize_inputs(x, weight_q, weight_scale, *optional_inputs)
     layout = inductor.FixedLayout(x.get_device(), x.get_dtype(), [m, n])
-    return select("llmint8_fused_linear", FUSED_LINEAR, op_args, input_nodes, m, layout,
+    rows = inductor.size_hint(m)
+    tile_configs = [c for c in configs(rows) if c[0] >= rows]  # one row block must hold every row
+    return select("llmint8_fused_linear", FUSED_LINEAR, op_args, input_nodes, tile_configs, layout,
                   LIMIT=threshold if threshold > 0 else "INF", OUTLIER_CODES=outlier_weight is None,
                   HAS_BIAS=bias is not None)

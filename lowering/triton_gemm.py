@@ -22,7 +22,7 @@ from lowering.triton_quantize import is_outlier, outlier_limit, to_codes
 
 _Q_MAX = tl.constexpr(Q_MAX)
 INF = tl.constexpr(float("inf"))
-# Up to this many rows of X, one program row block holds them all: the single-kernel path.
+# Up to this many rows of X (at most DECODE_CONFIG's BLOCK_M), linears take the single-kernel path.
 FUSED_MAX_M = 16
 
 # Tile shapes and launch options by number of rows: decode (M <= 16) streams the weight through thin tiles
@@ -233,10 +233,10 @@ def fused_linear(
     """Y [M, N] in X's dtype (or the int32 X_q . W_q^T if raw_acc) in one launch, for M <= FUSED_MAX_M."""
     m, k = x2d.shape
     n = w_q.shape[0]
-    if m > FUSED_MAX_M:
-        raise ValueError(f"llmint8: the single-kernel linear takes at most {FUSED_MAX_M} rows, got {m}")
-    out = torch.empty((m, n), dtype=torch.int32 if raw_acc else x2d.dtype, device=x2d.device)
     config = DECODE_CONFIG
+    if m > config["BLOCK_M"]:  # one row block must hold every row
+        raise ValueError(f"llmint8: the single-kernel linear takes at most {config['BLOCK_M']} rows, got {m}")
+    out = torch.empty((m, n), dtype=torch.int32 if raw_acc else x2d.dtype, device=x2d.device)
     outlier_w = w_q if outlier_weight is None else outlier_weight
     _fused_linear_kernel[(triton.cdiv(n, config["BLOCK_N"]),)](
         x2d, w_q, outlier_w, s_w, bias, out, m, n, k, outlier_limit(threshold),
