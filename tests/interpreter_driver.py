@@ -3,12 +3,16 @@
 Inductor's Triton code generation asks the active Triton driver for its target (to key its caches); the pip
 Triton has no CPU driver, and TRITON_INTERPRET=1 provides none. This driver answers for the interpreter,
 naming an sm_90 CUDA target so code generation takes the GPU's code paths; every kernel then runs in the
-interpreter (Inductor launches through it when TRITON_INTERPRET=1). Tests only: nothing here is compiled.
+interpreter (Inductor launches through it when TRITON_INTERPRET=1). The interpreter has no CUDA libdevice,
+which Inductor's generated code calls for erf, tanh, rsqrt...: `InterpretedLibdevice` stands in for it.
+Tests only: nothing here is compiled.
 """
 
 from __future__ import annotations
 
 import torch
+import torch._inductor.runtime.triton_helpers as triton_helpers
+import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.backends.driver import DriverBase
 from triton.runtime.driver import driver
@@ -49,5 +53,17 @@ class InterpreterDriver(DriverBase):
         return ty
 
 
+class InterpretedLibdevice:
+    """libdevice as the interpreter runs it: tl.math's functions (which it implements), and tanh."""
+
+    def __getattr__(self, name):
+        return getattr(tl.math, name)
+
+    @staticmethod
+    def tanh(x):
+        return 2 * tl.sigmoid(2 * x) - 1
+
+
 def install() -> None:
     driver.set_active(InterpreterDriver())
+    triton_helpers.libdevice = InterpretedLibdevice()  # generated kernels import it from here

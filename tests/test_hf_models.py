@@ -33,16 +33,26 @@ def bert():
     return transformers.BertModel(config)
 
 
+# Without a GPU, "triton" runs the CUDA lowering (templates with fused epilogues) on CPU tensors, in
+# Triton's interpreter (tests/conftest.py); with one, the models run on CUDA.
+LOWERINGS = {"default": ("cpu", {}), "triton": ("cpu", {"cpu_backend": "triton"})}
+if torch.cuda.is_available():
+    LOWERINGS["triton"] = ("cuda", {})
+
+
 # linears per model: 2 blocks x (attention + MLP) + the output head (GPT-2's is tied to the embedding)
+@pytest.mark.parametrize("lowering", LOWERINGS)
 @pytest.mark.parametrize("build, linears, heads", [(gpt2, 9, 1), (opt, 13, 1), (llama, 15, 1), (bert, 13, 0)])
-def test_model_compiles_with_every_linear_but_the_head_rewritten(build, linears, heads):
+def test_model_compiles_with_every_linear_but_the_head_rewritten(build, linears, heads, lowering):
+    device, inductor = LOWERINGS[lowering]
     torch.manual_seed(0)
-    model = build().eval().to(torch.bfloat16)
-    ids = torch.randint(0, VOCAB, (2, 12))
+    model = build().eval().to(device, torch.bfloat16)
+    ids = torch.randint(0, VOCAB, (2, 12), device=device)
     int8pass.clear_reports()
+    options = {"keep_fp_weights": True, "inductor": inductor}
     with torch.no_grad():
         expected = model(ids)[0].float()
-        got = torch.compile(model, backend="llmint8", options={"keep_fp_weights": True})(ids)[0].float()
+        got = torch.compile(model, backend="llmint8", options=options)(ids)[0].float()
     layers = [layer for report in int8pass.reports() for layer in report.layers]
     skipped = [layer for layer in layers if not layer.rewritten]
     assert len(layers) == linears and len(skipped) == heads, [(l.name, l.reason) for l in layers]
