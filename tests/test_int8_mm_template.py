@@ -96,9 +96,10 @@ def test_strided_activation(m):
     assert_close_to_reference(y, wide[:, ::2], w_q, s_w, b, 6.0)
 
 
-def test_original_outlier_weights_in_the_template():
+@pytest.mark.parametrize("m", [12, 40])  # the single-kernel and the two-step template
+def test_original_outlier_weights_in_the_template(m):
     linear, weight, b = make_linear(80, 24, torch.bfloat16)
-    x = outlier_activation(12, 80, torch.bfloat16, outlier_cols=[0, 41]).to(DEVICE)
+    x = outlier_activation(m, 80, torch.bfloat16, outlier_cols=[0, 41]).to(DEVICE)
     with torch.no_grad():
         y = compile_llmint8(linear, outlier_weights="original", keep_fp_weights=True)(x)
     w_q, s_w = reference.quantize_weight(weight)
