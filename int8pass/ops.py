@@ -82,10 +82,9 @@ def int8_mm_dequant(
     """
     _check_2d("int8_mm_dequant", x)
     check_linear_args(x, weight_q, weight_scale, bias)
-    acc = reference.exact_int_matmul(x_q, weight_q).float()
-    outlier_w = weight_q if outlier_weight is None else outlier_weight
-    outliers = reference.outlier_matmul(x, outlier_indices, outlier_count, outlier_w, weight_scale)
-    return reference.dequantize_output(x, acc, s_x, weight_scale, outliers, bias)
+    return reference.int8_mm_dequant(
+        x, x_q, s_x, outlier_indices, outlier_count, weight_q, weight_scale, bias, outlier_weight
+    )
 
 
 @int8_mm_dequant.register_fake

@@ -115,6 +115,24 @@ def dequantize_output(
     return y.to(x.dtype).reshape(*x.shape[:-1], s_w.shape[0])
 
 
+def int8_mm_dequant(
+    x2d: torch.Tensor,
+    x_q: torch.Tensor,
+    s_x: torch.Tensor,
+    indices: torch.Tensor,
+    count: torch.Tensor,
+    w_q: torch.Tensor,
+    s_w: torch.Tensor,
+    bias: torch.Tensor | None,
+    outlier_weight: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The output [M, N] from X [M, K] and its quantization: the exact int32 product, the outlier product
+    (with `outlier_weight` instead of W^ when given) and the epilogue."""
+    acc = exact_int_matmul(x_q, w_q).float()
+    outliers = outlier_matmul(x2d, indices, count, w_q if outlier_weight is None else outlier_weight, s_w)
+    return dequantize_output(x2d, acc, s_x, s_w, outliers, bias)
+
+
 def linear(
     x: torch.Tensor,
     w_q: torch.Tensor,
@@ -129,10 +147,8 @@ def linear(
     `outlier_weights="original"` option).
     """
     x2d = x.reshape(-1, w_q.shape[1])
-    x_q, s_x, indices, count = quantize_activation(x2d, threshold)
-    acc = exact_int_matmul(x_q, w_q).float()
-    outliers = outlier_matmul(x2d, indices, count, w_q if outlier_weight is None else outlier_weight, s_w)
-    return dequantize_output(x, acc, s_x, s_w, outliers, bias)
+    y = int8_mm_dequant(x2d, *quantize_activation(x2d, threshold), w_q, s_w, bias, outlier_weight)
+    return y.reshape(*x.shape[:-1], w_q.shape[0])
 
 
 def error_bound(
