@@ -2,7 +2,9 @@
 
 oneDNN's VNNI int8 GEMM wants unsigned activations and a prepacked weight. X_q + 128 as uint8 with zero-point
 128 gives exactly the signed product, and with unit scales the GEMM returns the int32 accumulator converted to
-fp32. The packed weight is the only copy kept (the dense int8 codes are released), so the outlier columns
+fp32. Without VNNI (or AMX), x86 int8 GEMMs add u8 x s8 products in pairs into saturating int16 (vpmaddubsw), which
+is wrong for activations above 128; there each row is split into two halves of at most 128 (split_rows_gemm).
+The packed weight is the only copy kept (the dense int8 codes are released), so the outlier columns
 W_q[:, O] are read back through the same GEMM: one extra activation row per outlier column, all 128 (zero)
 but a 129 (one) at that column, yields that column of W_q exactly. Decode (M = 1) thus still reads the
 weights once; columns read back are kept for later calls (PackedWeight). Past MAX_ONE_HOT_ROWS new outlier
@@ -23,6 +25,9 @@ ZERO_POINT = 128
 MAX_ONE_HOT_ROWS = 256
 # Evaluated once: Dynamo cannot trace torch.backends.mkldnn.is_available().
 ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qlinear_prepack")
+_CPU = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
+# u8 x s8 products are summed in int32 only with VNNI or AMX; elsewhere pairs saturate in int16.
+EXACT_U8_GEMM = any(_CPU.get(flag, False) for flag in ("avx512_vnni", "avx_vnni", "amx_int8"))
 
 class PackedWeight:
     """A weight in oneDNN's packed layout, plus the outlier columns of W_q read back from it so far.
@@ -109,10 +114,7 @@ def onednn_int8_mm(
         rows = torch.cat([x_q_shifted, one_hot])
     if rows.shape[0] == 0:
         return x.new_zeros((0, n), dtype=torch.float32), x.new_zeros((0, n), dtype=torch.float32)
-    out = torch.ops.onednn.qlinear_pointwise.default(
-        rows, 1.0, ZERO_POINT, weight.packed, torch.ones(n), torch.zeros(n, dtype=torch.int64),
-        None, 1.0, 0, torch.float32, "none", [], "",
-    )
+    out = _gemm(rows, weight.packed, n) if EXACT_U8_GEMM else split_rows_gemm(rows, weight.packed, n)
     if not cols:
         return out, x.new_zeros((m, n), dtype=torch.float32)
     # W_q[:, O]^T as fp32 [|O|, N]: cached columns, plus new ones from the one-hot rows or, for many, from
@@ -127,6 +129,25 @@ def onednn_int8_mm(
         weight.remember(missing, new_codes)
     acc = out[:m].clone() if extract_in_gemm else out
     return acc, x[:, cols].float() @ codes
+
+
+def _gemm(rows: torch.Tensor, packed: torch.Tensor, n: int, zero_point: int = ZERO_POINT) -> torch.Tensor:
+    """(rows - zero_point) . W_q^T as fp32, for uint8 rows and the packed weight."""
+    return torch.ops.onednn.qlinear_pointwise.default(
+        rows, 1.0, zero_point, packed, torch.ones(n), torch.zeros(n, dtype=torch.int64),
+        None, 1.0, 0, torch.float32, "none", [], "",
+    )
+
+
+def split_rows_gemm(rows: torch.Tensor, packed: torch.Tensor, n: int) -> torch.Tensor:
+    """The same product on CPUs whose int8 GEMM saturates pairs of u8 x s8 products in int16: each row u is
+    split into a = min(u, 127) and b = u - a <= 128, both with zero-point 64, so (a - 64) + (b - 64) = u - 128 and
+    every pair stays within int16 (2 * 128 * 127 < 2**15). One GEMM over both halves; the halves are exact in fp32
+    while below 2**24 and are added in fp64, so the result is the int32 accumulator rounded once, as on VNNI."""
+    low = rows.clamp(max=127)
+    out = _gemm(torch.cat([low, rows - low]), packed, n, ZERO_POINT // 2)
+    m = rows.shape[0]
+    return (out[:m].double() + out[m:].double()).float()
 
 
 @onednn_int8_mm.register_fake

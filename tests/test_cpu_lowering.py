@@ -41,12 +41,18 @@ def test_decomposed_linear_matches_reference(dtype, m):
 
 
 @pytest.mark.skipif(not cpu.ONEDNN, reason="needs oneDNN")
+@pytest.mark.parametrize("gemm", ["as_the_cpu_allows", "split_rows"])
 @pytest.mark.parametrize("m, outlier_cols", [(0, []), (1, []), (1, [0, 299]), (33, [5, 6, 100]), (4, range(0, 300, 2))])
-def test_onednn_gemm_is_bit_exact(m, outlier_cols, monkeypatch):
+def test_onednn_gemm_is_bit_exact(m, outlier_cols, gemm, monkeypatch):
     monkeypatch.setattr(cpu, "MAX_ONE_HOT_ROWS", 100)  # 150 outlier columns take the unpacking route
+    if gemm == "split_rows":  # what CPUs without VNNI run, checked on every CPU
+        monkeypatch.setattr(cpu, "EXACT_U8_GEMM", False)
     g = torch.Generator().manual_seed(0)
     x = outlier_activation(m, 300, torch.bfloat16, outlier_cols=list(outlier_cols))
     w_q = torch.randint(-127, 128, (70, 300), generator=g, dtype=torch.int8)
+    # extreme codes against extreme activations (code 127 in columns 1 and 3): where int16 pairs saturate
+    w_q[:, :4] = 127
+    x[:, [1, 3]] = 5.0
     x_q, _, indices, count = reference.quantize_activation(x, 6.0)
     assert int(count) == len(outlier_cols)
     shifted = (x_q.to(torch.int16) + 128).to(torch.uint8)
