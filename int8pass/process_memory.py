@@ -1,0 +1,73 @@
+"""Give memory back to the operating system once floating-point weights are gone, so that process RSS (what `ps`
+shows) drops by what int8 saves, without the user calling malloc_trim.
+
+Two things keep freed weights in RSS on Linux:
+- glibc keeps freed heap memory in its arenas (weights are large allocations that often land there once its mmap
+  threshold has grown): `return_freed_heap` calls malloc_trim(0);
+- a weight read from an mmap'd checkpoint (safetensors) is a view of a mapping that other tensors of the same file
+  keep alive, so its pages stay resident after the weight is gone: `page_out` asks the kernel to reclaim them
+  (MADV_PAGEOUT: clean file pages are dropped and re-read from the file if touched again; nothing is lost).
+Both are no-ops where the platform lacks them.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+import sys
+
+import torch
+
+log = logging.getLogger("int8pass")
+
+MADV_PAGEOUT = 21  # linux/mman.h, Linux >= 5.4
+_PAGE = 4096
+
+
+def _libc():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    except OSError:
+        return None
+
+
+_LIBC = _libc()
+
+
+def return_freed_heap() -> None:
+    """glibc's malloc_trim(0): return free heap pages to the OS."""
+    if _LIBC is not None and hasattr(_LIBC, "malloc_trim"):
+        _LIBC.malloc_trim(0)
+
+
+def _file_mappings() -> list[tuple[int, int]]:
+    """(start, end) of this process's private file-backed mappings."""
+    ranges = []
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            fields = line.split(maxsplit=5)
+            if len(fields) == 6 and fields[5].startswith("/") and fields[1][3] == "p":
+                start, end = (int(value, 16) for value in fields[0].split("-"))
+                ranges.append((start, end))
+    return ranges
+
+
+def page_out(tensor: torch.Tensor) -> int:
+    """Reclaim the whole pages of a CPU tensor's bytes that lie in a file mapping (an mmap'd checkpoint); returns the
+    bytes advised. Safe while the tensor is alive: the data comes back from the file if read again."""
+    if _LIBC is None or tensor.device.type != "cpu" or not tensor.is_contiguous() or tensor.numel() == 0:
+        return 0
+    start = tensor.data_ptr()  # 0 for a wrapper tensor subclass (it has no storage of its own)
+    if start == 0:
+        return 0
+    end = start + tensor.numel() * tensor.element_size()
+    first, last = -(-start // _PAGE) * _PAGE, end // _PAGE * _PAGE
+    if last <= first or not any(lo <= first and last <= hi for lo, hi in _file_mappings()):
+        return 0
+    if _LIBC.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), MADV_PAGEOUT) != 0:
+        log.debug("llmint8: madvise(MADV_PAGEOUT) failed with errno %d", ctypes.get_errno())
+        return 0
+    return last - first
