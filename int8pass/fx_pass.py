@@ -18,10 +18,11 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from int8pass import stats, weights
-from int8pass.options import Options
+from int8pass import dynamo_api, stats
+from int8pass.int8_weight import Int8Weight
+from int8pass.options import DEFAULT_THRESHOLD, Options
 from int8pass.reference import MAX_EXACT_K
-from int8pass.report import CompileReport, LayerRecord
+from int8pass.report import CompileReport, LayerRecord, log
 
 aten = torch.ops.aten
 
@@ -155,39 +156,34 @@ class ConstantInputs:
         value = self.by_node.get(node)
         if isinstance(value, torch.nn.Parameter):
             return value
-        source = self._source(node)
+        source = dynamo_api.source_name(node)
         if isinstance(value, torch.Tensor) and source and ("._parameters[" in source or "._buffers[" in source):
             return value
         return None
 
     def name(self, node: fx.Node) -> str:
-        source = self._source(node)
+        source = dynamo_api.source_name(node)
         return source_path(source) if source else str(node.target)
-
-    @staticmethod
-    def _source(node: fx.Node) -> str | None:
-        source = getattr(node.meta.get("grapharg"), "source", None) or getattr(node, "_dynamo_source", None)
-        if source is None:
-            return None
-        name = source.name
-        return name() if callable(name) else name
 
 
 @dataclass
-class RewriteResult:
-    report: CompileReport
-    releasable: dict[int, tuple[torch.Tensor, str]]  # id(param) -> (param, name): fp storage no longer needed
-    quantized: list[tuple[torch.Tensor, bool, weights.QuantizedWeight]]  # (param, stored_transposed, int8 form)
+class Candidate:
+    match: LinearMatch
+    weight: torch.Tensor  # the parameter or buffer (an Int8Weight once quantized)
+    record: LayerRecord
 
 
-def rewrite_linears(gm: fx.GraphModule, example_inputs, options: Options, report: CompileReport) -> RewriteResult:
-    """Rewrite eligible linears of `gm` in place to llmint8::linear; fill `report`."""
+def rewrite_linears(gm: fx.GraphModule, example_inputs, options: Options, report: CompileReport) -> None:
+    """Rewrite eligible linears of `gm` in place to llmint8::linear; fill `report`.
+
+    A floating-point weight becomes an Int8Weight where it lives (the module's parameter object itself, see
+    dynamo_api.swap_into), one weight at a time, so its floating-point storage is freed before the next one is
+    quantized. Int8 weights (an earlier graph, int8pass.from_pretrained) are used as they are. The rewritten graph
+    reads each weight's codes and scales from the weight, a graph input, on every call.
+    """
     constants = ConstantInputs(gm, example_inputs)
-    # (id(param), stored_transposed) -> the int8 weight and its two get_attr nodes, one per parameter layout
-    layouts: dict[tuple[int, bool], tuple[torch.Tensor, bool, weights.QuantizedWeight, fx.Node, fx.Node]] = {}
-    rewritten_params: dict[int, tuple[torch.Tensor, str, list[LayerRecord]]] = {}
+    candidates: list[Candidate] = []
     seen_weights: set[int] = set()
-
     for node in list(gm.graph.nodes):
         match = match_linear(node)
         if match is None:
@@ -200,6 +196,7 @@ def rewrite_linears(gm: fx.GraphModule, example_inputs, options: Options, report
             continue  # an activation x activation product (attention), not a linear layer
         weight_name = constants.name(match.weight) if param is not None else match.weight.name
         n, k = (weight_value.shape[1], weight_value.shape[0]) if match.stored_transposed else weight_value.shape
+        nbytes = weight_value.numel() * weight_value.element_size()
         record = LayerRecord(
             name=_calling_module(node) or (weight_name.rsplit(".", 1)[0] if "." in weight_name else weight_name),
             op=match.op,
@@ -208,46 +205,69 @@ def rewrite_linears(gm: fx.GraphModule, example_inputs, options: Options, report
             dtype=str(weight_value.dtype).replace("torch.", ""),
             rewritten=False,
             reason="",
-            weight_bytes_before=weight_value.numel() * weight_value.element_size(),
-            weight_bytes_after=weight_value.numel() * weight_value.element_size(),
+            weight_bytes_before=nbytes,
+            weight_bytes_after=weight_value.int8_nbytes if isinstance(weight_value, Int8Weight) else nbytes,
         )
         if id(weight_value) in seen_weights:  # a shared weight's bytes count once, on its first consumer
             record.weight_bytes_before = record.weight_bytes_after = 0
         seen_weights.add(id(weight_value))
         report.layers.append(record)
         record.reason = _skip_reason(match, param, record, options)
-        if record.reason:
+        if not record.reason:
+            candidates.append(Candidate(match, param, record))
+
+    read_in_fp = _read_in_floating_point(candidates)
+    for candidate in candidates:
+        # matched again: an earlier rewrite may have replaced this linear's input node
+        match, record, weight = match_linear(candidate.match.node), candidate.record, candidate.weight
+        if not isinstance(weight, Int8Weight):
+            keep = options.keep_fp_weights or options.outlier_weights == "original" or id(weight) in read_in_fp
+            report.released_bytes += _quantize_in_place(match.weight, weight, match.stored_transposed, keep, options)
+            if record.weight_bytes_before:
+                record.weight_bytes_after = weight.int8_nbytes
+        if weight.transposed != match.stored_transposed:
+            record.reason = "int8 weight quantized along its other dim (it is used both as W and as W^T)"
             continue
-
-        layout = (id(param), match.stored_transposed)
-        first_use = layout not in layouts
-        if first_use:
-            qweight = weights.quantized(param, match.stored_transposed)
-            nodes = _add_weight_constants(gm, qweight, f"{weight_name}_{len(layouts)}")
-            layouts[layout] = (param, match.stored_transposed, qweight, *nodes)
-        _, _, qweight, weight_q_node, scale_node = layouts[layout]
-        record.weight_bytes_after = qweight.nbytes if first_use else 0  # shared int8 bytes count once
         stats_id = stats.register(record.name, record.in_features) if options.stats else -1
-        _replace(gm, match, weight_q_node, scale_node, options, stats_id)
+        _replace(gm, match, weight, options, stats_id)
         record.rewritten = True
-        rewritten_params.setdefault(id(param), (param, weight_name, []))[2].append(record)
-
-    # A parameter still read in floating point (a tied embedding, a skipped consumer, an earlier graph) keeps
-    # its fp storage, and the report counts it.
-    read_in_fp = {id(t): t for node, t in constants.by_node.items() if node.users and constants.tensor(node) is not None}
-    for param in read_in_fp.values():
-        weights.check_not_released(param, f"graph {report.graph_id}")
-        weights.mark_fp_use(param)
-    keep_all = options.keep_fp_weights or options.outlier_weights == "original"
-    releasable = {}
-    for key, (param, name, records) in rewritten_params.items():
-        if keep_all or key in read_in_fp or weights.has_fp_use(param):
-            records[0].weight_bytes_after += param.numel() * param.element_size()
-        else:
-            releasable[key] = (param, name)
+    if read_in_fp:
+        log.debug("llmint8 graph %d: %d int8 weights are also read in floating point (they keep their original)",
+                  report.graph_id, len(read_in_fp))
     gm.graph.lint()
     gm.recompile()
-    return RewriteResult(report, releasable, [entry[:3] for entry in layouts.values()])
+
+
+def _read_in_floating_point(candidates: list[Candidate]) -> set[int]:
+    """Weights (by id) that something other than a rewritten linear reads: a tied embedding, a skipped consumer."""
+    consumers: dict[fx.Node, set[fx.Node]] = {}  # weight node -> its rewritten linears and their transposes
+    transposes: dict[fx.Node, set[fx.Node]] = {}
+    weights: dict[fx.Node, torch.Tensor] = {}
+    for candidate in candidates:
+        match = candidate.match
+        consumers.setdefault(match.weight, set()).update([match.node, *match.chain])
+        transposes.setdefault(match.weight, set()).update(match.chain)
+        weights[match.weight] = candidate.weight
+    return {
+        id(weights[node])
+        for node, linear_nodes in consumers.items()
+        if any(user not in linear_nodes for source in (node, *transposes[node]) for user in source.users)
+    }
+
+
+def _quantize_in_place(node: fx.Node, weight: torch.Tensor, transposed: bool, keep: bool, options: Options) -> int:
+    """Turn the floating-point parameter `weight` into an Int8Weight, keeping the object; returns the fp bytes the
+    model no longer holds (0 when the original is kept)."""
+    threshold = options.threshold if options.threshold is not None else DEFAULT_THRESHOLD
+    int8 = Int8Weight.from_float(weight, threshold=threshold, transposed=transposed, keep_original=keep)
+    replacement = torch.nn.Parameter(int8, requires_grad=False) if isinstance(weight, torch.nn.Parameter) else int8
+    freed = 0 if keep else weight.numel() * weight.element_size()
+    dynamo_api.swap_into(weight, replacement)
+    del replacement  # the floating-point tensor, now; freed here unless something else holds it
+    fake = dynamo_api.fake_of(weight)
+    if fake is not None and "example_value" in node.meta:
+        node.meta["example_value"] = fake
+    return freed
 
 
 def _skip_reason(match: LinearMatch, param: torch.Tensor | None, record: LayerRecord, options: Options) -> str:
@@ -276,37 +296,30 @@ def _skip_reason(match: LinearMatch, param: torch.Tensor | None, record: LayerRe
         return "bias is not a vector of out_features"
     if bias_value is not None and bias_value.dtype != param.dtype:
         return "bias dtype differs from weight dtype"
-    if not weights.is_released(param) and not bool(torch.isfinite(param.detach()).all()):
+    if isinstance(param, Int8Weight):
+        if not bool(torch.isfinite(param.scale).all()):
+            return "int8 weight has a non-finite scale"
+    elif not bool(torch.isfinite(param.detach()).all()):
         return "weight holds NaN or Inf"
     return ""
 
 
-def _add_weight_constants(gm, qweight: weights.QuantizedWeight, name: str) -> tuple[fx.Node, fx.Node]:
-    base = "_llmint8_" + re.sub(r"\W", "_", name)
-    # Buffers of the graph module: AOT autograd lifts them into the compiled graph as it does parameters.
-    for suffix, tensor in (("_weight_q", qweight.weight_q), ("_scale", qweight.scale)):
-        gm.register_buffer(base + suffix, tensor)
-        if hasattr(gm, "_param_name_to_source"):  # AOT autograd wants a Dynamo source for each lifted tensor
-            from torch._dynamo.source import ConstantSource
-
-            gm._param_name_to_source[base + suffix] = ConstantSource(base + suffix)
-    first = next(n for n in gm.graph.nodes if n.op != "placeholder")
-    with gm.graph.inserting_before(first):
-        return gm.graph.get_attr(base + "_weight_q"), gm.graph.get_attr(base + "_scale")
-
-
-def _replace(gm, match: LinearMatch, weight_q: fx.Node, scale: fx.Node, options: Options, stats_id: int) -> None:
+def _replace(gm, match: LinearMatch, weight: Int8Weight, options: Options, stats_id: int) -> None:
     graph = gm.graph
     node = match.node
     with graph.inserting_before(node):
+        scale = graph.call_function(getattr, (match.weight, "scale"))
+        codes = None if weight.packed else graph.call_function(getattr, (match.weight, "_codes"))
+        handle = graph.call_function(getattr, (match.weight, "packed_handle")) if weight.packed else None
         outlier_weight = None
         if options.outlier_weights == "original":
-            outlier_weight = match.weight
+            outlier_weight = graph.call_function(getattr, (match.weight, "original"))
             if match.stored_transposed:
-                outlier_weight = graph.call_method("t", (match.weight,))
+                outlier_weight = graph.call_method("t", (outlier_weight,))
+        threshold = options.threshold if options.threshold is not None else weight.threshold
         new = graph.call_function(
             torch.ops.llmint8.linear.default,
-            (match.x, weight_q, scale, match.bias, options.threshold, outlier_weight, stats_id),
+            (match.x, codes, scale, match.bias, threshold, outlier_weight, stats_id, handle),
         )
     new.meta.update(node.meta)
     node.replace_all_uses_with(new)

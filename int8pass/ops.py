@@ -118,27 +118,32 @@ def _(x, weight_q, weight_scale, bias, threshold, outlier_weight=None):
 @torch.library.custom_op(f"{NAMESPACE}::linear", mutates_args=())
 def linear(
     x: torch.Tensor,
-    weight_q: torch.Tensor,
+    weight_q: torch.Tensor | None,
     weight_scale: torch.Tensor,
     bias: torch.Tensor | None,
     threshold: float,
     outlier_weight: torch.Tensor | None = None,
     stats_id: int = -1,
+    packed_handle: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """LLM.int8() linear: x [..., K], weight_q int8 [N, K], weight_scale fp32 [N] -> [..., N] in x's dtype.
 
+    A CPU weight packed for oneDNN has no dense codes: weight_q is None and packed_handle (int64 [1]) names its
+    packed codes (int8pass.Int8Weight, lowering.cpu).
     `outlier_weight` (optional, [N, K] floating) replaces the dequantized weight for the outlier columns;
     stats_id >= 0 records each call's outlier columns for that layer (int8pass.stats).
     """
-    check_linear_args(x, weight_q, weight_scale, bias)
+    check_linear_args(x, weight_q, weight_scale, bias, packed_handle)
+    if weight_q is None:
+        raise ValueError(f"llmint8::linear on {x.device.type}: int8 weights packed for oneDNN run only on the CPU")
     stats.record_activation(stats_id, x.reshape(-1, weight_q.shape[1]), threshold)
     return reference.linear(x, weight_q, weight_scale, bias, threshold, outlier_weight)
 
 
 @linear.register_fake
-def _(x, weight_q, weight_scale, bias, threshold, outlier_weight=None, stats_id=-1):
-    check_linear_args(x, weight_q, weight_scale, bias)
-    return x.new_empty((*x.shape[:-1], weight_q.shape[0]))
+def _(x, weight_q, weight_scale, bias, threshold, outlier_weight=None, stats_id=-1, packed_handle=None):
+    check_linear_args(x, weight_q, weight_scale, bias, packed_handle)
+    return x.new_empty((*x.shape[:-1], weight_scale.shape[0]))
 
 
 def _check_2d(op: str, x: torch.Tensor) -> None:
@@ -146,11 +151,19 @@ def _check_2d(op: str, x: torch.Tensor) -> None:
         raise ValueError(f"llmint8::{op} expects a 2-D activation [M, K], got shape {tuple(x.shape)}")
 
 
-def check_linear_args(x, weight_q, weight_scale, bias) -> None:
-    """Clear errors for llmint8::linear arguments; every implementation of the op calls this."""
-    if weight_q.dtype != torch.int8 or weight_q.dim() != 2:
+def check_linear_args(x, weight_q, weight_scale, bias, packed_handle=None) -> None:
+    """Clear errors for llmint8::linear arguments; every implementation of the op calls this.
+
+    weight_q None (codes packed for oneDNN, named by packed_handle): N is the scale's length, K is x's last dim."""
+    if (weight_q is None) == (packed_handle is None):
+        raise ValueError("llmint8::linear takes either the dense int8 codes or the handle of packed ones, not "
+                         f"{'both' if weight_q is not None else 'neither'}")
+    if weight_q is None:
+        n, k = weight_scale.shape[0], x.shape[-1]
+    elif weight_q.dtype != torch.int8 or weight_q.dim() != 2:
         raise ValueError(f"llmint8::linear expects an int8 [N, K] weight, got {weight_q.dtype} {tuple(weight_q.shape)}")
-    n, k = weight_q.shape
+    else:
+        n, k = weight_q.shape
     if x.dim() < 1 or x.shape[-1] != k:
         raise ValueError(f"llmint8::linear: activation shape {tuple(x.shape)} does not end in K={k}")
     if not x.dtype.is_floating_point:

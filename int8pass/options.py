@@ -12,6 +12,7 @@ import torch
 # Output projections to the vocabulary stay in floating point by default, as bitsandbytes and transformers do:
 # their logits feed a softmax over the whole vocabulary and are the most sensitive to quantization noise.
 OUTPUT_HEADS = ("lm_head", "*.lm_head", "embed_out", "*.embed_out")
+DEFAULT_THRESHOLD = 6.0
 DTYPE_NAMES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 OUTLIER_WEIGHTS = ("dequantized", "original")
 
@@ -23,6 +24,8 @@ class Options:
     """What `torch.compile(model, backend="llmint8", options={...})` accepts (DESIGN.md §2).
 
     threshold: outlier threshold tau; columns with max |x| >= tau take the fp path. <= 0 disables outliers.
+        None (the default): each int8 weight's own threshold (set when it was quantized), DEFAULT_THRESHOLD for
+        the weights this compile quantizes.
     skip_modules: module names (exact, or a prefix ending in '.', or fnmatch patterns) or predicates
         `f(module_path) -> bool`; matching linears stay in floating point. Default: OUTPUT_HEADS (lm_head,
         embed_out); pass [] to rewrite those too.
@@ -30,13 +33,14 @@ class Options:
     dtypes: activation/weight dtypes to rewrite.
     outlier_weights: "dequantized" (W^ from the int8 weight, no fp copy kept) or "original" (keeps the fp
         weight for the outlier columns; costs the fp weight's memory).
-    keep_fp_weights: keep the fp storage of rewritten weights so the eager module still works.
+    keep_fp_weights: keep each rewritten weight's floating-point tensor inside its Int8Weight (`original`), at
+        its memory cost; floating-point reads of the weight then see the exact original values.
     stats: collect runtime outlier statistics per layer (int8pass.outlier_stats(); cost in int8pass/stats.py).
     dump_dir: directory for graph/report dumps (default: $INT8PASS_DUMP_DIR if set).
     inductor: extra Inductor config patches, passed through to compile_fx.
     """
 
-    threshold: float = 6.0
+    threshold: float | None = None
     skip_modules: tuple[str | ModulePredicate, ...] = OUTPUT_HEADS
     min_features: int = 0
     dtypes: tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16, torch.float32)
@@ -58,7 +62,7 @@ class Options:
             raise ValueError(f"llmint8: unknown option {unknown[0]!r}; accepted: {', '.join(sorted(known))}")
         values = dict(options)
         parsed = cls(
-            threshold=_threshold(values.get("threshold", cls.threshold)),
+            threshold=_threshold(values.get("threshold")),
             skip_modules=_skip_modules(values.get("skip_modules", OUTPUT_HEADS)),
             min_features=_non_negative_int("min_features", values.get("min_features", 0)),
             dtypes=_dtypes(values.get("dtypes", cls.dtypes)),
@@ -86,7 +90,9 @@ class Options:
         return ""
 
 
-def _threshold(value: Any) -> float:
+def _threshold(value: Any) -> float | None:
+    if value is None:
+        return None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
         raise ValueError(f"llmint8 option 'threshold' must be a number (not NaN), got {value!r}")
     return float(value)

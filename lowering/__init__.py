@@ -22,19 +22,17 @@ if HAS_TRITON:
     from lowering import triton_path
 
 
-def prepare_weight(weight_q: torch.Tensor) -> int:
-    """Put a constant int8 weight in the layout its device's kernels read; returns the bytes freed.
-
-    Call under the Inductor config the graph compiles with: Triton kernels read the dense codes as they are.
-    """
-    return 0 if uses_triton(weight_q.device) else cpu.prepare_weight(weight_q)
+def packs_weights(device: torch.device) -> bool:
+    """Whether int8 weights on `device` keep their codes in oneDNN's packed layout (what the CPU GEMM reads) rather
+    than dense (what Triton kernels read). Call under the Inductor config the graph compiles with."""
+    return device.type == "cpu" and cpu.ONEDNN and not uses_triton(device)
 
 
-def decompose_linear(x, weight_q, weight_scale, bias, threshold, outlier_weight=None, stats_id=-1):
+def decompose_linear(x, weight_q, weight_scale, bias, threshold, outlier_weight=None, stats_id=-1, packed_handle=None):
     if uses_triton(x.device):
-        return triton_path.linear(x, weight_q, weight_scale, bias, threshold, outlier_weight, stats_id)
+        return triton_path.linear(x, weight_q, weight_scale, bias, threshold, outlier_weight, stats_id, packed_handle)
     if x.device.type == "cpu":
-        return cpu.linear(x, weight_q, weight_scale, bias, threshold, outlier_weight, stats_id)
+        return cpu.linear(x, weight_q, weight_scale, bias, threshold, outlier_weight, stats_id, packed_handle)
     return NotImplemented
 
 
@@ -47,4 +45,4 @@ def decompositions() -> dict:
     return table
 
 
-__all__ = ["decompositions", "prepare_weight"]
+__all__ = ["decompositions", "packs_weights"]

@@ -4,21 +4,28 @@ oneDNN's VNNI int8 GEMM wants unsigned activations and a prepacked weight. X_q +
 128 gives exactly the signed product, and with unit scales the GEMM returns the int32 accumulator converted to
 fp32. Without VNNI (or AMX), x86 int8 GEMMs add u8 x s8 products in pairs into saturating int16 (vpmaddubsw), which
 is wrong for activations above 128; there each row is split into two halves of at most 128 (split_rows_gemm).
-The packed weight is the only copy kept (the dense int8 codes are released), so the outlier columns
+An int8 weight on a CPU keeps its codes only in the packed layout (int8pass.Int8Weight), so the outlier columns
 W_q[:, O] are read back through the same GEMM: one extra activation row per outlier column, all 128 (zero)
 but a 129 (one) at that column, yields that column of W_q exactly. Decode (M = 1) thus still reads the
 weights once; columns read back are kept for later calls (PackedWeight). Past MAX_ONE_HOT_ROWS new outlier
-columns the packed weight is unpacked instead. Without oneDNN the path falls back to torch._int_mm and a gather of the dense codes.
+columns the packed weight is unpacked instead. Without oneDNN the path falls back to torch._int_mm and a gather
+of the dense codes.
 """
 
 from __future__ import annotations
 
+import itertools
 import threading
+import weakref
 
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
-from int8pass import ops, reference, stats, weights
+import logging
+
+from int8pass import ops, reference, stats
+
+log = logging.getLogger("int8pass")
 
 ZERO_POINT = 128
 # Past this many outlier columns, unpacking the whole weight (~1 GB/s) beats one GEMM row per column.
@@ -30,16 +37,16 @@ _CPU = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") el
 EXACT_U8_GEMM = any(_CPU.get(flag, False) for flag in ("avx512_vnni", "avx_vnni", "amx_int8"))
 
 class PackedWeight:
-    """A weight in oneDNN's packed layout, plus the outlier columns of W_q read back from it so far.
+    """A weight's codes in oneDNN's packed layout, plus the outlier columns of W_q read back from it so far.
 
     W_q[:, k] is a constant of the weight, and emergent features recur in the same dims call after call, so
     each column is extracted once and kept (at most 1/64 of the weight's bytes); no activation statistics are
     carried between calls.
     """
 
-    def __init__(self, weight_q: torch.Tensor):
-        n, k = weight_q.shape
-        self.packed = torch.ops.onednn.qlinear_prepack(weight_q, None)
+    def __init__(self, codes: torch.Tensor):
+        n, k = codes.shape
+        self.packed = torch.ops.onednn.qlinear_prepack(codes, None)
         self.slots: dict[int, int] = {}  # column -> row of `columns`
         self.columns = torch.empty((max(8, k // 64), n), dtype=torch.int8)
         self.lock = threading.Lock()
@@ -56,32 +63,62 @@ class PackedWeight:
                     self.slots[col] = len(self.slots)
 
 
-# dense int8 weight [N, K] -> its packed form; the dense tensor may have had its storage released
-_PACKED: WeakIdKeyDictionary = WeakIdKeyDictionary()
+# oneDNN's packed tensors cannot be inputs of a compiled graph, so a weight packed for oneDNN owns its PackedWeight
+# and carries a handle to it: an int64 [1] tensor holding an id that is never reused. The graph passes the handle;
+# the GEMM finds the codes by its value (so a copy of the handle names the same codes). Weak values: the entry goes
+# when the weight that owns the PackedWeight does.
+_BY_HANDLE: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+_HANDLES = itertools.count(1)
 _PACKING = threading.Lock()
 
 
-def packed_weight(weight_q: torch.Tensor) -> PackedWeight:
+def pack(codes: torch.Tensor, handle: torch.Tensor | None = None) -> tuple[PackedWeight, torch.Tensor]:
+    """`codes` (int8 [N, K], CPU) in oneDNN's layout, registered under `handle` (a new one when None, else the
+    weight's own, which then names the new codes); returns (the PackedWeight, which the weight must own, handle)."""
+    if not ONEDNN:
+        raise RuntimeError("llmint8: this torch has no oneDNN, so int8 weights cannot be packed for it")
+    packed = PackedWeight(codes)
+    if handle is None:
+        handle = torch.tensor([next(_HANDLES)], dtype=torch.int64)
     with _PACKING:
-        packed = _PACKED.get(weight_q)
-        if packed is None:
-            if weight_q.untyped_storage().nbytes() == 0:
-                raise RuntimeError("llmint8: an int8 weight's dense storage was released but it has no packed form")
-            packed = _PACKED[weight_q] = PackedWeight(weight_q)
+        _BY_HANDLE[int(handle)] = packed
+    return packed, handle
+
+
+def packed_by_handle(handle: torch.Tensor) -> PackedWeight:
+    with _PACKING:
+        packed = _BY_HANDLE.get(int(handle))
+    if packed is None:
+        raise RuntimeError(f"llmint8: no oneDNN-packed int8 weight has handle {int(handle)} (the weight that owned it "
+                           "was freed); pack codes with int8pass.Int8Weight")
+    return packed
+
+
+# A weight kept dense (made for a Triton compile) that the CPU GEMM runs: a packed copy, held besides the dense codes
+# and made again when they change in place
+_DENSE_COPIES: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def packed_copy(codes: torch.Tensor) -> PackedWeight:
+    with _PACKING:
+        version, packed = _DENSE_COPIES.get(codes, (None, None))
+        if version != codes._version:
+            log.warning("llmint8: an int8 weight [%d, %d] kept dense is run by the CPU GEMM: keeping a "
+                        "oneDNN-packed copy of its codes besides them", *codes.shape)
+            packed = PackedWeight(codes)
+            _DENSE_COPIES[codes] = (codes._version, packed)
         return packed
 
 
-def prepare_weight(weight_q: torch.Tensor) -> int:
-    """Pack a CPU weight for oneDNN and free the dense codes; returns the bytes freed.
+@torch.library.custom_op("llmint8::onednn_unpack", mutates_args=())
+def onednn_unpack(packed_handle: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:
+    """The dense int8 codes [N, K] of a weight packed for oneDNN (by its handle)."""
+    return packed_by_handle(packed_handle).packed.to_dense().t().contiguous()
 
-    Called at compile time, and again after the codes were re-quantized in place (a changed parameter):
-    dense codes present means (re)pack; none means the packed form is already current.
-    """
-    if weight_q.device.type != "cpu" or not ONEDNN or weight_q.untyped_storage().nbytes() == 0:
-        return 0
-    with _PACKING:
-        _PACKED[weight_q] = PackedWeight(weight_q)
-    return weights.free_storage(weight_q)
+
+@onednn_unpack.register_fake
+def _(packed_handle, out_features, in_features):
+    return packed_handle.new_empty((out_features, in_features), dtype=torch.int8)
 
 
 @torch.library.custom_op("llmint8::onednn_int8_mm", mutates_args=())
@@ -90,17 +127,20 @@ def onednn_int8_mm(
     x: torch.Tensor,
     outlier_indices: torch.Tensor,
     outlier_count: torch.Tensor,
-    weight_q: torch.Tensor,
+    weight_q: torch.Tensor | None,
+    packed_handle: torch.Tensor | None,
+    out_features: int,
     stats_id: int = -1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One GEMM: (float(X_q . W_q^T), X[:, O] . W_q[:, O]^T), both fp32 [M, N].
 
-    x_q_shifted is X_q + 128 as uint8; weight_q is the [N, K] int8 weight whose packed form is used.
+    x_q_shifted is X_q + 128 as uint8. The weight is its packed codes' handle (packed_handle), or its dense codes
+    weight_q [N, K] (which get a packed copy, made once).
     stats_id >= 0 records the outlier columns for that layer (int8pass.stats).
     """
     m, k = x_q_shifted.shape
-    n = weight_q.shape[0]
-    weight = packed_weight(weight_q)
+    n = out_features
+    weight = packed_by_handle(packed_handle) if packed_handle is not None else packed_copy(weight_q)
     cols = outlier_indices[: int(outlier_count.item())].tolist()
     stats.record(stats_id, cols)
     slots = weight.lookup(cols)
@@ -151,19 +191,22 @@ def split_rows_gemm(rows: torch.Tensor, packed: torch.Tensor, n: int) -> torch.T
 
 
 @onednn_int8_mm.register_fake
-def _(x_q_shifted, x, outlier_indices, outlier_count, weight_q, stats_id=-1):
-    shape = (x_q_shifted.shape[0], weight_q.shape[0])
+def _(x_q_shifted, x, outlier_indices, outlier_count, weight_q, packed_handle, out_features, stats_id=-1):
+    shape = (x_q_shifted.shape[0], out_features)
     return x.new_empty(shape, dtype=torch.float32), x.new_empty(shape, dtype=torch.float32)
 
 
-def linear(x, weight_q, weight_scale, bias, threshold, outlier_weight=None, stats_id=-1):
-    """llmint8::linear on CPU: the reference steps, with the matmuls done by oneDNN (or torch._int_mm)."""
-    ops.check_linear_args(x, weight_q, weight_scale, bias)
-    x2d = x.reshape(-1, weight_q.shape[1])
+def linear(x, weight_q, weight_scale, bias, threshold, outlier_weight=None, stats_id=-1, packed_handle=None):
+    """llmint8::linear on CPU: the reference steps, with the matmuls done by oneDNN (or torch._int_mm).
+
+    weight_q is None for a weight whose codes are kept only in oneDNN's layout (packed_handle names them)."""
+    ops.check_linear_args(x, weight_q, weight_scale, bias, packed_handle)
+    x2d = x.reshape(-1, x.shape[-1])
     x_q, s_x, indices, count = reference.quantize_activation(x2d, threshold)
     if ONEDNN:
         shifted = (x_q.float() + ZERO_POINT).to(torch.uint8)  # via fp32: Inductor vectorizes this chain
-        acc, code_outliers = torch.ops.llmint8.onednn_int8_mm(shifted, x2d, indices, count, weight_q, stats_id)
+        acc, code_outliers = torch.ops.llmint8.onednn_int8_mm(
+            shifted, x2d, indices, count, weight_q, packed_handle, weight_scale.shape[0], stats_id)
         outliers = code_outliers * (weight_scale / reference.Q_MAX)
     else:
         # weight_q is [N, K] row-major, so its transpose is the column-major [K, N] operand _int_mm wants
@@ -174,6 +217,6 @@ def linear(x, weight_q, weight_scale, bias, threshold, outlier_weight=None, stat
     return reference.dequantize_output(x, acc, s_x, weight_scale, outliers, bias)
 
 
-# Eager calls of llmint8::linear on CPU use the same kernels (and so work on released dense weights).
+# Eager calls of llmint8::linear on CPU use the same kernels (and so read the packed codes).
 torch.library.register_kernel("llmint8::linear", "cpu", linear)
 

@@ -19,8 +19,10 @@ from int8pass import ops, stats
 from lowering import int8_mm_template, triton_gemm, triton_quantize  # noqa: F401  (registers the lowering)
 
 
-def linear(x, weight_q, weight_scale, bias, threshold, outlier_weight=None, stats_id=-1):
-    ops.check_linear_args(x, weight_q, weight_scale, bias)
+def linear(x, weight_q, weight_scale, bias, threshold, outlier_weight=None, stats_id=-1, packed_handle=None):
+    ops.check_linear_args(x, weight_q, weight_scale, bias, packed_handle)
+    if weight_q is None:  # a CPU weight packed for oneDNN, compiled with cpu_backend="triton": unpacked per call
+        weight_q = torch.ops.llmint8.onednn_unpack(packed_handle, weight_scale.shape[0], x.shape[-1])
     x2d = x.reshape(-1, weight_q.shape[1])
     if stats_id < 0 and statically_known_true(x2d.shape[0] <= triton_gemm.FUSED_MAX_M):
         y = torch.ops.llmint8.fused_linear(x2d, weight_q, weight_scale, bias, threshold, outlier_weight)

@@ -56,12 +56,15 @@ def test_onednn_gemm_is_bit_exact(m, outlier_cols, gemm, monkeypatch):
     x_q, _, indices, count = reference.quantize_activation(x, 6.0)
     assert int(count) == len(outlier_cols)
     shifted = (x_q.to(torch.int16) + 128).to(torch.uint8)
-    torch.library.opcheck(torch.ops.llmint8.onednn_int8_mm.default, (shifted, x, indices, count, w_q))
     ones = torch.full((70,), reference.Q_MAX)  # s_w = 127 makes the reference's outlier scale exactly 1
-    for _ in range(2):  # the second call reads the outlier columns from the packed weight's column cache
-        acc, outliers = torch.ops.llmint8.onednn_int8_mm(shifted, x, indices, count, w_q)
-        assert torch.equal(acc, reference.exact_int_matmul(x_q, w_q).float())
-        assert torch.equal(outliers, reference.outlier_matmul(x, indices, count, w_q, ones))
+    owner, handle = cpu.pack(w_q)  # the PackedWeight lives while `owner` does
+    for weight_q, packed_handle in ((None, handle), (w_q, None)):  # packed codes, or a packed copy of dense ones
+        torch.library.opcheck(torch.ops.llmint8.onednn_int8_mm.default,
+                              (shifted, x, indices, count, weight_q, packed_handle, 70))
+        for _ in range(2):  # the second call reads the outlier columns from the packed weight's column cache
+            acc, outliers = torch.ops.llmint8.onednn_int8_mm(shifted, x, indices, count, weight_q, packed_handle, 70)
+            assert torch.equal(acc, reference.exact_int_matmul(x_q, w_q).float())
+            assert torch.equal(outliers, reference.outlier_matmul(x, indices, count, w_q, ones))
 
 
 def test_int_mm_fallback_without_onednn(monkeypatch):
@@ -74,11 +77,30 @@ def test_int_mm_fallback_without_onednn(monkeypatch):
 
 
 @pytest.mark.skipif(not cpu.ONEDNN, reason="needs oneDNN")
-def test_prepared_weight_runs_from_the_packed_copy_alone():
+def test_packed_weight_runs_from_its_packed_codes_alone():
     x = outlier_activation(5, 64, torch.bfloat16, outlier_cols=[9])
     weight = (torch.randn(16, 64) * 0.1).to(torch.bfloat16)
     w_q, s_w = reference.quantize_weight(weight)
     expected = reference.linear(x, w_q, s_w, None, 6.0)
-    assert cpu.prepare_weight(w_q) == 16 * 64
-    assert w_q.untyped_storage().nbytes() == 0
-    torch.testing.assert_close(torch.ops.llmint8.linear(x, w_q, s_w, None, 6.0), expected, rtol=0, atol=0)
+    packed = int8pass.Int8Weight.from_codes(w_q, s_w, dtype=torch.bfloat16)
+    assert packed.packed and torch.equal(packed.codes, w_q)  # unpacked on demand, bit for bit
+    y = torch.ops.llmint8.linear(x, None, s_w, None, 6.0, None, -1, packed.packed_handle)
+    torch.testing.assert_close(y, expected, rtol=0, atol=0)
+    torch.library.opcheck(torch.ops.llmint8.onednn_unpack.default, (packed.packed_handle, 16, 64))
+    torch.library.opcheck(torch.ops.llmint8.linear.default, (x, None, s_w, None, 6.0, None, -1, packed.packed_handle))
+    handle = packed.packed_handle.clone()
+    del packed
+    with pytest.raises(RuntimeError, match="the weight that owned it was freed"):
+        torch.ops.llmint8.linear(x, None, s_w, None, 6.0, None, -1, handle)
+
+
+@pytest.mark.skipif(not cpu.ONEDNN, reason="needs oneDNN")
+def test_dense_weight_on_the_cpu_gemm_gets_a_packed_copy_once(caplog):
+    x = outlier_activation(5, 64, torch.float32, outlier_cols=[9])
+    w_q, s_w = reference.quantize_weight(torch.randn(16, 64) * 0.1)
+    dense = int8pass.Int8Weight.from_codes(w_q, s_w, dtype=torch.float32, packed=False)
+    with caplog.at_level("WARNING", logger="int8pass"):
+        for _ in range(2):
+            y = torch.ops.llmint8.linear(x, dense.codes, dense.scale, None, 6.0)
+    assert sum("keeping a oneDNN-packed copy" in r.message for r in caplog.records) == 1
+    torch.testing.assert_close(y, reference.linear(x, w_q, s_w, None, 6.0), rtol=0, atol=0)

@@ -1,0 +1,365 @@
+"""Int8Weight: a linear layer's weight as LLM.int8() keeps it, owned by the model like any parameter.
+
+It holds the int8 codes W_q [N, K] (row-major, output channels as rows: bitsandbytes' CB) and the fp32 row absmax
+s_w [N] (bitsandbytes' SCB), and keeps the original weight's shape, dtype and device as its face, so a module whose
+weight is an Int8Weight still works as that module:
+- `F.linear` (and the `mm`/`addmm` it becomes) runs the llmint8 math (`llmint8::linear`);
+- any other read (print, `.sum()`, indexing, an embedding lookup of a tied weight) sees the dequantized values
+  W_q * s_w / 127 in the face dtype, or the original values when they are kept (`original`);
+- in-place writes (`copy_` from `load_state_dict`, `mul_`, ...) re-quantize from the written values, into the same
+  tensors, so compiled graphs (which read the weight as an input on every call) use them;
+- `.to(dtype)` keeps the codes and changes the face dtype; `.to(device)` moves them;
+- `torch.save` / `torch.load` (weights_only included, once int8pass is imported) round-trip it exactly.
+
+On a CPU with oneDNN the codes are kept only in oneDNN's packed layout (the CPU GEMM's operand; a second dense copy
+would double the int8 bytes). oneDNN's packed tensors cannot travel through a compiled graph, so the weight owns its
+packed codes (lowering.cpu.PackedWeight) and carries a handle to them, an int64 [1] tensor that the graph passes to
+the GEMM; `codes` unpacks them on demand.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils import _pytree as pytree
+
+from int8pass import process_memory, reference
+
+aten = torch.ops.aten
+
+# Rows quantized at a time: caps the fp32 temporaries of quantizing one weight at ~16 MB each.
+_QUANTIZE_BLOCK_ELEMENTS = 1 << 22
+
+
+def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """reference.quantize_weight of a [N, K] weight, a block of rows at a time (rows are independent, so the result
+    is bit-identical) so that no whole-weight fp32 temporary is ever allocated."""
+    n, k = weight.shape
+    codes = torch.empty((n, k), dtype=torch.int8, device=weight.device)
+    scale = torch.empty((n,), dtype=torch.float32, device=weight.device)
+    rows = max(1, _QUANTIZE_BLOCK_ELEMENTS // max(1, k))
+    with torch.no_grad():
+        for start in range(0, n, rows):
+            codes[start:start + rows], scale[start:start + rows] = reference.quantize_weight(weight[start:start + rows])
+    return codes, scale
+
+
+def _lowering_cpu():
+    from lowering import cpu  # the packed layout is the CPU kernels' business
+
+    return cpu
+
+
+def packs_by_default(device: torch.device) -> bool:
+    """Whether new weights on `device` keep their codes in oneDNN's packed layout (what the CPU GEMM reads); dense
+    for Triton (CUDA, or a compile with Inductor's cpu_backend="triton")."""
+    import lowering
+
+    return lowering.packs_weights(device)
+
+
+class Int8Weight(torch.Tensor):
+    """The int8 form of a linear weight; see the module docstring.
+
+    codes: int8 [N, K] (the dense layout's inner tensor; unpacked on demand for the packed layout)
+    scale: fp32 [N], the row absmax s_w
+    packed_handle: int64 [1] naming the oneDNN-packed codes (packed layout only; None when dense)
+    original: the floating-point weight, in the face's shape, when kept (`keep_fp_weights`, a weight also read in
+        floating point, `outlier_weights="original"`); None otherwise
+    transposed: the face is W^T [K, N] (GPT-2's Conv1D stores [in, out]); the codes are [N, K] either way
+    threshold: the outlier threshold eager `F.linear` uses (compiled graphs use the backend's option when given)
+    """
+
+    _codes: torch.Tensor | None
+    scale: torch.Tensor
+    packed_handle: torch.Tensor | None
+    original: torch.Tensor | None
+    transposed: bool
+    threshold: float
+
+    @staticmethod
+    def __new__(cls, codes, scale, *, dtype, shape, transposed=False, threshold=6.0, original=None,
+                packed_handle=None, onednn=None):
+        # contiguous face strides: what the floating-point weight it replaces had (Dynamo guards compare them)
+        return torch.Tensor._make_wrapper_subclass(
+            cls, shape, dtype=dtype, device=scale.device, requires_grad=False
+        )
+
+    def __init__(self, codes, scale, *, dtype, shape, transposed=False, threshold=6.0, original=None,
+                 packed_handle=None, onednn=None):
+        self._codes = codes
+        self.scale = scale
+        self.packed_handle = packed_handle
+        self._onednn = onednn  # the packed codes the handle names (owned here; None in traced copies)
+        self.original = original
+        self.transposed = transposed
+        self.threshold = float(threshold)
+
+    # ---- construction -------------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_float(cls, weight: torch.Tensor, *, threshold: float = 6.0, transposed: bool = False,
+                   keep_original: bool = False, packed: bool | None = None) -> "Int8Weight":
+        """Quantize a floating-point weight ([N, K], or [K, N] with transposed=True) row block by row block."""
+        if not weight.dtype.is_floating_point or weight.dim() != 2:
+            raise ValueError(f"Int8Weight.from_float expects a 2-D floating-point weight, got {weight.dtype} {tuple(weight.shape)}")
+        weight = weight.detach()
+        codes, scale = quantize_rows(weight.t() if transposed else weight)
+        if not keep_original:  # read from an mmap'd checkpoint, its pages would stay resident: reclaim them
+            process_memory.page_out(weight)
+        return cls.from_codes(codes, scale, dtype=weight.dtype, transposed=transposed, threshold=threshold,
+                              original=weight if keep_original else None, packed=packed)
+
+    @classmethod
+    def from_codes(cls, codes: torch.Tensor, scale: torch.Tensor, *, dtype: torch.dtype, transposed: bool = False,
+                   threshold: float = 6.0, original: torch.Tensor | None = None,
+                   packed: bool | None = None) -> "Int8Weight":
+        """An Int8Weight from int8 codes [N, K] and fp32 row absmax [N] (bitsandbytes' CB and SCB)."""
+        if codes.dtype != torch.int8 or codes.dim() != 2:
+            raise ValueError(f"Int8Weight codes must be int8 [N, K], got {codes.dtype} {tuple(codes.shape)}")
+        n, k = codes.shape
+        if scale.shape != (n,):
+            raise ValueError(f"Int8Weight scale must have shape ({n},), got {tuple(scale.shape)}")
+        if not dtype.is_floating_point:
+            raise ValueError(f"Int8Weight's dtype must be floating point, got {dtype}")
+        scale = scale.to(torch.float32)
+        shape = (k, n) if transposed else (n, k)
+        if original is not None and tuple(original.shape) != shape:
+            raise ValueError(f"Int8Weight original must have shape {shape}, got {tuple(original.shape)}")
+        if packed is None:
+            packed = packs_by_default(codes.device)
+        if packed:
+            onednn, handle = _lowering_cpu().pack(codes)
+            return cls(None, scale, dtype=dtype, shape=shape, transposed=transposed, threshold=threshold,
+                       original=original, packed_handle=handle, onednn=onednn)
+        return cls(codes.contiguous(), scale, dtype=dtype, shape=shape, transposed=transposed, threshold=threshold,
+                   original=original)
+
+    def _like(self, **changes) -> "Int8Weight":
+        """A new wrapper over the same inner tensors (views, detach), with some attributes changed."""
+        fields = dict(codes=self._codes, scale=self.scale, dtype=self.dtype, transposed=self.transposed,
+                      threshold=self.threshold, original=self.original, packed_handle=self.packed_handle,
+                      onednn=self._onednn)
+        fields.update(changes)
+        n, k = self.out_features, self.in_features
+        shape = (k, n) if fields["transposed"] else (n, k)
+        codes, scale = fields.pop("codes"), fields.pop("scale")
+        return Int8Weight(codes, scale, shape=shape, **fields)
+
+    # ---- what it holds ------------------------------------------------------------------------------------------
+
+    @property
+    def packed(self) -> bool:
+        return self._codes is None
+
+    @property
+    def out_features(self) -> int:
+        return self.scale.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.shape[0] if self.transposed else self.shape[1]
+
+    @property
+    def codes(self) -> torch.Tensor:
+        """int8 [N, K]: the inner tensor, or (packed layout) a dense copy unpacked from oneDNN's layout."""
+        if self._codes is not None:
+            return self._codes
+        return torch.ops.llmint8.onednn_unpack(self.packed_handle, self.out_features, self.in_features)
+
+    @property
+    def int8_nbytes(self) -> int:
+        """Bytes of the codes and scales (the packed layout's padding aside), plus the original when kept."""
+        kept = self.original.numel() * self.original.element_size() if self.original is not None else 0
+        return self.out_features * self.in_features + self.scale.numel() * 4 + kept
+
+    def dequantize(self) -> torch.Tensor:
+        """W^ = W_q * s_w / 127 as a plain tensor of the face's shape and dtype."""
+        w = (self.codes.float() * (self.scale / reference.Q_MAX)[:, None]).to(self.dtype)
+        return w.t() if self.transposed else w
+
+    def values(self) -> torch.Tensor:
+        """What a floating-point read sees: the original weight when kept, else the dequantized one."""
+        return self.original if self.original is not None else self.dequantize()
+
+    def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """x W^T (+ bias) by the llmint8 math, for a weight whose codes' rows are the output channels."""
+        return torch.ops.llmint8.linear(x, self._codes, self.scale, bias, self.threshold, None, -1, self.packed_handle)
+
+    def __repr__(self, *, tensor_contents=None) -> str:
+        kept = ", original kept" if self.original is not None else ""
+        layout = "oneDNN packed" if self.packed else "dense"
+        return (f"Int8Weight(shape={tuple(self.shape)}, dtype={self.dtype}, device={self.device}, "
+                f"threshold={self.threshold}, codes {layout}{kept}, values:\n{self.values()!r})")
+
+    # ---- tracing: the inner tensors and what is static -----------------------------------------------------------
+
+    def __tensor_flatten__(self):
+        names = ["scale", "_codes" if self._codes is not None else "packed_handle"]
+        if self.original is not None:
+            names.append("original")
+        return names, (self.dtype, self.transposed, self.threshold)
+
+    @staticmethod
+    def __tensor_unflatten__(inner, meta, outer_size, outer_stride):
+        dtype, transposed, threshold = meta
+        return Int8Weight(inner.get("_codes"), inner["scale"], dtype=dtype, shape=outer_size, transposed=transposed,
+                          threshold=threshold, original=inner.get("original"), packed_handle=inner.get("packed_handle"))
+
+    # ---- serialization ------------------------------------------------------------------------------------------
+
+    def __reduce_ex__(self, protocol):
+        # dense codes: the packed layout is a property of the machine that loads it, not of the file
+        return (_rebuild, (self.codes, self.scale, self.dtype, self.transposed, self.threshold, self.original))
+
+    def __deepcopy__(self, memo):
+        return _rebuild(self.codes.clone(), self.scale.clone(), self.dtype, self.transposed, self.threshold,
+                        None if self.original is None else self.original.clone())
+
+    # ---- every aten op on it --------------------------------------------------------------------------------------
+
+    __torch_function__ = torch._C._disabled_torch_function_impl
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        handler = _HANDLERS.get(func)
+        if handler is not None:
+            result = handler(*args, **kwargs)
+            if result is not NotImplemented:
+                return result
+        if func._schema.is_mutable:
+            written = _written_arguments(func, args, kwargs)
+            if any(isinstance(arg, Int8Weight) for arg in written):
+                if func in _RESHAPING or not (args and written[0] is args[0]):
+                    raise RuntimeError(f"{func} cannot write into an Int8Weight: it holds int8 codes, not "
+                                       "floating-point storage (in-place ops on the weight itself re-quantize)")
+                return _write(func, args, kwargs)
+        return func(*pytree.tree_map_only(Int8Weight, Int8Weight.values, args),
+                    **pytree.tree_map_only(Int8Weight, Int8Weight.values, kwargs))
+
+    # in-place re-quantization (the target of every write)
+    def requantize_(self, values: torch.Tensor) -> "Int8Weight":
+        """Quantize `values` (the face's shape) into this weight, in place: the codes, scales and kept original
+        keep their tensors, so graphs compiled on this weight read the new values."""
+        values = values.detach()
+        if tuple(values.shape) != tuple(self.shape):
+            raise RuntimeError(f"cannot write a {tuple(values.shape)} tensor into an Int8Weight of shape {tuple(self.shape)}")
+        codes, scale = quantize_rows(values.t() if self.transposed else values)
+        self._store(codes, scale, values)
+        return self
+
+    def _store(self, codes: torch.Tensor, scale: torch.Tensor, values: torch.Tensor | None) -> None:
+        self.scale.copy_(scale)
+        if self._codes is None:  # new packed codes under the same handle
+            self._onednn, _ = _lowering_cpu().pack(codes.to(self.scale.device), self.packed_handle)
+        else:
+            self._codes.copy_(codes)
+        if self.original is not None:
+            self.original.copy_(values if values is not None else self.dequantize())
+
+
+def _rebuild(codes, scale, dtype, transposed, threshold, original):
+    return Int8Weight.from_codes(codes, scale, dtype=dtype, transposed=transposed, threshold=threshold,
+                                 original=original)
+
+
+# torch.load(weights_only=True), the default, accepts only allow-listed globals
+torch.serialization.add_safe_globals([_rebuild])
+
+_RESHAPING = {aten.set_.source_Storage_storage_offset, aten.set_.source_Tensor, aten.set_.default,
+              aten.set_.source_Storage, aten.resize_.default, aten.as_strided_.default, aten.resize_as_.default}
+
+
+def _alias(self, *args, **kwargs):
+    return self._like()
+
+
+def _transpose(self, *dims):
+    return self._like(transposed=not self.transposed)
+
+
+def _transpose_int(self, dim0, dim1):
+    return self._like() if dim0 % 2 == dim1 % 2 else _transpose(self)
+
+
+def _permute(self, dims):
+    return self._like() if [d % 2 for d in dims] == [0, 1] else _transpose(self)
+
+
+def _is_linear_operand(x, weight) -> bool:
+    """x . weight is x W^T for a weight whose codes' rows are the output channels (its face is W^T)."""
+    return isinstance(weight, Int8Weight) and weight.transposed and not isinstance(x, Int8Weight)
+
+
+def _mm(x, weight):
+    return weight.linear(x) if _is_linear_operand(x, weight) else NotImplemented
+
+
+def _addmm(bias, x, weight, *, beta=1, alpha=1):
+    if beta != 1 or alpha != 1 or isinstance(bias, Int8Weight) or bias.shape != (weight.shape[-1],):
+        return NotImplemented
+    return weight.linear(x, bias) if _is_linear_operand(x, weight) else NotImplemented
+
+
+def _to_copy(self, *, dtype=None, device=None, layout=None, pin_memory=None, non_blocking=False, memory_format=None):
+    target_dtype = dtype or self.dtype
+    if not target_dtype.is_floating_point:
+        return NotImplemented  # an integer copy of the values
+    target = torch.device(device) if device is not None else self.device
+    original = None if self.original is None else self.original.to(device=target, dtype=target_dtype)
+    if target == self.device:
+        # a new dtype face over the same codes: the int8 weight now serves activations of that dtype
+        return self._like(dtype=target_dtype, original=original)
+    return Int8Weight.from_codes(self.codes.to(target), self.scale.to(target), dtype=target_dtype,
+                                 transposed=self.transposed, threshold=self.threshold, original=original)
+
+
+def _clone(self, *, memory_format=None):
+    return _rebuild(self.codes.clone(), self.scale.clone(), self.dtype, self.transposed, self.threshold,
+                    None if self.original is None else self.original.clone())
+
+
+def _copy_(self, src, non_blocking=False):
+    if not isinstance(self, Int8Weight):
+        return NotImplemented
+    if isinstance(src, Int8Weight) and src.transposed == self.transposed and tuple(src.shape) == tuple(self.shape):
+        # int8 into int8 (load_state_dict of an int8 checkpoint): the codes as they are
+        values = src.original.to(self.dtype) if self.original is not None and src.original is not None else None
+        self._store(src.codes.to(self.scale.device), src.scale.to(self.scale.device), values)
+        return self
+    return self.requantize_(src.values() if isinstance(src, Int8Weight) else src.to(self.dtype))
+
+
+def _written_arguments(func, args, kwargs) -> list:
+    """The arguments an op writes into, by its schema."""
+    written = []
+    for index, argument in enumerate(func._schema.arguments):
+        if argument.alias_info is not None and argument.alias_info.is_write:
+            if argument.kwarg_only or index >= len(args):
+                written.append(kwargs.get(argument.name))
+            else:
+                written.append(args[index])
+    return written
+
+
+def _write(func, args, kwargs):
+    """An in-place op on the weight: run it on its values, then re-quantize them into the weight."""
+    self = args[0]
+    values = self.values().clone()
+    rest = pytree.tree_map_only(Int8Weight, Int8Weight.values, (args[1:], kwargs))
+    func(values, *rest[0], **rest[1])
+    return self.requantize_(values)
+
+
+_HANDLERS = {
+    aten.detach.default: _alias,
+    aten.alias.default: _alias,
+    aten.t.default: _transpose,
+    aten.transpose.int: _transpose_int,
+    aten.permute.default: _permute,
+    aten.mm.default: _mm,
+    aten.addmm.default: _addmm,
+    aten._to_copy.default: _to_copy,
+    aten.clone.default: _clone,
+    aten.copy_.default: _copy_,
+}

@@ -1,0 +1,141 @@
+"""int8 weights for a plain nn.Module without compiling it: `int8pass.quantize_(model, state_dict=None, **options)`.
+
+- A model in memory: each eligible linear weight becomes an Int8Weight in place, one at a time, so its
+  floating-point storage is freed before the next is quantized.
+- A model built on the meta device plus a state dict (mmap'd safetensors, `torch.load(..., mmap=True)`): every
+  parameter and buffer is taken from the state dict (no copy), and eligible linear weights are quantized straight
+  from it, so the floating-point model never exists in memory.
+Either way the result goes straight into `torch.compile(model, backend="llmint8")`, which uses the int8 weights as
+they are.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from int8pass import dynamo_api, process_memory
+from int8pass.int8_weight import Int8Weight
+from int8pass.options import DEFAULT_THRESHOLD, Options
+from int8pass.reference import MAX_EXACT_K
+from int8pass.report import log
+
+# Options that only mean something to a compile
+COMPILE_ONLY = ("stats", "dump_dir", "inductor")
+
+
+def linear_weight_orientation(module: torch.nn.Module) -> bool | None:
+    """For a linear layer: whether its weight is stored [in, out] (GPT-2's Conv1D) rather than [out, in]
+    (nn.Linear). None for other modules."""
+    if isinstance(module, torch.nn.Linear):
+        return False
+    if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):  # transformers.pytorch_utils.Conv1D
+        return True
+    return None
+
+
+def load_options(options: dict) -> Options:
+    """Options.parse for quantizing outside a compile (compile-only options are refused by name)."""
+    for name in COMPILE_ONLY:
+        if name in options:
+            raise ValueError(f"llmint8 option {name!r} applies to torch.compile, not to quantizing weights")
+    return Options.parse(options)
+
+
+def skip_reason(name: str, module: torch.nn.Module, weight: torch.Tensor, options: Options) -> str:
+    """Why the linear layer `name` keeps its floating-point weight, or "" to quantize it."""
+    if reason := options.skip_reason(name):
+        return reason
+    if weight.dtype not in options.dtypes:
+        return f"weight dtype {weight.dtype} not in option dtypes"
+    if min(weight.shape) < options.min_features:
+        return f"too small: min(N, K) = {min(weight.shape)} < min_features = {options.min_features}"
+    in_features = weight.shape[0] if linear_weight_orientation(module) else weight.shape[1]
+    if in_features > MAX_EXACT_K:
+        return f"K = {in_features} > {MAX_EXACT_K} would overflow the int32 accumulator"
+    return ""
+
+
+def quantize_(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor] | None = None,
+              **options) -> torch.nn.Module:
+    """Give `model`'s linear layers Int8Weights, in place; returns `model`. See the module docstring.
+
+    Options as for the backend: threshold (default 6.0), skip_modules (default: the output heads), min_features,
+    dtypes, keep_fp_weights, outlier_weights.
+    """
+    opts = load_options(options)
+    threshold = opts.threshold if opts.threshold is not None else DEFAULT_THRESHOLD
+    targets = _targets(model, opts, state_dict)
+
+    def int8(weight, target):
+        _, transposed, keep = target
+        return Int8Weight.from_float(weight, threshold=threshold, transposed=transposed, keep_original=keep)
+
+    if state_dict is not None:
+        _assign_from(model, state_dict, lambda old, value: int8(value, targets[id(old)]) if id(old) in targets else value)
+    else:
+        for target in targets.values():
+            dynamo_api.swap_into(target[0], torch.nn.Parameter(int8(target[0], target), requires_grad=False))
+    process_memory.return_freed_heap()
+    log.info("llmint8: quantized %d linear weights of %s", len(targets), type(model).__name__)
+    return model
+
+
+def _targets(model, options: Options, state_dict) -> dict[int, tuple[torch.Tensor, bool, bool]]:
+    """{id(weight): (weight, stored transposed, keep the original)} for the weights to quantize (tied ones once)."""
+    owners: dict[int, list[tuple[str, torch.nn.Module]]] = {}
+    params: dict[int, torch.Tensor] = {}
+    for module_name, module in model.named_modules(remove_duplicate=False):
+        weight = module._parameters.get("weight")
+        if weight is not None:
+            owners.setdefault(id(weight), []).append((module_name, module))
+            params[id(weight)] = weight
+    targets = {}
+    for key, modules in owners.items():
+        linears = [(name, module) for name, module in modules if linear_weight_orientation(module) is not None]
+        if not linears or isinstance(params[key], Int8Weight):
+            continue
+        name, module = linears[0]
+        source = params[key] if state_dict is None else state_dict.get(_join(name, "weight"), params[key])
+        if not source.dtype.is_floating_point or skip_reason(name, module, source, options):
+            continue
+        # read in floating point by something else too (a tied embedding): keep the exact values for it
+        keep = options.keep_fp_weights or options.outlier_weights == "original" or len(linears) < len(modules)
+        targets[key] = (params[key], linear_weight_orientation(module), keep)
+    return targets
+
+
+def _assign_from(model, state_dict, convert) -> None:
+    """Take every parameter and buffer of `model` from `state_dict` (tied tensors stay tied), through
+    `convert(old, value)`."""
+    entries = []
+    values: dict[int, torch.Tensor] = {}
+    for module_name, module in model.named_modules(remove_duplicate=False):
+        for kind in ("_parameters", "_buffers"):
+            for name, old in getattr(module, kind).items():
+                if old is None:
+                    continue
+                key = _join(module_name, name)
+                entries.append((module, kind, name, old, key))
+                if id(old) in values or key not in state_dict:
+                    continue
+                value = state_dict[key]
+                if tuple(value.shape) != tuple(old.shape):
+                    raise ValueError(f"int8pass.quantize_: {key} has shape {tuple(value.shape)} in the state dict, "
+                                     f"{tuple(old.shape)} in the model")
+                value = convert(old, value)
+                if kind == "_parameters":
+                    value = torch.nn.Parameter(value, requires_grad=False)
+                values[id(old)] = value
+    missing = sorted({key for _, _, _, old, key in entries if id(old) not in values and old.is_meta})
+    if missing:
+        raise ValueError(f"int8pass.quantize_: the state dict has no value for {len(missing)} tensors left on the meta "
+                         f"device: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+    for module, kind, name, old, _ in entries:
+        if id(old) in values:
+            getattr(module, kind)[name] = values[id(old)]
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
