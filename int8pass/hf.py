@@ -1,0 +1,238 @@
+"""Hugging Face transformers: load checkpoints straight into int8, save them in the bitsandbytes layout.
+
+- `int8pass.from_pretrained(path, dtype=torch.bfloat16, **options)`: the model class the checkpoint's config names,
+  built on the meta device by transformers, its safetensors shards streamed tensor by tensor, each eligible linear
+  weight quantized as it arrives (the floating-point model never exists in memory). A bitsandbytes LLM.int8()
+  checkpoint (`weight` int8 + `SCB` + `weight_format`) loads as it is.
+- `int8pass.save_pretrained(model, path)`: that bitsandbytes layout, with a config.json whose quantization_config a
+  transformers + bitsandbytes user can load (`load_in_8bit`), so models move both ways.
+- transformers' own convention: `AutoModelForCausalLM.from_pretrained(path, quantization_config=Int8PassConfig())`
+  (registered under quant_method "int8pass" when this module is imported).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+from int8pass import process_memory
+from int8pass.int8_weight import Int8Weight
+from int8pass.options import DEFAULT_THRESHOLD, OUTPUT_HEADS
+from int8pass.quantize import linear_weight_orientation, load_options, skip_reason
+
+try:
+    from transformers import AutoConfig
+    from transformers.core_model_loading import ConversionOps
+    from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
+    from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING
+    from transformers.utils.quantization_config import QuantizationConfigMixin
+except ImportError as error:  # transformers is an optional extra
+    raise ImportError("int8pass.from_pretrained / save_pretrained need transformers (pip install 'int8pass[models]')") from error
+
+QUANT_METHOD = "int8pass"
+# bitsandbytes' serialized row-major layout (bitsandbytes.utils: 0 == "row")
+ROW_MAJOR = 0
+
+
+class Int8PassConfig(QuantizationConfigMixin):
+    """quantization_config for transformers' `from_pretrained`: LLM.int8() weights as int8pass.Int8Weight.
+
+    threshold: outlier threshold; skip_modules: module names (exact, prefix ending in '.', or fnmatch patterns) kept
+    in floating point (default: the output heads); min_features, keep_fp_weights: as the backend's options.
+    """
+
+    def __init__(self, threshold: float = DEFAULT_THRESHOLD, skip_modules: list[str] | None = None,
+                 min_features: int = 0, keep_fp_weights: bool = False, **kwargs):
+        self.quant_method = QUANT_METHOD
+        self.threshold = threshold
+        self.skip_modules = list(OUTPUT_HEADS if skip_modules is None else skip_modules)
+        self.min_features = min_features
+        self.keep_fp_weights = keep_fp_weights
+        self.options = load_options({"threshold": threshold, "skip_modules": self.skip_modules,
+                                     "min_features": min_features, "keep_fp_weights": keep_fp_weights})
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"quant_method": QUANT_METHOD, "threshold": self.threshold, "skip_modules": self.skip_modules,
+                "min_features": self.min_features, "keep_fp_weights": self.keep_fp_weights}
+
+    @classmethod
+    def from_bitsandbytes(cls, config: dict[str, Any]) -> "Int8PassConfig":
+        """Ours for a checkpoint saved by bitsandbytes' LLM.int8() (or by save_pretrained below)."""
+        if not config.get("load_in_8bit"):
+            raise ValueError("int8pass loads bitsandbytes checkpoints saved with load_in_8bit=True (LLM.int8()), "
+                             f"not this one: {config}")
+        skip = config.get("llm_int8_skip_modules")
+        return cls(threshold=config.get("llm_int8_threshold", DEFAULT_THRESHOLD),
+                   skip_modules=list(OUTPUT_HEADS) if skip is None else skip)
+
+    def bitsandbytes_dict(self) -> dict[str, Any]:
+        """The quantization_config transformers + bitsandbytes read (BitsAndBytesConfig(load_in_8bit=True))."""
+        return {"quant_method": "bitsandbytes", "load_in_8bit": True, "load_in_4bit": False,
+                "llm_int8_threshold": self.threshold, "llm_int8_skip_modules": self.skip_modules,
+                "llm_int8_has_fp16_weight": False, "llm_int8_enable_fp32_cpu_offload": False}
+
+
+class QuantizeWeight(ConversionOps):
+    """transformers' loader calls this with each floating-point linear weight as it is read."""
+
+    def __init__(self, hf_quantizer: "Int8PassQuantizer"):
+        self.hf_quantizer = hf_quantizer
+
+    def convert(self, input_dict, model=None, full_layer_name=None, **kwargs):
+        config = self.hf_quantizer.quantization_config
+        result = {}
+        for name, value in input_dict.items():
+            value = value[0] if isinstance(value, list) else value
+            module = model.get_submodule(name.rpartition(".")[0])
+            # a view of the mmap'd file when no cast was needed: read, never written
+            int8 = Int8Weight.from_float(value, threshold=config.threshold,
+                                         transposed=bool(linear_weight_orientation(module)),
+                                         keep_original=config.keep_fp_weights)
+            result[name] = torch.nn.Parameter(int8, requires_grad=False)
+        return result
+
+
+class LoadBitsAndBytesWeight(ConversionOps):
+    """transformers' loader calls this with a bitsandbytes int8 weight's tensors: weight (CB), SCB, weight_format."""
+
+    def __init__(self, hf_quantizer: "Int8PassQuantizer"):
+        self.hf_quantizer = hf_quantizer
+
+    def convert(self, input_dict, model=None, full_layer_name=None, **kwargs):
+        if len(input_dict) == 1:  # a floating-point weight (a skipped module) under the same name pattern
+            return input_dict
+        values = {key: value[0] if isinstance(value, list) else value for key, value in input_dict.items()}
+        layout = values.get("weight_format")
+        if layout is not None and int(layout) != ROW_MAJOR:
+            raise ValueError(f"{full_layer_name}: bitsandbytes weight_format {int(layout)} is not row-major; "
+                             "only row-major int8 checkpoints load")
+        module = model.get_submodule(full_layer_name.rpartition(".")[0])
+        placeholder = model.get_parameter_or_buffer(full_layer_name)  # on the meta device, in the load dtype
+        int8 = Int8Weight.from_codes(values["weight"], values["SCB"], dtype=self.hf_quantizer.dtype or placeholder.dtype,
+                                     transposed=bool(linear_weight_orientation(module)),
+                                     threshold=self.hf_quantizer.quantization_config.threshold)
+        return {"weight": torch.nn.Parameter(int8, requires_grad=False)}
+
+
+class Int8PassQuantizer(HfQuantizer):
+    """Loads linear weights as int8pass.Int8Weight: quantized on the fly from floating-point checkpoints, as they
+    are from bitsandbytes int8 ones. Saves the bitsandbytes layout."""
+
+    requires_calibration = False
+    serialized_names = {"weight": ["weight", "SCB", "weight_format"]}
+
+    def __init__(self, quantization_config, **kwargs):
+        super().__init__(quantization_config, **kwargs)
+        self.dtype = None
+
+    def update_dtype(self, dtype):
+        self.dtype = dtype
+        return dtype
+
+    def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
+        module_name, _, name = param_name.rpartition(".")
+        module = model.get_submodule(module_name)
+        if name != "weight" or linear_weight_orientation(module) is None:
+            return False
+        weight = module.weight
+        return not skip_reason(module_name, module, weight, self.quantization_config.options)
+
+    def get_quantize_ops(self):
+        return QuantizeWeight(self)
+
+    def get_load_operations(self):
+        return {"deserialize": LoadBitsAndBytesWeight}
+
+    def _process_model_after_weight_loading(self, model, **kwargs):
+        # what save_pretrained writes: the bitsandbytes layout and config
+        model.config.quantization_config = self.quantization_config.bitsandbytes_dict()
+        process_memory.return_freed_heap()  # weights cast to the load dtype, then quantized and freed
+        return model
+
+    def get_state_dict_and_metadata(self, model):
+        return bitsandbytes_state_dict(model), {}
+
+    def is_serializable(self, safe_serialization=None):
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        return False
+
+
+def bitsandbytes_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """model.state_dict() with each Int8Weight as bitsandbytes writes it: `weight` int8 [N, K], `SCB` fp32 [N],
+    `weight_format` uint8 0 (row-major)."""
+    state = {}
+    for key, value in model.state_dict().items():
+        if isinstance(value, Int8Weight):
+            prefix = key.rpartition(".")[0]
+            state[key] = value.codes
+            state[f"{prefix}.SCB"] = value.scale
+            state[f"{prefix}.weight_format"] = torch.tensor(ROW_MAJOR, dtype=torch.uint8)
+        else:
+            state[key] = value
+    return state
+
+
+if QUANT_METHOD not in AUTO_QUANTIZER_MAPPING:  # registration is global and refuses a second time
+    register_quantization_config(QUANT_METHOD)(Int8PassConfig)
+    register_quantizer(QUANT_METHOD)(Int8PassQuantizer)
+
+
+def from_pretrained(path: str | os.PathLike, dtype: torch.dtype = torch.bfloat16, **options):
+    """A transformers model from a checkpoint folder, with its eligible linear weights as Int8Weights.
+
+    Options: threshold, skip_modules, min_features, keep_fp_weights (as the backend's). Other keyword arguments
+    go to transformers' from_pretrained (e.g. `revision`, `attn_implementation`).
+    """
+    import transformers
+
+    option_names = ("threshold", "skip_modules", "min_features", "keep_fp_weights")
+    quantization = {name: options.pop(name) for name in option_names if name in options}
+    config = AutoConfig.from_pretrained(path)
+    saved = getattr(config, "quantization_config", None)
+    if saved is not None:
+        saved = saved if isinstance(saved, dict) else saved.to_dict()
+        if saved.get("quant_method") == "bitsandbytes":
+            base = Int8PassConfig.from_bitsandbytes(saved).to_dict()
+        elif saved.get("quant_method") == QUANT_METHOD:
+            base = saved
+        else:
+            raise ValueError(f"{path} is quantized with {saved.get('quant_method')!r}; int8pass loads floating-point "
+                             "and bitsandbytes LLM.int8() checkpoints")
+        config.quantization_config = {**base, **quantization, "quant_method": QUANT_METHOD}
+        quantization_config = None
+    else:
+        quantization_config = Int8PassConfig(**quantization)
+    architectures = getattr(config, "architectures", None) or []
+    model_class = next((getattr(transformers, name) for name in architectures if hasattr(transformers, name)), None)
+    if model_class is None:
+        raise ValueError(f"{path}: its config names no transformers model class ({architectures})")
+    return model_class.from_pretrained(path, config=config, dtype=dtype, quantization_config=quantization_config,
+                                       **options)
+
+
+def save_pretrained(model, path: str | os.PathLike, **kwargs) -> None:
+    """Save a transformers model whose linear weights are Int8Weights (loaded by from_pretrained, or converted by
+    torch.compile(model, backend="llmint8")) in the bitsandbytes LLM.int8() layout. Keyword arguments go to
+    transformers' save_pretrained (e.g. `max_shard_size`)."""
+    int8 = {key: value for key, value in model.state_dict().items() if isinstance(value, Int8Weight)}
+    if not int8:
+        raise ValueError("int8pass.save_pretrained: the model has no int8 weights; use model.save_pretrained")
+    thresholds = {value.threshold for value in int8.values()}
+    skipped = sorted({name for name, module in model.named_modules()
+                      if linear_weight_orientation(module) is not None and not isinstance(module.weight, Int8Weight)})
+    config = Int8PassConfig(threshold=thresholds.pop() if len(thresholds) == 1 else DEFAULT_THRESHOLD,
+                            skip_modules=skipped)
+    previous = getattr(model.config, "quantization_config", None)
+    model.config.quantization_config = config.bitsandbytes_dict()
+    try:
+        model.save_pretrained(path, state_dict=bitsandbytes_state_dict(model), **kwargs)
+    finally:
+        if previous is None:
+            del model.config.quantization_config
+        else:
+            model.config.quantization_config = previous
