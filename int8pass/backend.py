@@ -31,11 +31,11 @@ def llmint8(gm: torch.fx.GraphModule, example_inputs, *, options: dict[str, Any]
     before = inspect.readable(gm) if opts.dump_dir else ""
     with torch._inductor.config.patch(config_patches):  # new int8 weights take the layout this compile reads
         fx_pass.rewrite_linears(gm, example_inputs, opts, report)
-    if report.released_bytes:
-        process_memory.return_freed_heap()  # the floating-point weights just freed
     if opts.dump_dir:
         config_patches.update(inspect.inductor_trace_patches(opts.dump_dir, report))
     compiled = compile_fx(gm, example_inputs, config_patches=config_patches, decompositions=lowering.decompositions())
+    if report.released_bytes:
+        process_memory.return_freed_heap()  # what quantizing and compiling freed, floating-point weights included
     if opts.dump_dir:
         log.info("llmint8 graph %d dumped to %s", report.graph_id,
                  inspect.write_dump(opts.dump_dir, report, before, inspect.readable(gm)))

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from int8pass import dynamo_api, stats
-from int8pass.int8_weight import Int8Weight
+from int8pass import dynamo_api, process_memory, stats
+from int8pass.int8_weight import Int8Weight, all_finite
 from int8pass.options import DEFAULT_THRESHOLD, Options
 from int8pass.reference import MAX_EXACT_K
 from int8pass.report import CompileReport, LayerRecord, log
@@ -264,6 +264,7 @@ def _quantize_in_place(node: fx.Node, weight: torch.Tensor, transposed: bool, ke
     freed = 0 if keep else weight.numel() * weight.element_size()
     dynamo_api.swap_into(weight, replacement)
     del replacement  # the floating-point tensor, now; freed here unless something else holds it
+    process_memory.return_freed_heap()  # and the quantization's temporaries: the next weight must not add to them
     fake = dynamo_api.fake_of(weight)
     if fake is not None and "example_value" in node.meta:
         node.meta["example_value"] = fake
@@ -299,7 +300,7 @@ def _skip_reason(match: LinearMatch, param: torch.Tensor | None, record: LayerRe
     if isinstance(param, Int8Weight):
         if not bool(torch.isfinite(param.scale).all()):
             return "int8 weight has a non-finite scale"
-    elif not bool(torch.isfinite(param.detach()).all()):
+    elif not all_finite(param):
         return "weight holds NaN or Inf"
     return ""
 

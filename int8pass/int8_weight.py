@@ -26,8 +26,8 @@ from int8pass import process_memory, reference
 
 aten = torch.ops.aten
 
-# Rows quantized at a time: caps the fp32 temporaries of quantizing one weight at ~16 MB each.
-_QUANTIZE_BLOCK_ELEMENTS = 1 << 22
+# Rows quantized at a time: caps the fp32 temporaries of quantizing one weight at ~4 MB each.
+_QUANTIZE_BLOCK_ELEMENTS = 1 << 20
 
 
 def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -41,6 +41,12 @@ def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         for start in range(0, n, rows):
             codes[start:start + rows], scale[start:start + rows] = reference.quantize_weight(weight[start:start + rows])
     return codes, scale
+
+
+def all_finite(weight: torch.Tensor) -> bool:
+    """No NaN or Inf in a 2-D weight, checked a block of rows at a time (no whole-weight temporaries either)."""
+    rows = max(1, _QUANTIZE_BLOCK_ELEMENTS // max(1, weight.shape[-1]))
+    return all(bool(torch.isfinite(block).all()) for block in weight.detach().split(rows))
 
 
 def _lowering_cpu():
