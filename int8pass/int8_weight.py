@@ -243,6 +243,19 @@ class Int8Weight(torch.Tensor):
         return func(*pytree.tree_map_only(Int8Weight, Int8Weight.values, args),
                     **pytree.tree_map_only(Int8Weight, Int8Weight.values, kwargs))
 
+    # `param.data = t` swaps storage under a plain tensor; an Int8Weight has none, so it takes t's values instead
+    @property
+    def data(self) -> "Int8Weight":
+        return self._like()
+
+    @data.setter
+    def data(self, value: torch.Tensor) -> None:
+        if tuple(value.shape) != tuple(self.shape) or value.dtype != self.dtype:
+            raise RuntimeError(f"cannot set .data of an Int8Weight {tuple(self.shape)} {self.dtype} to a tensor "
+                               f"{tuple(value.shape)} {value.dtype}: assign a new parameter, or .to() it first")
+        with torch.no_grad():
+            self.copy_(value)
+
     # in-place re-quantization (the target of every write)
     def requantize_(self, values: torch.Tensor) -> "Int8Weight":
         """Quantize `values` (the face's shape) into this weight, in place: the codes, scales and kept original
