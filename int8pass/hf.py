@@ -115,6 +115,18 @@ class LoadBitsAndBytesWeight(ConversionOps):
                                      threshold=self.hf_quantizer.quantization_config.threshold)
         return {"weight": torch.nn.Parameter(int8, requires_grad=False)}
 
+    @property
+    def reverse_op(self) -> ConversionOps:
+        return KeepBitsAndBytesLayout()
+
+
+class KeepBitsAndBytesLayout(ConversionOps):
+    """The reverse of LoadBitsAndBytesWeight when transformers saves: the quantizer's state dict (below) already is
+    the bitsandbytes layout."""
+
+    def convert(self, input_dict, **kwargs):
+        return input_dict
+
 
 class Int8PassQuantizer(HfQuantizer):
     """Loads linear weights as int8pass.Int8Weight: quantized on the fly from floating-point checkpoints, as they
@@ -168,10 +180,10 @@ def bitsandbytes_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     state = {}
     for key, value in model.state_dict().items():
         if isinstance(value, Int8Weight):
-            prefix = key.rpartition(".")[0]
+            prefix = key[: -len("weight")]  # "model.layers.0.mlp.up_proj." (or "" for a bare linear)
             state[key] = value.codes
-            state[f"{prefix}.SCB"] = value.scale
-            state[f"{prefix}.weight_format"] = torch.tensor(ROW_MAJOR, dtype=torch.uint8)
+            state[prefix + "SCB"] = value.scale
+            state[prefix + "weight_format"] = torch.tensor(ROW_MAJOR, dtype=torch.uint8)
         else:
             state[key] = value
     return state
