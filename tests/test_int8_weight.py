@@ -1,0 +1,122 @@
+"""Int8Weight on its own: the codes match the reference bit for bit, and every use of the tensor works."""
+
+import copy
+import io
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import int8pass
+from int8pass import int8_weight, reference
+from int8pass.int8_weight import Int8Weight
+from lowering import cpu
+from tests.helpers import assert_close_to_reference, outlier_activation
+
+LAYOUTS = ["dense", "packed"] if cpu.ONEDNN else ["dense"]
+
+
+def make(n=24, k=40, dtype=torch.bfloat16, layout="dense", seed=0, **kwargs):
+    g = torch.Generator().manual_seed(seed)
+    weight = (torch.randn(n, k, generator=g) * 0.05).to(dtype)
+    return weight, Int8Weight.from_float(weight, packed=layout == "packed", **kwargs)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("transposed", [False, True])
+def test_codes_and_scales_are_the_reference_bit_for_bit(layout, transposed, monkeypatch):
+    monkeypatch.setattr(int8_weight, "_QUANTIZE_BLOCK_ELEMENTS", 3 * 40)  # several row blocks
+    weight, w = make(layout=layout)
+    stored = weight.t().contiguous() if transposed else weight
+    w = Int8Weight.from_float(stored, transposed=transposed, packed=layout == "packed")
+    want_codes, want_scale = reference.quantize_weight(weight)
+    assert torch.equal(w.codes, want_codes) and torch.equal(w.scale, want_scale)
+    assert w.shape == stored.shape and w.dtype == torch.bfloat16 and not w.requires_grad
+    assert w.packed == (layout == "packed") and w.out_features == 24 and w.in_features == 40
+    assert torch.equal(w.dequantize(), ((want_codes.float() * (want_scale / 127)[:, None]).to(torch.bfloat16).t()
+                                        if transposed else (want_codes.float() * (want_scale / 127)[:, None]).to(torch.bfloat16)))
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("shape", [(5, 40), (2, 3, 40), (1, 40)])
+def test_eager_linear_runs_the_llmint8_math(layout, shape):
+    weight, w = make(layout=layout)
+    bias = torch.randn(24).to(torch.bfloat16)
+    x = outlier_activation(shape[0] * (shape[1] if len(shape) == 3 else 1), 40, torch.bfloat16, outlier_cols=[3]).reshape(shape)
+    w_q, s_w = reference.quantize_weight(weight)
+    assert_close_to_reference(F.linear(x, w), x, w_q, s_w, None, 6.0)
+    if len(shape) == 2:  # addmm: the bias inside the llmint8 epilogue
+        assert_close_to_reference(F.linear(x, w, bias), x, w_q, s_w, bias, 6.0)
+    # GPT-2's Conv1D: the weight stored [in, out], y = addmm(b, x, W)
+    conv = Int8Weight.from_float(weight.t().contiguous(), transposed=True, packed=layout == "packed")
+    assert_close_to_reference(torch.addmm(bias, x.reshape(-1, 40), conv), x.reshape(-1, 40), w_q, s_w, bias, 6.0)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_reads_see_dequantized_values_or_the_kept_original(layout):
+    weight, w = make(layout=layout)
+    dequantized = w.dequantize()
+    assert torch.equal(w.sum(), dequantized.sum()) and torch.equal(w[3], dequantized[3])
+    assert type(w.view(-1)) is torch.Tensor and torch.equal(w.view(-1), dequantized.view(-1))
+    # a new face dtype over the same codes: the values are dequantized in it
+    fp32 = w.codes.float() * (w.scale / 127)[:, None]
+    assert w.float().dtype == torch.float32 and torch.equal(w.float().sum(), fp32.sum())
+    assert type(w.int()) is torch.Tensor
+    assert "Int8Weight(shape=(24, 40)" in repr(w) and "Int8Weight" in repr(torch.nn.Parameter(w, requires_grad=False))
+    assert torch.equal(F.embedding(torch.tensor([1, 5]), w), dequantized[[1, 5]])
+    _, kept = make(layout=layout, keep_original=True)
+    assert torch.equal(kept.sum(), weight.sum()) and torch.equal(F.embedding(torch.tensor([2]), kept), weight[[2]])
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_in_place_writes_requantize_into_the_same_tensors(layout):
+    weight, w = make(layout=layout)
+    scale, handle = w.scale, w.packed_handle
+    w.mul_(2)
+    assert torch.equal(w.codes, reference.quantize_weight(w.dequantize())[0])
+    new = torch.randn(24, 40).to(torch.bfloat16)
+    w.copy_(new)
+    want_codes, want_scale = reference.quantize_weight(new)
+    assert torch.equal(w.codes, want_codes) and torch.equal(w.scale, want_scale)
+    assert w.scale is scale and w.packed_handle is handle  # compiled graphs read these same tensors
+    other = Int8Weight.from_float(weight)
+    w.copy_(other)  # int8 into int8: the codes as they are
+    assert torch.equal(w.codes, other.codes) and torch.equal(w.scale, other.scale)
+    with pytest.raises(RuntimeError, match="cannot write into an Int8Weight"):
+        w.resize_(3, 3)
+    with pytest.raises(RuntimeError, match="cannot write into an Int8Weight"):
+        torch.add(torch.ones(24, 40), 1, out=w)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_copies_moves_and_serialization_round_trip(layout, tmp_path):
+    weight, w = make(layout=layout, threshold=4.0)
+    half = w.to(torch.float16)
+    assert isinstance(half, Int8Weight) and half.dtype == torch.float16 and torch.equal(half.codes, w.codes)
+    for twin in (copy.deepcopy(w), w.clone()):
+        assert torch.equal(twin.codes, w.codes) and twin.scale is not w.scale and twin.threshold == 4.0
+        twin.mul_(0)
+        assert w.codes.abs().sum() > 0  # independent of the original
+    buffer = io.BytesIO()
+    torch.save({"w": w}, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer)["w"]  # weights_only=True, the default
+    assert isinstance(loaded, Int8Weight) and torch.equal(loaded.codes, w.codes) and torch.equal(loaded.scale, w.scale)
+    assert loaded.dtype == w.dtype and loaded.threshold == 4.0 and loaded.packed == cpu.ONEDNN
+
+
+def test_module_state_dict_round_trips_and_loads_fp_weights():
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(40, 24).to(torch.bfloat16)
+    int8pass.quantize_(linear)
+    assert isinstance(linear.weight, Int8Weight) and isinstance(linear.weight, torch.nn.Parameter)
+    x = outlier_activation(4, 40, torch.bfloat16)
+    y = linear(x)
+    state = linear.state_dict()
+    fresh = torch.nn.Linear(40, 24).to(torch.bfloat16)
+    fresh.load_state_dict(state, assign=True)
+    assert isinstance(fresh.weight, Int8Weight) and torch.equal(fresh(x), y)
+    # an fp state dict into int8 weights: re-quantized
+    fp = torch.nn.Linear(40, 24).to(torch.bfloat16)
+    linear.load_state_dict(fp.state_dict())
+    assert torch.equal(linear.weight.codes, reference.quantize_weight(fp.weight.detach())[0])
