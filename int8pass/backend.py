@@ -35,7 +35,7 @@ def llmint8(gm: torch.fx.GraphModule, example_inputs, *, options: dict[str, Any]
         config_patches.update(inspect.inductor_trace_patches(opts.dump_dir, report))
     compiled = compile_fx(gm, example_inputs, config_patches=config_patches, decompositions=lowering.decompositions())
     if report.released_bytes:
-        process_memory.return_freed_heap()  # what quantizing and compiling freed, floating-point weights included
+        process_memory.settle()  # what quantizing and compiling freed, floating-point weights included
     if opts.dump_dir:
         log.info("llmint8 graph %d dumped to %s", report.graph_id,
                  inspect.write_dump(opts.dump_dir, report, before, inspect.readable(gm)))

@@ -91,6 +91,7 @@ class QuantizeWeight(ConversionOps):
                                          transposed=bool(linear_weight_orientation(module)),
                                          keep_original=config.keep_fp_weights)
             result[name] = torch.nn.Parameter(int8, requires_grad=False)
+        process_memory.return_freed_heap()  # the quantization's temporaries: the next weight must not add to them
         return result
 
 
@@ -160,7 +161,7 @@ class Int8PassQuantizer(HfQuantizer):
     def _process_model_after_weight_loading(self, model, **kwargs):
         # what save_pretrained writes: the bitsandbytes layout and config
         model.config.quantization_config = self.quantization_config.bitsandbytes_dict()
-        process_memory.return_freed_heap()  # weights cast to the load dtype, then quantized and freed
+        process_memory.settle()  # weights cast to the load dtype, then quantized and freed
         return model
 
     def get_state_dict_and_metadata(self, model):

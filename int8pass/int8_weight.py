@@ -218,8 +218,7 @@ class Int8Weight(torch.Tensor):
         return (_rebuild, (self.codes, self.scale, self.dtype, self.transposed, self.threshold, self.original))
 
     def __deepcopy__(self, memo):
-        return _rebuild(self.codes.clone(), self.scale.clone(), self.dtype, self.transposed, self.threshold,
-                        None if self.original is None else self.original.clone())
+        return _copy(self)
 
     # ---- every aten op on it --------------------------------------------------------------------------------------
 
@@ -320,22 +319,24 @@ def _addmm(bias, x, weight, *, beta=1, alpha=1):
     return weight.linear(x, bias) if _is_linear_operand(x, weight) else NotImplemented
 
 
-def _to_copy(self, *, dtype=None, device=None, layout=None, pin_memory=None, non_blocking=False, memory_format=None):
-    target_dtype = dtype or self.dtype
-    if not target_dtype.is_floating_point:
-        return NotImplemented  # an integer copy of the values
-    target = torch.device(device) if device is not None else self.device
-    original = None if self.original is None else self.original.to(device=target, dtype=target_dtype)
-    if target == self.device:
-        # a new dtype face over the same codes: the int8 weight now serves activations of that dtype
-        return self._like(dtype=target_dtype, original=original)
-    return Int8Weight.from_codes(self.codes.to(target), self.scale.to(target), dtype=target_dtype,
+def _copy(self, device: torch.device | None = None, dtype: torch.dtype | None = None) -> "Int8Weight":
+    """A new weight with its own copies of the codes and scales, on `device`, facing `dtype` (the same codes serve
+    activations of another floating dtype), in the layout that device takes."""
+    device = self.device if device is None else torch.device(device)
+    dtype = dtype or self.dtype
+    original = None if self.original is None else self.original.to(device=device, dtype=dtype, copy=True)
+    return Int8Weight.from_codes(self.codes.to(device, copy=True), self.scale.to(device, copy=True), dtype=dtype,
                                  transposed=self.transposed, threshold=self.threshold, original=original)
 
 
+def _to_copy(self, *, dtype=None, device=None, layout=None, pin_memory=None, non_blocking=False, memory_format=None):
+    if dtype is not None and not dtype.is_floating_point:
+        return NotImplemented  # an integer copy of the values
+    return _copy(self, device, dtype)
+
+
 def _clone(self, *, memory_format=None):
-    return _rebuild(self.codes.clone(), self.scale.clone(), self.dtype, self.transposed, self.threshold,
-                    None if self.original is None else self.original.clone())
+    return _copy(self)
 
 
 def _copy_(self, src, non_blocking=False):

@@ -2,11 +2,13 @@
 shows) drops by what int8 saves, without the user calling malloc_trim.
 
 Two things keep freed weights in RSS on Linux:
-- glibc keeps freed heap memory in its arenas: `return_freed_heap` calls malloc_trim(0). And freeing a large
-  allocation raises glibc's dynamic mmap threshold to its size (up to 32 MiB), after which every smaller allocation
-  comes from the heap and stays resident after it is freed: freeing the weights would leave each call's temporaries
-  in RSS for good (~45 MiB measured on 8 linears). So the first time int8pass frees weights, it pins the threshold
-  at glibc's initial 128 KiB (large allocations are mmap'd and given back on free, as in a fresh process);
+- glibc keeps freed heap memory in its arenas. `return_freed_heap` (malloc_trim(0)) runs after each weight is
+  quantized, so one weight's temporaries are gone before the next one's are made. And freeing a large allocation
+  raises glibc's dynamic mmap threshold to its size (up to 32 MiB), after which every smaller allocation comes from
+  the heap and stays resident after it is freed: once the weights are converted, the temporaries of every later
+  call would stay in RSS (~45 MiB measured on 8 linears). `settle` therefore also pins the threshold at glibc's
+  initial 128 KiB (large allocations are mmap'd and given back on free, as in a fresh process). Not before: while
+  quantizing, that would mmap every block temporary (loading took twice as long);
 - a weight read from an mmap'd checkpoint (safetensors) is a view of a mapping that other tensors of the same file
   keep alive, so its pages stay resident after the weight is gone: `page_out` asks the kernel to reclaim them
   (MADV_PAGEOUT: clean file pages are dropped and re-read from the file if touched again; nothing is lost).
@@ -44,17 +46,21 @@ M_MMAP_THRESHOLD = -3  # malloc.h
 GLIBC_INITIAL_MMAP_THRESHOLD = 128 * 1024
 
 
-def return_freed_heap() -> None:
-    """After freeing weights: keep glibc's mmap threshold where it started, and return free heap pages to the OS."""
-    if _LIBC is None or not hasattr(_LIBC, "malloc_trim"):
-        return
-    global _PINNED
-    if not _PINNED:
-        _PINNED = bool(_LIBC.mallopt(M_MMAP_THRESHOLD, GLIBC_INITIAL_MMAP_THRESHOLD))
-    _LIBC.malloc_trim(0)
-
-
 _PINNED = False
+
+
+def return_freed_heap() -> None:
+    """glibc's malloc_trim(0): return free heap pages to the OS."""
+    if _LIBC is not None and hasattr(_LIBC, "malloc_trim"):
+        _LIBC.malloc_trim(0)
+
+
+def settle() -> None:
+    """After converting weights: pin glibc's mmap threshold where it starts (once per process), return free heap."""
+    global _PINNED
+    if not _PINNED and _LIBC is not None and hasattr(_LIBC, "mallopt"):
+        _PINNED = bool(_LIBC.mallopt(M_MMAP_THRESHOLD, GLIBC_INITIAL_MMAP_THRESHOLD))
+    return_freed_heap()
 
 
 def _file_mappings() -> list[tuple[int, int]]:

@@ -77,7 +77,8 @@ def quantize_(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor] | N
     else:
         for target in targets.values():
             dynamo_api.swap_into(target[0], torch.nn.Parameter(int8(target[0], target), requires_grad=False))
-    process_memory.return_freed_heap()
+            process_memory.return_freed_heap()
+    process_memory.settle()
     log.info("llmint8: quantized %d linear weights of %s", len(targets), type(model).__name__)
     return model
 
