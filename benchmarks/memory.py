@@ -1,18 +1,19 @@
 """Process memory as `ps` shows it (RSS), loading a bf16 Llama checkpoint from disk and running it, per variant.
 
-    python benchmarks/memory.py                      # 12 layers, d=2048 (1.1 GiB bf16): all variants
+    python benchmarks/memory.py                      # 12 layers, d=2048, vocab 8000 (1.1 GiB bf16): all variants
     python benchmarks/memory.py --layers 2 --hidden 256 --ffn 512 --vocab 1000 --variants bf16,int8pass
 
-Writes a random-weight Llama-architecture checkpoint with save_pretrained (sharded safetensors; RMSNorm gains x25
-in 3 dims give the emergent outlier features LLM.int8() is about), then runs each variant in its own process:
+Writes a random-weight Llama-architecture checkpoint (sharded safetensors, benchmarks/llama_checkpoint.py: RMSNorm
+gains x25 in 3 dims give the emergent outlier features LLM.int8() is about), then runs each variant in its own process:
 imports and a warm-up compile of a tiny model first (so Inductor's own start-up is in the baseline), then the
 baseline RSS, then load, compile where the variant compiles, a 64-token prefill and 8 greedy decode steps.
-Reported per variant: RSS growth over the baseline when loaded and at the end (steady), the peak growth (VmHWM, reset
-at the baseline), load and compile seconds, all as ratios of bf16 eager's steady growth from the same run. No
-malloc_trim or any other help from the measuring side.
+Reported per variant: RSS growth over the baseline when loaded, its peak while loading, at the end (steady) and its
+peak over the whole run (VmHWM, reset at the baseline), with load and compile seconds; steady and peak also as ratios
+of bf16 eager's steady growth from the same run. No malloc_trim or any other help from the measuring side.
 
 Variants:
   bf16                 transformers from_pretrained(dtype=bf16), eager
+  bf16-inductor        the same model, then torch.compile(model.forward) (Inductor's own compiled state)
   llmint8              the same model, then torch.compile(model.forward, backend="llmint8")
   int8pass             int8pass.from_pretrained(path) (int8 while loading), then the same compile
   int8pass-eager       int8pass.from_pretrained(path), eager (no compile)
@@ -31,8 +32,11 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import llama_checkpoint  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
-VARIANTS = ("bf16", "llmint8", "int8pass", "int8pass-eager", "bitsandbytes")
+VARIANTS = ("bf16", "bf16-inductor", "llmint8", "int8pass", "int8pass-eager", "bitsandbytes")
 
 
 def rss_mib() -> float:
@@ -51,29 +55,6 @@ def reset_peak() -> None:
         f.write("5")
 
 
-def write_checkpoint(path: Path, layers: int, hidden: int, ffn: int, vocab: int, shard: str) -> None:
-    import torch
-    import transformers
-
-    if (path / "config.json").exists():
-        return
-    config = transformers.LlamaConfig(num_hidden_layers=layers, hidden_size=hidden, intermediate_size=ffn,
-                                      num_attention_heads=max(1, hidden // 128), num_key_value_heads=max(1, hidden // 512),
-                                      vocab_size=vocab, max_position_embeddings=2048, tie_word_embeddings=False)
-    torch.manual_seed(0)
-    with torch.device("meta"):
-        model = transformers.LlamaForCausalLM(config)
-    model = model.to_empty(device="cpu").to(torch.bfloat16)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("norm.weight"):
-                param.fill_(1.0)
-                param[[7, hidden // 3, hidden // 2]] = 25.0  # emergent features: a few dims ~25x larger
-            else:
-                param.normal_(0.0, 0.02)
-    model.save_pretrained(path, max_shard_size=shard)
-
-
 def run_variant(variant: str, checkpoint: str, tokens: int, steps: int) -> dict:
     import torch
     import transformers
@@ -87,7 +68,7 @@ def run_variant(variant: str, checkpoint: str, tokens: int, steps: int) -> dict:
     baseline = rss_mib()
     reset_peak()
     started = time.perf_counter()
-    if variant in ("bf16", "llmint8"):
+    if variant in ("bf16", "bf16-inductor", "llmint8"):
         model = transformers.AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.bfloat16)
     elif variant in ("int8pass", "int8pass-eager"):
         model = int8pass.from_pretrained(checkpoint, dtype=torch.bfloat16)
@@ -99,12 +80,13 @@ def run_variant(variant: str, checkpoint: str, tokens: int, steps: int) -> dict:
         raise ValueError(variant)
     model.eval()
     load_s = time.perf_counter() - started
-    loaded = rss_mib() - baseline
+    loaded, load_peak = rss_mib() - baseline, peak_mib() - baseline
     ids = torch.randint(0, model.config.vocab_size, (1, tokens), generator=torch.Generator().manual_seed(0))
     compile_s = 0.0
     with torch.no_grad():
-        if variant in ("llmint8", "int8pass"):
-            model.forward = torch.compile(model.forward, backend="llmint8")
+        if variant in ("bf16-inductor", "llmint8", "int8pass"):
+            backend = "inductor" if variant == "bf16-inductor" else "llmint8"
+            model.forward = torch.compile(model.forward, backend=backend)
             started = time.perf_counter()
             model(ids)  # the first call compiles
             compile_s = time.perf_counter() - started
@@ -113,6 +95,7 @@ def run_variant(variant: str, checkpoint: str, tokens: int, steps: int) -> dict:
         generate_s = time.perf_counter() - started
     return {
         "variant": variant, "baseline_mib": round(baseline, 1), "loaded_mib": round(loaded, 1),
+        "load_peak_mib": round(load_peak, 1),
         "steady_mib": round(rss_mib() - baseline, 1), "peak_mib": round(peak_mib() - baseline, 1),
         "load_s": round(load_s, 2), "compile_s": round(compile_s, 2), "generate_s": round(generate_s, 2),
         "tokens": out.shape[1] - tokens,
@@ -135,8 +118,8 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=12)
     parser.add_argument("--hidden", type=int, default=2048)
     parser.add_argument("--ffn", type=int, default=5632)
-    parser.add_argument("--vocab", type=int, default=32000)
-    parser.add_argument("--shard", default="300MB", help="max_shard_size for save_pretrained")
+    parser.add_argument("--vocab", type=int, default=8000)
+    parser.add_argument("--shard-mib", type=int, default=300, help="largest safetensors shard")
     parser.add_argument("--dir", default=os.environ.get("INT8PASS_BENCH_DIR", "/tmp/int8pass-bench"))
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--tokens", type=int, default=64)
@@ -150,7 +133,8 @@ def main() -> None:
         print(json.dumps(run_variant(args.variant, str(checkpoint), args.tokens, args.steps)))
         return
 
-    write_checkpoint(checkpoint, args.layers, args.hidden, args.ffn, args.vocab, args.shard)
+    llama_checkpoint.write(checkpoint, layers=args.layers, hidden=args.hidden, ffn=args.ffn, vocab=args.vocab,
+                           shard_bytes=args.shard_mib * 2**20)
     size = sum(f.stat().st_size for f in checkpoint.glob("*.safetensors"))
     rows = []
     for variant in args.variants.split(","):
@@ -166,14 +150,16 @@ def main() -> None:
     reference = next((row for row in rows if row.get("variant") == "bf16" and "steady_mib" in row), None)
     lines = [f"checkpoint: {checkpoint} ({size / 2**30:.2f} GiB bf16 safetensors), prefill {args.tokens} tokens + "
              f"{args.steps} decode steps; machine: {json.dumps(machine())}", "",
-             "| variant | loaded MiB | steady MiB | peak MiB | steady / bf16 | peak / bf16 | load s | compile s | generate s |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| variant | loaded MiB | load peak MiB | steady MiB | peak MiB | steady / bf16 | peak / bf16 | load s | "
+             "compile s | generate s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         if "error" in row:
-            lines.append(f"| {row['variant']} | failed: {row['error']} | | | | | | | |")
+            lines.append(f"| {row['variant']} | failed: {row['error']} | | | | | | | | |")
             continue
         ratio = (lambda v: f"{v / reference['steady_mib']:.2f}x") if reference else (lambda v: "")
-        lines.append(f"| {row['variant']} | {row['loaded_mib']:.0f} | {row['steady_mib']:.0f} | {row['peak_mib']:.0f} | "
+        lines.append(f"| {row['variant']} | {row['loaded_mib']:.0f} | {row['load_peak_mib']:.0f} | {row['steady_mib']:.0f} | "
+                     f"{row['peak_mib']:.0f} | "
                      f"{ratio(row['steady_mib'])} | {ratio(row['peak_mib'])} | {row['load_s']} | {row['compile_s']} | "
                      f"{row['generate_s']} |")
     print("\n".join(lines))

