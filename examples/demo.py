@@ -138,7 +138,7 @@ def main():
         ref_bf16 = model_bf16(ids)
         ref_naive = naive_int8(copy.deepcopy(model_bf16))(ids)
         bf16_ms = time_ms(model_bf16, ids)
-        eager_copy = copy.deepcopy(model_bf16)  # the compiled model releases its fp weights
+        eager_copy = copy.deepcopy(model_bf16)  # compiling turns the model's own weights into int8 weights
 
         print("[3/5] compiling with torch.compile(model, backend='llmint8', options={'stats': True}) ...", flush=True)
         start = time.perf_counter()
@@ -152,7 +152,7 @@ def main():
     before = sum(layer.weight_bytes_before for layer in report.layers)
     after = sum(layer.weight_bytes_after for layer in report.layers)
     print(f"\nlinear weight memory: {before / 2**20:.1f} MiB bf16 -> {after / 2**20:.1f} MiB ({after / before:.3f}x); "
-          f"fp storage released: {report.released_bytes / 2**20:.1f} MiB")
+          f"bf16 weights replaced by int8 ones: {report.released_bytes / 2**20:.1f} MiB")
 
     print("\nruntime outlier columns per layer (emergent features: the same dims, call after call)\n")
     print(int8pass.stats_table())
