@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-import lowering
+from int8pass import lowering
 from int8pass import fx_pass, inspect, process_memory
 from int8pass.options import Options
 from int8pass.report import log, new_report

@@ -13,7 +13,7 @@ weight is an Int8Weight still works as that module:
 
 On a CPU with oneDNN the codes are kept only in oneDNN's packed layout (the CPU GEMM's operand; a second dense copy
 would double the int8 bytes). oneDNN's packed tensors cannot travel through a compiled graph, so the weight owns its
-packed codes (lowering.cpu.PackedWeight) and carries a handle to them, an int64 [1] tensor that the graph passes to
+packed codes (int8pass.lowering.cpu.PackedWeight) and carries a handle to them, an int64 [1] tensor that the graph passes to
 the GEMM; `codes` unpacks them on demand.
 """
 
@@ -50,7 +50,7 @@ def all_finite(weight: torch.Tensor) -> bool:
 
 
 def _lowering_cpu():
-    from lowering import cpu  # the packed layout is the CPU kernels' business
+    from int8pass.lowering import cpu  # the packed layout is the CPU kernels' business
 
     return cpu
 
@@ -58,7 +58,7 @@ def _lowering_cpu():
 def packs_by_default(device: torch.device) -> bool:
     """Whether new weights on `device` keep their codes in oneDNN's packed layout (what the CPU GEMM reads); dense
     for Triton (CUDA, or a compile with Inductor's cpu_backend="triton")."""
-    import lowering
+    from int8pass import lowering
 
     return lowering.packs_weights(device)
 

@@ -129,7 +129,7 @@ def linear(
     """LLM.int8() linear: x [..., K], weight_q int8 [N, K], weight_scale fp32 [N] -> [..., N] in x's dtype.
 
     A CPU weight packed for oneDNN has no dense codes: weight_q is None and packed_handle (int64 [1]) names its
-    packed codes (int8pass.Int8Weight, lowering.cpu).
+    packed codes (int8pass.Int8Weight, int8pass.lowering.cpu).
     `outlier_weight` (optional, [N, K] floating) replaces the dequantized weight for the outlier columns;
     stats_id >= 0 records each call's outlier columns for that layer (int8pass.stats).
     """

@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import torch
 
-from lowering import cpu
-from lowering.inductor_api import HAS_TRITON, uses_triton
+from int8pass.lowering import cpu
+from int8pass.lowering.inductor_api import HAS_TRITON, uses_triton
 
 if HAS_TRITON:
-    from lowering import triton_path
+    from int8pass.lowering import triton_path
 
 
 def packs_weights(device: torch.device) -> bool:

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import torch
 
-from lowering import inductor_api as inductor
-from lowering.triton_gemm import FUSED_MAX_M, gemm_config
+from int8pass.lowering import inductor_api as inductor
+from int8pass.lowering.triton_gemm import FUSED_MAX_M, gemm_config
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
 DECODE_CONFIGS = [(16, 32, 128, 4, 4), (16, 64, 128, 4, 4), (16, 64, 256, 4, 3), (16, 128, 128, 4, 4), (16, 32, 256, 2, 4)]
@@ -40,7 +40,7 @@ _STORE = r"""
 """
 
 INT8_MM_DEQUANT_SOURCE = _OPTIONAL_INPUTS + r"""
-from lowering.triton_gemm import int8_product_tile, dequantize_tile
+from int8pass.lowering.triton_gemm import int8_product_tile, dequantize_tile
 {{def_kernel("X_Q", "W_Q", "S_X", "S_W", "X", "IDX", "CNT", *optional_inputs)}}
     M = {{size("X_Q", 0)}}
     N = {{size("W_Q", 0)}}
@@ -61,7 +61,7 @@ from lowering.triton_gemm import int8_product_tile, dequantize_tile
 
 # One program row block holds all of X's rows (M <= BLOCK_M), so the grid runs over columns only.
 FUSED_LINEAR_SOURCE = _OPTIONAL_INPUTS + r"""
-from lowering.triton_gemm import INF, quantizing_product_tile, scale_tile
+from int8pass.lowering.triton_gemm import INF, quantizing_product_tile, scale_tile
 {{def_kernel("X", "W_Q", "S_W", *optional_inputs)}}
     M = {{size("X", 0)}}
     N = {{size("W_Q", 0)}}

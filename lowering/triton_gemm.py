@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from int8pass.reference import Q_MAX
-from lowering.triton_quantize import is_outlier, outlier_limit, to_codes
+from int8pass.lowering.triton_quantize import is_outlier, outlier_limit, to_codes
 
 _Q_MAX = tl.constexpr(Q_MAX)
 INF = tl.constexpr(float("inf"))

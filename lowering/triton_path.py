@@ -16,7 +16,7 @@ import torch
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from int8pass import ops, stats
-from lowering import int8_mm_template, triton_gemm, triton_quantize  # noqa: F401  (registers the lowering)
+from int8pass.lowering import int8_mm_template, triton_gemm, triton_quantize  # noqa: F401  (registers the lowering)
 
 
 def linear(x, weight_q, weight_scale, bias, threshold, outlier_weight=None, stats_id=-1, packed_handle=None):

@@ -22,7 +22,7 @@ TARGETS = {"sm_80": GPUTarget("cuda", 80, 32), "sm_90": GPUTarget("cuda", 90, 32
 
 def eager_kernels():
     """(name, jit function, {arg: type}, {constexpr arg: value}, options) for lowering's kernels, bf16 X."""
-    from lowering import triton_gemm, triton_quantize
+    from int8pass.lowering import triton_gemm, triton_quantize
 
     flags = {"x_ptr": "*bf16", "flags_ptr": "*i32", "M": "i32", "K": "i32", "stride_xm": "i32", "stride_xk": "i32",
              "limit": "fp32", "rows_per_program": "i32"}

@@ -43,6 +43,21 @@ def test_backend_resolves_without_importing_int8pass():
     assert out.stdout.strip().endswith("True (4, 16)")
 
 
+def test_a_users_lowering_module_does_not_shadow_ours(tmp_path):
+    """The lowerings are int8pass.lowering: a lowering.py in the user's working directory is not ours."""
+    (tmp_path / "lowering.py").write_text("raise ImportError('the user module named lowering was imported')\n")
+    code = (
+        "import sys, torch, int8pass\n"
+        "m = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.GELU(), torch.nn.Linear(64, 16)).eval()\n"
+        "with torch.no_grad():\n"
+        "    y = torch.compile(m, backend='llmint8')(torch.randn(4, 32))\n"
+        "print('lowering' in sys.modules, len(int8pass.last_report().rewritten), tuple(y.shape))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().endswith("False 2 (4, 16)")
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 def test_single_linear_within_bound(dtype):
     torch.manual_seed(0)

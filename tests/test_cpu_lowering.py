@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 import int8pass  # noqa: F401
 from int8pass import reference
-from lowering import cpu
+from int8pass.lowering import cpu
 from tests.helpers import outlier_activation, within_bound
 
 

@@ -131,7 +131,7 @@ def test_max_autotune_selects_among_tile_configs(m):
 
 def test_a_changed_lowering_is_not_served_from_inductor_caches(monkeypatch, tmp_path):
     # Inductor's graph caches do not key on our lowerings (torch 2.11 served a stale graph here).
-    from lowering import triton_gemm
+    from int8pass.lowering import triton_gemm
 
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
     linear, _, _ = make_linear(64, 40, torch.float32)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import int8pass
 from int8pass import int8_weight, reference
 from int8pass.int8_weight import Int8Weight
-from lowering import cpu
+from int8pass.lowering import cpu
 from tests.helpers import assert_close_to_reference, outlier_activation
 
 LAYOUTS = ["dense", "packed"] if cpu.ONEDNN else ["dense"]

@@ -15,7 +15,7 @@ from hypothesis import given  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from int8pass import reference  # noqa: E402
-from lowering import triton_gemm, triton_quantize  # noqa: E402
+from int8pass.lowering import triton_gemm, triton_quantize  # noqa: E402
 from tests.helpers import assert_close_to_reference, outlier_activation, within_bound  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # conftest.py selects the interpreter without CUDA
@@ -188,7 +188,7 @@ def test_nan_and_inf_columns_poison_only_their_rows(dtype, threshold, single_ker
 
 def test_cuda_op_kernel_matches_reference_and_records_stats():
     from int8pass import stats
-    from lowering import triton_path
+    from int8pass.lowering import triton_path
 
     stats.reset_stats()
     layer = stats.register("layer", 40)
