@@ -1,7 +1,7 @@
 """CPU benchmark: a 4096 -> 4096 -> 4096 bf16 MLP compiled with backend="llmint8".
 
 Measures, in one run: process memory before and after compiling (the bf16 weights become int8), that the
-outputs are within the DESIGN.md bound, and time per call of llmint8 vs bf16 eager vs bf16 torch.compile
+outputs are within the docs/design.md bound, and time per call of llmint8 vs bf16 eager vs bf16 torch.compile
 (Inductor) at M = 1, 128, 512 tokens. Activations carry 0.5% outlier columns (|x| 20-60), threshold 6.
 Prints a table and writes benchmarks/results/cpu_mlp.json.
 

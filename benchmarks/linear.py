@@ -1,6 +1,6 @@
 """Linear-level benchmark: llmint8 vs bf16 (eager and torch.compile) vs bitsandbytes and torchao.
 
-Runs on CUDA when present (all DESIGN.md §3 shapes, M = 1 ... 4096), else on CPU (the Llama-3.1-8B / OPT-6.7B
+Runs on CUDA when present (all docs/design.md §4 shapes, M = 1 ... 4096), else on CPU (the Llama-3.1-8B / OPT-6.7B
 shapes a 2-core CPU runs in reasonable time, M = 1 ... 512). Activations with 0.5% outlier columns (|x| 20-60),
 threshold 6, bf16. All ratios come from the same run. Peers run where installed: bitsandbytes Linear8bitLt
 (threshold 6, eval) and torchao Int8DynamicActivationInt8WeightConfig compiled with Inductor (as torchao

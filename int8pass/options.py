@@ -21,7 +21,7 @@ ModulePredicate = Callable[[str], bool]
 
 @dataclass(frozen=True)
 class Options:
-    """What `torch.compile(model, backend="llmint8", options={...})` accepts (DESIGN.md §2).
+    """What `torch.compile(model, backend="llmint8", options={...})` accepts (docs/design.md §2).
 
     threshold: outlier threshold tau; columns with max |x| >= tau take the fp path. <= 0 disables outliers.
         None (the default): each int8 weight's own threshold (set when it was quantized), DEFAULT_THRESHOLD for

@@ -1,6 +1,6 @@
 """LLM.int8() semantics in plain PyTorch: the spec every kernel and lowering is tested against.
 
-See DESIGN.md §1. Everything here is traceable (no data-dependent shapes except in `outlier_matmul`, which
+See docs/design.md §1. Everything here is traceable (no data-dependent shapes except in `outlier_matmul`, which
 the compiled paths replace with a custom op), so the CPU lowering traces these same functions and Inductor
 fuses them.
 """
@@ -154,7 +154,7 @@ def linear(
 def error_bound(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, threshold: float
 ) -> torch.Tensor:
-    """DESIGN.md §1 bound on |llmint8(x) - (x W^T + b)| for each output element, in fp64.
+    """docs/design.md §1 bound on |llmint8(x) - (x W^T + b)| for each output element, in fp64.
 
     Slack terms used: fp32 accumulation of the scaled int32 part, the outlier product and the bias, bounded
     by (K + 4) * 2**-24 * (|X| |W|^T + |b|) plus the same for the quantization terms; and one rounding to

@@ -13,7 +13,7 @@ def outlier_activation(m, k, dtype=torch.float32, outlier_cols=(), magnitude=40.
 
 
 def within_bound(y, x, weight, bias, threshold):
-    """Assert |y - (x W^T + b)| <= the DESIGN.md bound, elementwise, with a useful message."""
+    """Assert |y - (x W^T + b)| <= the docs/design.md bound, elementwise, with a useful message."""
     from int8pass import reference
 
     exact = x.reshape(-1, x.shape[-1]).double() @ weight.double().t()

@@ -1,4 +1,4 @@
-"""The reference math against an independent float computation, within the DESIGN.md bound."""
+"""The reference math against an independent float computation, within the docs/design.md bound."""
 
 import math
 

@@ -1,7 +1,7 @@
 """The Triton kernels (lowering/triton_quantize.py, lowering/triton_gemm.py) against int8pass.reference.
 
 Quantization (codes, s_x, indices, count) and the int32 accumulator are bit-exact; Y matches reference.linear
-up to the fp32 summation order of the outlier columns and is within the DESIGN.md bound. Without a GPU the
+up to the fp32 summation order of the outlier columns and is within the docs/design.md bound. Without a GPU the
 kernels run in Triton's interpreter on CPU tensors.
 """
 
