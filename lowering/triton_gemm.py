@@ -156,10 +156,10 @@ def _int8_linear_kernel(
     M, N, K,
     stride_qm, stride_qk, stride_wn, stride_wk, stride_ym, stride_yn, stride_xm, stride_xk,
     stride_own, stride_owk,
-    RAW_ACC: tl.constexpr, OUTLIER_CODES: tl.constexpr, HAS_BIAS: tl.constexpr,
+    OUTLIER_CODES: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """One tile of Y in y's dtype, or of the raw int32 accumulator if RAW_ACC."""
+    """One tile of Y in y's dtype."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     acc = int8_product_tile(
@@ -168,42 +168,22 @@ def _int8_linear_kernel(
     )
     y_ptrs = y_ptr + rows.to(tl.int64)[:, None] * stride_ym + cols[None, :] * stride_yn
     mask = (rows < M)[:, None] & (cols < N)[None, :]
-    if RAW_ACC:
-        tl.store(y_ptrs, acc, mask=mask)
-    else:
-        y = dequantize_tile(
-            acc, rows, cols, M, N, s_x_ptr, s_w_ptr, x_ptr, stride_xm, stride_xk,
-            outlier_w_ptr, stride_own, stride_owk, indices_ptr, count_ptr, bias_ptr,
-            OUTLIER_CODES, HAS_BIAS, BLOCK_M, BLOCK_N,
-        )
-        tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=mask)
-
-
-def _launch(x_q, w_q, out, x=None, s_x=None, s_w=None, bias=None, indices=None, count=None, outlier_weight=None):
-    """Run the kernel into `out`; without s_x it stores the raw int32 accumulator (no epilogue inputs read)."""
-    m, k = x_q.shape
-    n = w_q.shape[0]
-    config = gemm_config(m)
-    grid = (triton.cdiv(m, config["BLOCK_M"]), triton.cdiv(n, config["BLOCK_N"]))
-    stride_xm, stride_xk = x.stride() if x is not None else (0, 0)
-    outlier_w = w_q if outlier_weight is None else outlier_weight
-    _int8_linear_kernel[grid](
-        x_q, w_q, out, x, s_x, s_w, outlier_w, bias, indices, count, m, n, k,
-        x_q.stride(0), x_q.stride(1), w_q.stride(0), w_q.stride(1), out.stride(0), out.stride(1),
-        stride_xm, stride_xk, outlier_w.stride(0), outlier_w.stride(1),
-        RAW_ACC=s_x is None, OUTLIER_CODES=outlier_weight is None, HAS_BIAS=bias is not None, **config,
+    y = dequantize_tile(
+        acc, rows, cols, M, N, s_x_ptr, s_w_ptr, x_ptr, stride_xm, stride_xk,
+        outlier_w_ptr, stride_own, stride_owk, indices_ptr, count_ptr, bias_ptr,
+        OUTLIER_CODES, HAS_BIAS, BLOCK_M, BLOCK_N,
     )
-    return out
+    tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _fused_linear_kernel(
     x_ptr, w_q_ptr, outlier_w_ptr, s_w_ptr, bias_ptr, y_ptr, M, N, K, limit,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_own, stride_owk, stride_ym, stride_yn,
-    RAW_ACC: tl.constexpr, OUTLIER_CODES: tl.constexpr, HAS_BIAS: tl.constexpr,
+    OUTLIER_CODES: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """All of Y's rows (M <= BLOCK_M) for BLOCK_N columns, from X itself; the raw int32 product if RAW_ACC."""
+    """All of Y's rows (M <= BLOCK_M) for BLOCK_N columns, from X itself."""
     rows = tl.arange(0, BLOCK_M)
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     acc, outliers, s_x = quantizing_product_tile(
@@ -213,12 +193,9 @@ def _fused_linear_kernel(
     )
     y_ptrs = y_ptr + rows[:, None] * stride_ym + cols[None, :] * stride_yn
     mask = (rows < M)[:, None] & (cols < N)[None, :]
-    if RAW_ACC:
-        tl.store(y_ptrs, acc, mask=mask)
-    else:
-        s_w = tl.load(s_w_ptr + cols, mask=cols < N, other=0.0)
-        y = scale_tile(acc, s_x, s_w, outliers, cols, N, bias_ptr, OUTLIER_CODES, HAS_BIAS)
-        tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=mask)
+    s_w = tl.load(s_w_ptr + cols, mask=cols < N, other=0.0)
+    y = scale_tile(acc, s_x, s_w, outliers, cols, N, bias_ptr, OUTLIER_CODES, HAS_BIAS)
+    tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 def fused_linear(
@@ -228,29 +205,22 @@ def fused_linear(
     bias: torch.Tensor | None,
     threshold: float,
     outlier_weight: torch.Tensor | None = None,
-    raw_acc: bool = False,
 ) -> torch.Tensor:
-    """Y [M, N] in X's dtype (or the int32 X_q . W_q^T if raw_acc) in one launch, for M <= FUSED_MAX_M."""
+    """Y [M, N] in X's dtype in one launch, for M <= FUSED_MAX_M."""
     m, k = x2d.shape
     n = w_q.shape[0]
     config = DECODE_CONFIG
     if m > config["BLOCK_M"]:  # one row block must hold every row
         raise ValueError(f"llmint8: the single-kernel linear takes at most {config['BLOCK_M']} rows, got {m}")
-    out = torch.empty((m, n), dtype=torch.int32 if raw_acc else x2d.dtype, device=x2d.device)
+    out = torch.empty((m, n), dtype=x2d.dtype, device=x2d.device)
     outlier_w = w_q if outlier_weight is None else outlier_weight
     _fused_linear_kernel[(triton.cdiv(n, config["BLOCK_N"]),)](
         x2d, w_q, outlier_w, s_w, bias, out, m, n, k, outlier_limit(threshold),
         x2d.stride(0), x2d.stride(1), w_q.stride(0), w_q.stride(1), outlier_w.stride(0), outlier_w.stride(1),
         out.stride(0), out.stride(1),
-        RAW_ACC=raw_acc, OUTLIER_CODES=outlier_weight is None, HAS_BIAS=bias is not None, **config,
+        OUTLIER_CODES=outlier_weight is None, HAS_BIAS=bias is not None, **config,
     )
     return out
-
-
-def int8_matmul_int32(x_q: torch.Tensor, w_q: torch.Tensor) -> torch.Tensor:
-    """The kernel's exact int32 accumulator X_q . W_q^T [M, N] (reference.exact_int_matmul), for tests."""
-    out = torch.empty((x_q.shape[0], w_q.shape[0]), dtype=torch.int32, device=x_q.device)
-    return _launch(x_q, w_q, out)
 
 
 def int8_mm_dequant(
@@ -265,6 +235,16 @@ def int8_mm_dequant(
     outlier_weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Y [M, N] in X's dtype from X [M, K], its quantization (triton_quantize.quantize_activation) and W_q, s_w."""
-    out = torch.empty((x2d.shape[0], w_q.shape[0]), dtype=x2d.dtype, device=x2d.device)
-    return _launch(x_q, w_q, out, x2d, s_x, s_w, bias, indices, count, outlier_weight)
+    m, k = x_q.shape
+    n = w_q.shape[0]
+    out = torch.empty((m, n), dtype=x2d.dtype, device=x2d.device)
+    config = gemm_config(m)
+    outlier_w = w_q if outlier_weight is None else outlier_weight
+    _int8_linear_kernel[(triton.cdiv(m, config["BLOCK_M"]), triton.cdiv(n, config["BLOCK_N"]))](
+        x_q, w_q, out, x2d, s_x, s_w, outlier_w, bias, indices, count, m, n, k,
+        x_q.stride(0), x_q.stride(1), w_q.stride(0), w_q.stride(1), out.stride(0), out.stride(1),
+        x2d.stride(0), x2d.stride(1), outlier_w.stride(0), outlier_w.stride(1),
+        OUTLIER_CODES=outlier_weight is None, HAS_BIAS=bias is not None, **config,
+    )
+    return out
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 # Without CUDA the Triton kernels run in Triton's interpreter on CPU tensors. The mode is fixed when a kernel
-# is decorated, so it is set here, before any test module imports lowering's Triton kernels.
+# is decorated, so it is set here, before any test module imports int8pass.lowering's Triton kernels.
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
     if importlib.util.find_spec("triton") is not None:  # Inductor's Triton code for CPU tensors, interpreted

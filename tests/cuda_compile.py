@@ -45,13 +45,13 @@ def eager_kernels():
                                         "stride_ym", "stride_yn")}}
     config = triton_gemm.DECODE_CONFIG
     yield "fused_linear", triton_gemm._fused_linear_kernel, fused, {
-        "RAW_ACC": False, "OUTLIER_CODES": True, "HAS_BIAS": True,
+        "OUTLIER_CODES": True, "HAS_BIAS": True,
         **{key: config[key] for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K")},
     }, {"num_warps": config["num_warps"], "num_stages": config["num_stages"]}
     for label, config in (("decode", triton_gemm.DECODE_CONFIG), ("prefill", triton_gemm.PREFILL_CONFIG)):
         blocks = {key: config[key] for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K")}
         yield f"int8_linear({label})", triton_gemm._int8_linear_kernel, gemm, {
-            "RAW_ACC": False, "OUTLIER_CODES": True, "HAS_BIAS": True, **blocks,
+            "OUTLIER_CODES": True, "HAS_BIAS": True, **blocks,
         }, {"num_warps": config["num_warps"], "num_stages": config["num_stages"]}
 
 

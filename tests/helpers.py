@@ -12,6 +12,39 @@ def outlier_activation(m, k, dtype=torch.float32, outlier_cols=(), magnitude=40.
     return x.to(dtype)
 
 
+class Conv1D(torch.nn.Module):
+    """GPT-2's Conv1D: weight stored [in, out], y = addmm(b, x, W)."""
+
+    def __init__(self, k, n):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(k, n) * 0.05)
+        self.bias = torch.nn.Parameter(torch.randn(n))
+
+    def forward(self, x):
+        size_out = x.size()[:-1] + (self.weight.shape[1],)
+        return torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight).view(size_out)
+
+
+class AttentionBlock(torch.nn.Module):
+    """A pre-norm transformer block: causal attention (q, k, v projections, k and v without bias; SDPA) and a GELU MLP."""
+
+    def __init__(self, d: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.norm1, self.norm2 = torch.nn.LayerNorm(d), torch.nn.LayerNorm(d)
+        self.q, self.out = torch.nn.Linear(d, d), torch.nn.Linear(d, d)
+        self.k, self.v = torch.nn.Linear(d, d, bias=False), torch.nn.Linear(d, d, bias=False)
+        self.up, self.down = torch.nn.Linear(d, 4 * d), torch.nn.Linear(4 * d, d)
+
+    def forward(self, x):
+        b, s, d = x.shape
+        h = self.norm1(x)
+        q, k, v = (proj(h).view(b, s, self.heads, d // self.heads).transpose(1, 2) for proj in (self.q, self.k, self.v))
+        attn = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.out(attn.transpose(1, 2).reshape(b, s, d))
+        return x + self.down(torch.nn.functional.gelu(self.up(self.norm2(x))))
+
+
 def within_bound(y, x, weight, bias, threshold):
     """Assert |y - (x W^T + b)| <= the docs/design.md bound, elementwise, with a useful message."""
     from int8pass import reference

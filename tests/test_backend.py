@@ -7,9 +7,8 @@ import pytest
 import torch
 
 import int8pass
-from examples.demo import Block
 from int8pass import reference
-from tests.helpers import outlier_activation, within_bound
+from tests.helpers import AttentionBlock, outlier_activation, within_bound
 
 
 def mlp(k=256, hidden=512, dtype=torch.bfloat16, activation=torch.nn.GELU):
@@ -77,7 +76,7 @@ def test_mlp_and_attention_block_match_reference_model(dtype):
         # activation code of the next linear by one: a ReLU keeps the comparison bit-tight
         cases = [(mlp(dtype=dtype, activation=torch.nn.ReLU), cases[0][1])]
     else:
-        cases.append((Block(128, 4).eval().to(dtype), outlier_activation(2 * 17, 128, dtype, outlier_cols=[9]).view(2, 17, 128)))
+        cases.append((AttentionBlock(128, 4).eval().to(dtype), outlier_activation(2 * 17, 128, dtype, outlier_cols=[9]).view(2, 17, 128)))
     for model, x in cases:
         torch._dynamo.reset()
         with torch.no_grad():

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 import int8pass
 from int8pass import reference
-from tests.test_fx_pass import Conv1D
+from tests.helpers import Conv1D
 
 WIDTHS = [8, 16, 24, 40, 64]
 

@@ -8,20 +8,7 @@ import int8pass
 from int8pass import fx_pass
 from int8pass.options import Options
 from int8pass.report import CompileReport
-from tests.helpers import outlier_activation, within_bound
-
-
-class Conv1D(torch.nn.Module):
-    """GPT-2's Conv1D: weight stored [in, out], y = addmm(b, x, W)."""
-
-    def __init__(self, k, n):
-        super().__init__()
-        self.weight = torch.nn.Parameter(torch.randn(k, n) * 0.05)
-        self.bias = torch.nn.Parameter(torch.randn(n))
-
-    def forward(self, x):
-        size_out = x.size()[:-1] + (self.weight.shape[1],)
-        return torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight).view(size_out)
+from tests.helpers import Conv1D, outlier_activation, within_bound
 
 
 class Forms(torch.nn.Module):

@@ -17,6 +17,7 @@ from hypothesis import strategies as st  # noqa: E402
 from int8pass import reference  # noqa: E402
 from int8pass.lowering import triton_gemm, triton_quantize  # noqa: E402
 from tests.helpers import assert_close_to_reference, outlier_activation, within_bound  # noqa: E402
+from tests.triton_accumulators import int8_product, quantizing_product  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # conftest.py selects the interpreter without CUDA
 
@@ -115,7 +116,7 @@ def test_int32_accumulator_is_exact(m, k, n):
         x_q[0] = 127  # the largest products, all of one sign
         w_q[0] = -127
     x_q, w_q = x_q.to(DEVICE), w_q.to(DEVICE)
-    assert torch.equal(triton_gemm.int8_matmul_int32(x_q, w_q), reference.exact_int_matmul(x_q, w_q))
+    assert torch.equal(int8_product(x_q, w_q), reference.exact_int_matmul(x_q, w_q))
 
 
 @given(
@@ -148,7 +149,7 @@ def test_single_kernel_linear_matches_reference(x, n, threshold, with_bias, orig
     weight, w_q, s_w = quantized_weight(n, x.shape[1], x.dtype)
     bias = torch.randn(n).to(x.dtype).to(DEVICE) if with_bias else None
     x_q = reference.quantize_activation(x, threshold)[0]
-    acc = triton_gemm.fused_linear(x, w_q, s_w, bias, threshold, raw_acc=True)
+    acc = quantizing_product(x, w_q, threshold)
     assert torch.equal(acc, reference.exact_int_matmul(x_q, w_q))
     outlier_weight = weight if original else None
     y = triton_gemm.fused_linear(x, w_q, s_w, bias, threshold, outlier_weight)
