@@ -7,6 +7,7 @@ from typing import Any
 import torch
 
 from int8pass import lowering
+from int8pass.lowering import inductor_api as inductor
 from int8pass import fx_pass, inspect, process_memory
 from int8pass.options import Options
 from int8pass.report import log, new_report
@@ -16,12 +17,10 @@ MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagrap
 
 def llmint8(gm: torch.fx.GraphModule, example_inputs, *, options: dict[str, Any] | None = None, mode: str | None = None):
     """torch.compile backend: `torch.compile(model, backend="llmint8", options={...})`."""
-    from torch._inductor.compile_fx import compile_fx
-
     opts = Options.parse(options)
     if mode is not None and mode not in MODES:
         raise ValueError(f"llmint8: unknown mode {mode!r}; accepted: {', '.join(MODES)}")
-    config_patches = dict(torch._inductor.list_mode_options(mode)) if mode not in (None, "default") else {}
+    config_patches = inductor.mode_options(mode) if mode not in (None, "default") else {}
     # Inductor's on-disk graph caches key on the graph and its config, not on our lowerings: a hit could
     # return code from another int8pass version (seen on torch 2.11). Kernel-level caches stay on.
     config_patches["fx_graph_cache"] = False
@@ -29,11 +28,11 @@ def llmint8(gm: torch.fx.GraphModule, example_inputs, *, options: dict[str, Any]
 
     report = new_report()
     before = inspect.readable(gm) if opts.dump_dir else ""
-    with torch._inductor.config.patch(config_patches):  # new int8 weights take the layout this compile reads
+    with inductor.config.patch(config_patches):  # new int8 weights take the layout this compile reads
         fx_pass.rewrite_linears(gm, example_inputs, opts, report)
     if opts.dump_dir:
         config_patches.update(inspect.inductor_trace_patches(opts.dump_dir, report))
-    compiled = compile_fx(gm, example_inputs, config_patches=config_patches, decompositions=lowering.decompositions())
+    compiled = inductor.compile_fx(gm, example_inputs, config_patches=config_patches, decompositions=lowering.decompositions())
     # what quantizing freed (floating-point weights), and Inductor's compile state: its graphs, IR and scheduler are
     # left as reference cycles (~170k objects for 4 Llama layers), which the next graph's compile should reuse
     process_memory.settle()

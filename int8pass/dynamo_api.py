@@ -54,3 +54,7 @@ def source_name(node: torch.fx.Node) -> str | None:
         return None
     name = source.name
     return name() if callable(name) else name
+
+
+# F.linear as Dynamo records it in a graph
+TRACED_LINEAR = torch._C._nn.linear

@@ -26,7 +26,7 @@ from int8pass.report import CompileReport, LayerRecord, log
 
 aten = torch.ops.aten
 
-LINEAR_FUNCTIONS = {torch._C._nn.linear, torch.nn.functional.linear, aten.linear.default}
+LINEAR_FUNCTIONS = {dynamo_api.TRACED_LINEAR, torch.nn.functional.linear, aten.linear.default}
 MM_FUNCTIONS = {torch.mm, torch.matmul, operator.matmul, aten.mm.default, aten.matmul.default}
 MM_METHODS = {"mm", "matmul", "__matmul__"}
 ADDMM_FUNCTIONS = {torch.addmm, aten.addmm.default}

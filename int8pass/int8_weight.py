@@ -20,9 +20,9 @@ the GEMM; `codes` unpacks them on demand.
 from __future__ import annotations
 
 import torch
-from torch.utils import _pytree as pytree
 
 from int8pass import process_memory, reference
+from int8pass.subclass_api import disabled_torch_function, tree_map_only
 
 aten = torch.ops.aten
 
@@ -222,7 +222,7 @@ class Int8Weight(torch.Tensor):
 
     # ---- every aten op on it --------------------------------------------------------------------------------------
 
-    __torch_function__ = torch._C._disabled_torch_function_impl
+    __torch_function__ = disabled_torch_function
 
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
@@ -239,8 +239,8 @@ class Int8Weight(torch.Tensor):
                     raise RuntimeError(f"{func} cannot write into an Int8Weight: it holds int8 codes, not "
                                        "floating-point storage (in-place ops on the weight itself re-quantize)")
                 return _write(func, args, kwargs)
-        return func(*pytree.tree_map_only(Int8Weight, Int8Weight.values, args),
-                    **pytree.tree_map_only(Int8Weight, Int8Weight.values, kwargs))
+        return func(*tree_map_only(Int8Weight, Int8Weight.values, args),
+                    **tree_map_only(Int8Weight, Int8Weight.values, kwargs))
 
     # `param.data = t` swaps storage under a plain tensor; an Int8Weight has none, so it takes t's values instead
     @property
@@ -366,7 +366,7 @@ def _write(func, args, kwargs):
     """An in-place op on the weight: run it on its values, then re-quantize them into the weight."""
     self = args[0]
     values = self.values().clone()
-    rest = pytree.tree_map_only(Int8Weight, Int8Weight.values, (args[1:], kwargs))
+    rest = tree_map_only(Int8Weight, Int8Weight.values, (args[1:], kwargs))
     func(values, *rest[0], **rest[1])
     return self.requantize_(values)
 

@@ -150,11 +150,11 @@ def _dump_dir(value: Any) -> str | None:
 
 
 def _inductor(value: Any) -> dict[str, Any]:
-    from torch._inductor import config as inductor_config
+    from int8pass.lowering import inductor_api
 
     if not isinstance(value, dict):
         raise ValueError(f"llmint8 option 'inductor' must be a dict of Inductor config patches, got {value!r}")
-    valid = set(inductor_config.get_config_copy())
+    valid = inductor_api.config_keys()
     for key in value:
         if key not in valid:
             raise ValueError(f"llmint8 option 'inductor' has an unknown Inductor config key {key!r}")

@@ -6,23 +6,10 @@ import logging
 import threading
 from dataclasses import asdict, dataclass, field
 
+from int8pass import logging_api
+
 log = logging.getLogger("int8pass")
-
-
-def _register_with_torch_logs() -> None:
-    """Let TORCH_LOGS="int8pass" (or "+int8pass" for debug) turn this logger on, like torch.compile's own."""
-    import os
-
-    try:
-        from torch._logging._internal import _init_logs, register_log
-    except ImportError:  # a torch without this private API: plain `logging` configuration still works
-        return
-    register_log("int8pass", "int8pass")
-    if "int8pass" in os.environ.get("TORCH_LOGS", ""):
-        _init_logs()  # TORCH_LOGS was parsed when torch was imported, before this name existed
-
-
-_register_with_torch_logs()
+logging_api.register_with_torch_logs("int8pass")
 
 
 @dataclass

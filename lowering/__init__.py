@@ -1,6 +1,8 @@
 """Inductor lowerings for the llmint8 custom ops.
 
-The ops (int8pass.ops) are the only thing this package knows of int8pass: it never sees model structure.
+Of int8pass this package knows the op contract (int8pass.ops), the reference math (int8pass.reference: the CPU path
+decomposes into its quantization ops, which Inductor fuses) and the outlier statistics recorder (int8pass.stats); it
+never sees model structure or who owns a weight. Inductor internals are used only through inductor_api.
 `llmint8::linear` is decomposed while AOT autograd traces, by device:
 - Triton devices (CUDA; CPU with Inductor's cpu_backend="triton"): llmint8::fused_linear (one kernel) for
   at most 16 rows, else activation quantization and llmint8::int8_mm_dequant; Inductor lowers both GEMMs
@@ -16,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from int8pass.lowering import cpu
+from int8pass.lowering import inductor_api
 from int8pass.lowering.inductor_api import HAS_TRITON, uses_triton
 
 if HAS_TRITON:
@@ -38,9 +41,7 @@ def decompose_linear(x, weight_q, weight_scale, bias, threshold, outlier_weight=
 
 def decompositions() -> dict:
     """Inductor's decomposition table plus ours."""
-    from torch._inductor.decomposition import select_decomp_table
-
-    table = dict(select_decomp_table())
+    table = dict(inductor_api.select_decomp_table())
     table[torch.ops.llmint8.linear.default] = decompose_linear
     return table
 

@@ -1,4 +1,4 @@
-"""The Inductor internals the template lowering uses, in one place.
+"""The Inductor internals int8pass uses (the backend, the options and the lowerings), in one place.
 
 Inductor has no stable extension API: these names moved between releases before, and may again. Each one is
 imported here and nowhere else; all were checked against torch 2.11 (the GPU machines) and 2.13 (ours).
@@ -10,6 +10,8 @@ import importlib.util
 
 import torch
 from torch._inductor import config
+from torch._inductor.compile_fx import compile_fx
+from torch._inductor.decomposition import select_decomp_table
 from torch._inductor.ir import FixedLayout
 from torch._inductor.lowering import fallback_handler, register_lowering
 from torch._inductor.select_algorithm import SymbolicGridFn, TritonTemplate, realize_inputs
@@ -19,9 +21,20 @@ from torch._inductor.virtualized import V
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 __all__ = [
-    "FixedLayout", "SymbolicGridFn", "TritonTemplate", "V", "autotune_select_algorithm", "fallback",
-    "max_autotune", "realize_inputs", "register_op_lowering", "size_hint", "statically_at_most", "uses_triton",
+    "FixedLayout", "SymbolicGridFn", "TritonTemplate", "V", "autotune_select_algorithm", "compile_fx", "config",
+    "config_keys", "fallback", "max_autotune", "mode_options", "realize_inputs", "register_op_lowering",
+    "select_decomp_table", "size_hint", "statically_at_most", "uses_triton",
 ]
+
+
+def mode_options(mode: str) -> dict:
+    """The config patches torch.compile's `mode=` stands for (e.g. max-autotune's)."""
+    return dict(torch._inductor.list_mode_options(mode))
+
+
+def config_keys() -> set[str]:
+    """Every Inductor config key, for validating user patches."""
+    return set(config.get_config_copy())
 
 
 def uses_triton(device: torch.device) -> bool:
