@@ -228,8 +228,7 @@ def rewrite_linears(gm: fx.GraphModule, example_inputs, options: Options, report
         if weight.transposed != match.stored_transposed:
             record.reason = "int8 weight quantized along its other dim (it is used both as W and as W^T)"
             continue
-        stats_id = stats.register(record.name, record.in_features) if options.stats else -1
-        _replace(gm, match, weight, options, stats_id)
+        _replace(gm, match, weight, options, record.name)
         record.rewritten = True
     if read_in_fp:
         log.debug("llmint8 graph %d: %d int8 weights are also read in floating point (they keep their original)",
@@ -305,7 +304,7 @@ def _skip_reason(match: LinearMatch, param: torch.Tensor | None, record: LayerRe
     return ""
 
 
-def _replace(gm, match: LinearMatch, weight: Int8Weight, options: Options, stats_id: int) -> None:
+def _replace(gm, match: LinearMatch, weight: Int8Weight, options: Options, layer: str) -> None:
     graph = gm.graph
     node = match.node
     with graph.inserting_before(node):
@@ -318,9 +317,10 @@ def _replace(gm, match: LinearMatch, weight: Int8Weight, options: Options, stats
             if match.stored_transposed:
                 outlier_weight = graph.call_method("t", (outlier_weight,))
         threshold = options.threshold if options.threshold is not None else weight.threshold
+        if options.stats:
+            graph.call_function(torch.ops.llmint8.record_outliers.default, (match.x, threshold, layer))
         new = graph.call_function(
-            torch.ops.llmint8.linear.default,
-            (match.x, codes, scale, match.bias, threshold, outlier_weight, stats_id, handle),
+            torch.ops.llmint8.linear.default, (match.x, codes, scale, match.bias, threshold, outlier_weight, handle),
         )
     new.meta.update(node.meta)
     node.replace_all_uses_with(new)

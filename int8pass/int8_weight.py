@@ -189,7 +189,7 @@ class Int8Weight(torch.Tensor):
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """x W^T (+ bias) by the llmint8 math, for a weight whose codes' rows are the output channels."""
-        return torch.ops.llmint8.linear(x, self._codes, self.scale, bias, self.threshold, None, -1, self.packed_handle)
+        return torch.ops.llmint8.linear(x, self._codes, self.scale, bias, self.threshold, None, self.packed_handle)
 
     def __repr__(self, *, tensor_contents=None) -> str:
         kept = ", original kept" if self.original is not None else ""

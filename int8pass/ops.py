@@ -16,21 +16,14 @@ NAMESPACE = "llmint8"
 
 
 @torch.library.custom_op(f"{NAMESPACE}::quantize_activation", mutates_args=())
-def quantize_activation(
-    x: torch.Tensor, threshold: float, stats_id: int = -1
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """X [M, K] -> (X_q int8 [M, K], s_x fp32 [M], outlier indices int32 [K], outlier count int32 [1]).
-
-    stats_id >= 0 records the outlier columns for that layer (int8pass.stats).
-    """
+def quantize_activation(x: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """X [M, K] -> (X_q int8 [M, K], s_x fp32 [M], outlier indices int32 [K], outlier count int32 [1])."""
     _check_2d("quantize_activation", x)
-    quantized = reference.quantize_activation(x, threshold)
-    stats.record_indices(stats_id, quantized[2], quantized[3])
-    return quantized
+    return reference.quantize_activation(x, threshold)
 
 
 @quantize_activation.register_fake
-def _(x, threshold, stats_id=-1):
+def _(x, threshold):
     m, k = x.shape
     return (
         x.new_empty((m, k), dtype=torch.int8),
@@ -47,19 +40,14 @@ def outlier_matmul(
     outlier_count: torch.Tensor,
     weight: torch.Tensor,
     weight_scale: torch.Tensor,
-    stats_id: int = -1,
 ) -> torch.Tensor:
-    """X[:, O] . W[:, O]^T in fp32 [M, N]; int8 weights are dequantized with weight_scale / 127.
-
-    stats_id >= 0 records the outlier columns for that layer (int8pass.stats).
-    """
+    """X[:, O] . W[:, O]^T in fp32 [M, N]; int8 weights are dequantized with weight_scale / 127."""
     _check_2d("outlier_matmul", x)
-    stats.record_indices(stats_id, outlier_indices, outlier_count)
     return reference.outlier_matmul(x, outlier_indices, outlier_count, weight, weight_scale)
 
 
 @outlier_matmul.register_fake
-def _(x, outlier_indices, outlier_count, weight, weight_scale, stats_id=-1):
+def _(x, outlier_indices, outlier_count, weight, weight_scale):
     return x.new_empty((x.shape[0], weight.shape[0]), dtype=torch.float32)
 
 
@@ -123,27 +111,39 @@ def linear(
     bias: torch.Tensor | None,
     threshold: float,
     outlier_weight: torch.Tensor | None = None,
-    stats_id: int = -1,
     packed_handle: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """LLM.int8() linear: x [..., K], weight_q int8 [N, K], weight_scale fp32 [N] -> [..., N] in x's dtype.
 
     A CPU weight packed for oneDNN has no dense codes: weight_q is None and packed_handle (int64 [1]) names its
     packed codes (int8pass.Int8Weight, int8pass.lowering.cpu).
-    `outlier_weight` (optional, [N, K] floating) replaces the dequantized weight for the outlier columns;
-    stats_id >= 0 records each call's outlier columns for that layer (int8pass.stats).
+    `outlier_weight` (optional, [N, K] floating) replaces the dequantized weight for the outlier columns.
     """
     check_linear_args(x, weight_q, weight_scale, bias, packed_handle)
     if weight_q is None:
         raise ValueError(f"llmint8::linear on {x.device.type}: int8 weights packed for oneDNN run only on the CPU")
-    stats.record_activation(stats_id, x.reshape(-1, weight_q.shape[1]), threshold)
     return reference.linear(x, weight_q, weight_scale, bias, threshold, outlier_weight)
 
 
 @linear.register_fake
-def _(x, weight_q, weight_scale, bias, threshold, outlier_weight=None, stats_id=-1, packed_handle=None):
+def _(x, weight_q, weight_scale, bias, threshold, outlier_weight=None, packed_handle=None):
     check_linear_args(x, weight_q, weight_scale, bias, packed_handle)
     return x.new_empty((*x.shape[:-1], weight_scale.shape[0]))
+
+
+@torch.library.custom_op(f"{NAMESPACE}::record_outliers", mutates_args=())
+def record_outliers(x: torch.Tensor, threshold: float, layer: str) -> None:
+    """Record X's outlier columns for `layer` (int8pass.stats): the node the FX pass adds before a linear when
+    options={"stats": True}. A host sync on GPUs; its only effect is the record, so it is marked side-effecting."""
+    stats.record(layer, x, threshold)
+
+
+@record_outliers.register_fake
+def _(x, threshold, layer):
+    return None
+
+
+torch.fx.node.has_side_effect(torch.ops.llmint8.record_outliers.default)
 
 
 def _check_2d(op: str, x: torch.Tensor) -> None:

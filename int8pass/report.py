@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
+from collections import deque
 from dataclasses import asdict, dataclass, field
 
 from int8pass import logging_api
@@ -65,19 +67,23 @@ class CompileReport:
         return "\n".join(lines)
 
 
+# A long-running process recompiles (new lengths, new models): the reports kept are bounded, the ids keep counting.
+MAX_REPORTS = 256
+
 _LOCK = threading.Lock()
-_REPORTS: list[CompileReport] = []
+_REPORTS: deque[CompileReport] = deque(maxlen=MAX_REPORTS)
+_GRAPH_IDS = itertools.count()
 
 
 def new_report() -> CompileReport:
     with _LOCK:
-        report = CompileReport(graph_id=len(_REPORTS))
+        report = CompileReport(graph_id=next(_GRAPH_IDS))
         _REPORTS.append(report)
     return report
 
 
 def reports() -> list[CompileReport]:
-    """Every graph compiled with the llmint8 backend in this process, in compile order."""
+    """The graphs compiled with the llmint8 backend in this process, in compile order: the last MAX_REPORTS."""
     with _LOCK:
         return list(_REPORTS)
 

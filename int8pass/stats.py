@@ -1,10 +1,11 @@
 """Runtime outlier statistics (options={"stats": True}): per rewritten layer, how many outlier columns each
 call had and which columns recur — the paper's emergent-feature analysis for any model.
 
-Recorded by the op implementations where the outlier set is already on the host (the CPU kernels read the
-outlier count to size their gather), so collecting costs a dict update per linear per call there; a device
-path would pay one device-to-host copy of the count and indices per linear per call. Off by default: then
-nothing is recorded and no op does any extra work.
+Recorded by its own graph node, llmint8::record_outliers(x, threshold, layer), which the FX pass puts before each
+rewritten linear only when stats are on: it finds X's outlier columns (one more pass over X) and copies them to the
+host (a device-to-host copy and sync on GPUs), per linear per call. Off by default: then the graphs hold no such node
+and nothing is recorded. Statistics are keyed by layer name, so graphs compiled for one layer (prefill, decode)
+add to the same entry, and a graph compiled before `reset_stats()` starts a new one.
 """
 
 from __future__ import annotations
@@ -33,42 +34,23 @@ class LayerStats:
 
 
 _LOCK = threading.Lock()
-_LAYERS: list[LayerStats] = []
+_LAYERS: dict[str, LayerStats] = {}
 
 
-def register(name: str, in_features: int) -> int:
+def record(layer: str, x, threshold: float) -> None:
+    """Record the outlier columns of X [..., K] for `layer`."""
+    in_features = x.shape[-1]
+    columns = outlier_columns(x.reshape(-1, in_features), threshold).nonzero().flatten().tolist()
     with _LOCK:
-        _LAYERS.append(LayerStats(name, in_features))
-        return len(_LAYERS) - 1
-
-
-def record(stats_id: int, columns: list[int]) -> None:
-    if stats_id < 0:
-        return
-    with _LOCK:
-        layer = _LAYERS[stats_id]
-        layer.counts.append(len(columns))
-        layer.column_calls.update(columns)
-
-
-def record_indices(stats_id: int, indices, count) -> None:
-    """Record an outlier set given as the ops' (index buffer, count tensor): one device-to-host copy."""
-    if stats_id < 0:
-        return
-    record(stats_id, indices[: int(count.item())].tolist())
-
-
-def record_activation(stats_id: int, x2d, threshold: float) -> None:
-    """Record the outlier columns of X [M, K] (for kernels that do not expose their outlier set)."""
-    if stats_id < 0:
-        return
-    record(stats_id, outlier_columns(x2d, threshold).nonzero().flatten().tolist())
+        stats = _LAYERS.setdefault(layer, LayerStats(layer, in_features))
+        stats.counts.append(len(columns))
+        stats.column_calls.update(columns)
 
 
 def outlier_stats() -> list[LayerStats]:
-    """Statistics of every layer compiled with stats on, in compile order."""
+    """Statistics of every layer that ran with stats on since the last reset, in the order they first ran."""
     with _LOCK:
-        return list(_LAYERS)
+        return list(_LAYERS.values())
 
 
 def reset_stats() -> None:

@@ -1,8 +1,8 @@
 """Inductor lowerings for the llmint8 custom ops.
 
 Of int8pass this package knows the op contract (int8pass.ops), the reference math (int8pass.reference: the CPU path
-decomposes into its quantization ops, which Inductor fuses) and the outlier statistics recorder (int8pass.stats); it
-never sees model structure or who owns a weight. Inductor internals are used only through inductor_api.
+decomposes into its quantization ops, which Inductor fuses) and nothing else; it never sees model structure or who
+owns a weight. Inductor internals are used only through inductor_api.
 `llmint8::linear` is decomposed while AOT autograd traces, by device:
 - Triton devices (CUDA; CPU with Inductor's cpu_backend="triton"): llmint8::fused_linear (one kernel) for
   at most 16 rows, else activation quantization and llmint8::int8_mm_dequant; Inductor lowers both GEMMs
@@ -31,11 +31,11 @@ def packs_weights(device: torch.device) -> bool:
     return device.type == "cpu" and cpu.ONEDNN and not uses_triton(device)
 
 
-def decompose_linear(x, weight_q, weight_scale, bias, threshold, outlier_weight=None, stats_id=-1, packed_handle=None):
+def decompose_linear(x, weight_q, weight_scale, bias, threshold, outlier_weight=None, packed_handle=None):
     if uses_triton(x.device):
-        return triton_path.linear(x, weight_q, weight_scale, bias, threshold, outlier_weight, stats_id, packed_handle)
+        return triton_path.linear(x, weight_q, weight_scale, bias, threshold, outlier_weight, packed_handle)
     if x.device.type == "cpu":
-        return cpu.linear(x, weight_q, weight_scale, bias, threshold, outlier_weight, stats_id, packed_handle)
+        return cpu.linear(x, weight_q, weight_scale, bias, threshold, outlier_weight, packed_handle)
     return NotImplemented
 
 

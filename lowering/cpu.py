@@ -23,7 +23,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 import logging
 
-from int8pass import ops, reference, stats
+from int8pass import ops, reference
 
 log = logging.getLogger("int8pass")
 
@@ -130,19 +130,16 @@ def onednn_int8_mm(
     weight_q: torch.Tensor | None,
     packed_handle: torch.Tensor | None,
     out_features: int,
-    stats_id: int = -1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One GEMM: (float(X_q . W_q^T), X[:, O] . W_q[:, O]^T), both fp32 [M, N].
 
     x_q_shifted is X_q + 128 as uint8. The weight is its packed codes' handle (packed_handle), or its dense codes
     weight_q [N, K] (which get a packed copy, made once).
-    stats_id >= 0 records the outlier columns for that layer (int8pass.stats).
     """
     m, k = x_q_shifted.shape
     n = out_features
     weight = packed_by_handle(packed_handle) if packed_handle is not None else packed_copy(weight_q)
     cols = outlier_indices[: int(outlier_count.item())].tolist()
-    stats.record(stats_id, cols)
     slots = weight.lookup(cols)
     missing_at = [i for i, slot in enumerate(slots) if slot is None]
     missing = [cols[i] for i in missing_at]
@@ -191,12 +188,12 @@ def split_rows_gemm(rows: torch.Tensor, packed: torch.Tensor, n: int) -> torch.T
 
 
 @onednn_int8_mm.register_fake
-def _(x_q_shifted, x, outlier_indices, outlier_count, weight_q, packed_handle, out_features, stats_id=-1):
+def _(x_q_shifted, x, outlier_indices, outlier_count, weight_q, packed_handle, out_features):
     shape = (x_q_shifted.shape[0], out_features)
     return x.new_empty(shape, dtype=torch.float32), x.new_empty(shape, dtype=torch.float32)
 
 
-def linear(x, weight_q, weight_scale, bias, threshold, outlier_weight=None, stats_id=-1, packed_handle=None):
+def linear(x, weight_q, weight_scale, bias, threshold, outlier_weight=None, packed_handle=None):
     """llmint8::linear on CPU: the reference steps, with the matmuls done by oneDNN (or torch._int_mm).
 
     weight_q is None for a weight whose codes are kept only in oneDNN's layout (packed_handle names them)."""
@@ -206,12 +203,12 @@ def linear(x, weight_q, weight_scale, bias, threshold, outlier_weight=None, stat
     if ONEDNN:
         shifted = (x_q.float() + ZERO_POINT).to(torch.uint8)  # via fp32: Inductor vectorizes this chain
         acc, code_outliers = torch.ops.llmint8.onednn_int8_mm(
-            shifted, x2d, indices, count, weight_q, packed_handle, weight_scale.shape[0], stats_id)
+            shifted, x2d, indices, count, weight_q, packed_handle, weight_scale.shape[0])
         outliers = code_outliers * (weight_scale / reference.Q_MAX)
     else:
         # weight_q is [N, K] row-major, so its transpose is the column-major [K, N] operand _int_mm wants
         acc = torch._int_mm(x_q, weight_q.t()).float()
-        outliers = torch.ops.llmint8.outlier_matmul(x2d, indices, count, weight_q, weight_scale, stats_id)
+        outliers = torch.ops.llmint8.outlier_matmul(x2d, indices, count, weight_q, weight_scale)
     if outlier_weight is not None:
         outliers = torch.ops.llmint8.outlier_matmul(x2d, indices, count, outlier_weight, weight_scale)
     return reference.dequantize_output(x, acc, s_x, weight_scale, outliers, bias)

@@ -84,14 +84,14 @@ def test_packed_weight_runs_from_its_packed_codes_alone():
     expected = reference.linear(x, w_q, s_w, None, 6.0)
     packed = int8pass.Int8Weight.from_codes(w_q, s_w, dtype=torch.bfloat16)
     assert packed.packed and torch.equal(packed.codes, w_q)  # unpacked on demand, bit for bit
-    y = torch.ops.llmint8.linear(x, None, s_w, None, 6.0, None, -1, packed.packed_handle)
+    y = torch.ops.llmint8.linear(x, None, s_w, None, 6.0, None, packed.packed_handle)
     torch.testing.assert_close(y, expected, rtol=0, atol=0)
     torch.library.opcheck(torch.ops.llmint8.onednn_unpack.default, (packed.packed_handle, 16, 64))
-    torch.library.opcheck(torch.ops.llmint8.linear.default, (x, None, s_w, None, 6.0, None, -1, packed.packed_handle))
+    torch.library.opcheck(torch.ops.llmint8.linear.default, (x, None, s_w, None, 6.0, None, packed.packed_handle))
     handle = packed.packed_handle.clone()
     del packed
     with pytest.raises(RuntimeError, match="the weight that owned it was freed"):
-        torch.ops.llmint8.linear(x, None, s_w, None, 6.0, None, -1, handle)
+        torch.ops.llmint8.linear(x, None, s_w, None, 6.0, None, handle)
 
 
 @pytest.mark.skipif(not cpu.ONEDNN, reason="needs oneDNN")

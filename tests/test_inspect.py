@@ -101,3 +101,28 @@ def test_statistics_are_off_by_default():
     with torch.no_grad():
         torch.compile(torch.nn.Linear(16, 8).eval(), backend="llmint8")(torch.randn(2, 16))
     assert int8pass.outlier_stats() == []
+
+
+def test_statistics_are_keyed_by_layer_and_survive_a_reset():
+    int8pass.reset_stats()
+    model = torch.nn.Sequential(torch.nn.Linear(64, 48), torch.nn.ReLU(), torch.nn.Linear(48, 16)).eval()
+    x = outlier_activation(5, 64, outlier_cols=[7], magnitude=50.0)
+    with torch.no_grad():
+        compiled = torch.compile(model, backend="llmint8", options={"stats": True})
+        compiled(x)
+        compiled(x[:2])  # another length, another graph: the same layers' entries
+        assert [(layer.name, layer.calls) for layer in int8pass.outlier_stats()] == [("0", 2), ("2", 2)]
+        int8pass.reset_stats()  # the compiled graphs go on recording, into fresh entries
+        compiled(x)
+    assert [(layer.name, layer.calls) for layer in int8pass.outlier_stats()] == [("0", 1), ("2", 1)]
+    assert int8pass.outlier_stats()[0].column_calls == {7: 1}
+
+
+def test_reports_kept_are_bounded(monkeypatch):
+    from collections import deque
+
+    from int8pass import report
+
+    monkeypatch.setattr(report, "_REPORTS", deque(maxlen=2))
+    ids = [report.new_report().graph_id for _ in range(3)]
+    assert ids == sorted(set(ids)) and [r.graph_id for r in int8pass.reports()] == ids[1:]

@@ -29,6 +29,16 @@ def test_opcheck_outlier_matmul():
     torch.library.opcheck(ops.outlier_matmul.default, (x, indices, count, w_q, s_w))
 
 
+def test_opcheck_record_outliers():
+    from int8pass import stats
+
+    x, *_ = weight_and_activation()
+    stats.reset_stats()
+    torch.library.opcheck(ops.record_outliers.default, (x.view(1, 5, 33), 6.0, "layer"))
+    (layer,) = stats.outlier_stats()  # opcheck runs the op several times: each call records columns 2 and 30
+    assert layer.name == "layer" and layer.calls >= 1 and layer.column_calls[2] == layer.column_calls[30] == layer.calls
+
+
 @pytest.mark.parametrize("with_bias", [False, True])
 @pytest.mark.parametrize("shape", [(5, 33), (2, 3, 33), (33,)])
 def test_opcheck_linear(with_bias, shape):
