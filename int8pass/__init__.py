@@ -5,7 +5,7 @@
 The backend is registered under the `torch_dynamo_backends` entry point, so importing int8pass is optional.
 """
 
-from int8pass import ops  # noqa: F401  (registers the llmint8 custom ops)
+from int8pass import lowering  # noqa: F401  (registers the llmint8 custom ops)
 from int8pass.int8_weight import Int8Weight
 from int8pass.backend import llmint8
 from int8pass.options import Options

@@ -13,7 +13,7 @@ weight is an Int8Weight still works as that module:
 
 On a CPU with oneDNN the codes are kept only in oneDNN's packed layout (the CPU GEMM's operand; a second dense copy
 would double the int8 bytes). oneDNN's packed tensors cannot travel through a compiled graph, so the weight owns its
-packed codes (int8pass.lowering.cpu.PackedWeight) and carries a handle to them, an int64 [1] tensor that the graph passes to
+packed codes (int8pass.lowering.onednn_int8_mm.PackedWeight) and carries a handle to them, an int64 [1] tensor that the graph passes to
 the GEMM; `codes` unpacks them on demand.
 """
 
@@ -49,10 +49,10 @@ def all_finite(weight: torch.Tensor) -> bool:
     return all(bool(torch.isfinite(block).all()) for block in weight.detach().split(rows))
 
 
-def _lowering_cpu():
-    from int8pass.lowering import cpu  # the packed layout is the CPU kernels' business
+def _onednn():
+    from int8pass.lowering import onednn_int8_mm  # the packed layout is the CPU GEMM's business
 
-    return cpu
+    return onednn_int8_mm
 
 
 def packs_by_default(device: torch.device) -> bool:
@@ -134,7 +134,7 @@ class Int8Weight(torch.Tensor):
         if packed is None:
             packed = packs_by_default(codes.device)
         if packed:
-            onednn, handle = _lowering_cpu().pack(codes)
+            onednn, handle = _onednn().pack(codes)
             return cls(None, scale, dtype=dtype, shape=shape, transposed=transposed, threshold=threshold,
                        original=original, packed_handle=handle, onednn=onednn)
         return cls(codes.contiguous(), scale, dtype=dtype, shape=shape, transposed=transposed, threshold=threshold,
@@ -269,7 +269,7 @@ class Int8Weight(torch.Tensor):
     def _store(self, codes: torch.Tensor, scale: torch.Tensor, values: torch.Tensor | None) -> None:
         self.scale.copy_(scale)
         if self._codes is None:  # new packed codes under the same handle
-            self._onednn, _ = _lowering_cpu().pack(codes.to(self.scale.device), self.packed_handle)
+            self._onednn, _ = _onednn().pack(codes.to(self.scale.device), self.packed_handle)
         else:
             self._codes.copy_(codes)
         if self.original is not None:

@@ -1,48 +1,49 @@
-"""Inductor lowerings for the llmint8 custom ops.
+"""The llmint8 custom ops, one file each: its schema, fake implementation, eager implementation (the reference math),
+device kernels and Inductor lowering.
 
-Of int8pass this package knows the op contract (int8pass.ops), the reference math (int8pass.reference: the CPU path
-decomposes into its quantization ops, which Inductor fuses) and nothing else; it never sees model structure or who
-owns a weight. Inductor internals are used only through inductor_api.
-`llmint8::linear` is decomposed while AOT autograd traces, by device:
-- Triton devices (CUDA; CPU with Inductor's cpu_backend="triton"): llmint8::fused_linear (one kernel) for
-  at most 16 rows, else activation quantization and llmint8::int8_mm_dequant; Inductor lowers both GEMMs
-  to Triton templates with the following pointwise ops fused in (lowering/triton_path.py,
-  lowering/int8_mm_template.py).
-- CPU: the reference quantization (which Inductor fuses into C++ loops), one oneDNN u8 x s8 GEMM on a weight
-  packed at compile time, and a fused dequantize/bias epilogue (lowering/cpu.py).
-- Other devices: the op runs its eager implementation, the reference math.
+    linear.py               llmint8::linear, what the FX pass writes; decomposed by device while AOT autograd traces
+    quantize_activation.py  llmint8::quantize_activation   (Triton devices: the two-step linear's first step)
+    int8_mm_dequant.py      llmint8::int8_mm_dequant       (its GEMM, lowered to a Triton template)
+    fused_linear.py         llmint8::fused_linear          (few rows: one kernel, lowered to a Triton template)
+    outlier_matmul.py       llmint8::outlier_matmul        (the outlier columns' floating-point product)
+    onednn_int8_mm.py       llmint8::onednn_int8_mm        (the CPU GEMM, and the oneDNN-packed weight it reads)
+    onednn_unpack.py        llmint8::onednn_unpack         (dense codes of a packed weight)
+    record_outliers.py      llmint8::record_outliers       (runtime statistics, only with stats=True)
+
+Beside them: checks.py (argument checks every implementation shares), templates.py (what the two Triton templates
+share), triton_gemm.py and triton_quantize.py (the Triton kernels and their tile functions), inductor_api.py (every
+Inductor internal used). Of int8pass this package knows the reference math (int8pass.reference) and the statistics
+recorder (int8pass.stats), nothing else: it never sees model structure or who owns a weight.
 """
 
 from __future__ import annotations
 
 import torch
 
-from int8pass.lowering import cpu
+from int8pass.lowering import (  # noqa: F401  (each import registers its op)
+    fused_linear,
+    int8_mm_dequant,
+    linear,
+    onednn_int8_mm,
+    onednn_unpack,
+    outlier_matmul,
+    quantize_activation,
+    record_outliers,
+)
 from int8pass.lowering import inductor_api
-from int8pass.lowering.inductor_api import HAS_TRITON, uses_triton
-
-if HAS_TRITON:
-    from int8pass.lowering import triton_path
+from int8pass.lowering.inductor_api import uses_triton
 
 
 def packs_weights(device: torch.device) -> bool:
     """Whether int8 weights on `device` keep their codes in oneDNN's packed layout (what the CPU GEMM reads) rather
     than dense (what Triton kernels read). Call under the Inductor config the graph compiles with."""
-    return device.type == "cpu" and cpu.ONEDNN and not uses_triton(device)
-
-
-def decompose_linear(x, weight_q, weight_scale, bias, threshold, outlier_weight=None, packed_handle=None):
-    if uses_triton(x.device):
-        return triton_path.linear(x, weight_q, weight_scale, bias, threshold, outlier_weight, packed_handle)
-    if x.device.type == "cpu":
-        return cpu.linear(x, weight_q, weight_scale, bias, threshold, outlier_weight, packed_handle)
-    return NotImplemented
+    return device.type == "cpu" and onednn_int8_mm.ONEDNN and not uses_triton(device)
 
 
 def decompositions() -> dict:
     """Inductor's decomposition table plus ours."""
     table = dict(inductor_api.select_decomp_table())
-    table[torch.ops.llmint8.linear.default] = decompose_linear
+    table[torch.ops.llmint8.linear.default] = linear.decompose
     return table
 
 

@@ -7,7 +7,7 @@ Two kernels, each one launch:
 - `_fused_linear_kernel`, for X with at most FUSED_MAX_M rows (decode): every program holds all of X's rows,
   so it finds the outlier columns and row scales itself and quantizes X on the fly: the whole linear is one
   launch reading the weight once. The outlier product is an fp32 tl.dot on the K blocks holding outliers.
-The tile functions (`*_tile`) are shared with the Inductor templates (lowering/int8_mm_template.py), which
+The tile functions (`*_tile`) are shared with the Inductor templates (int8_mm_dequant.py, fused_linear.py), which
 add Inductor's fused epilogue after them. No kernel syncs the host.
 """
 

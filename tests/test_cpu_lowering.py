@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 import int8pass  # noqa: F401
 from int8pass import reference
-from int8pass.lowering import cpu
+from int8pass.lowering import linear, onednn_int8_mm
 from tests.helpers import outlier_activation, within_bound
 
 
@@ -33,20 +33,20 @@ def test_decomposed_linear_matches_reference(dtype, m):
     weight = (torch.randn(40, 96) * 0.05).to(dtype)
     bias = torch.randn(40).to(dtype)
     w_q, s_w = reference.quantize_weight(weight)
-    compiled = torch.compile(cpu.linear, backend="inductor", fullgraph=True)
+    compiled = torch.compile(linear.cpu_linear, backend="inductor", fullgraph=True)
     y = compiled(x, w_q, s_w, bias, 6.0)
     within_bound(y, x, weight, bias, 6.0)
     # same math as the reference; only the order of fp32 scale multiplications may differ
     torch.testing.assert_close(y, reference.linear(x, w_q, s_w, bias, 6.0), rtol=2 * torch.finfo(dtype).eps, atol=1e-5)
 
 
-@pytest.mark.skipif(not cpu.ONEDNN, reason="needs oneDNN")
+@pytest.mark.skipif(not onednn_int8_mm.ONEDNN, reason="needs oneDNN")
 @pytest.mark.parametrize("gemm", ["as_the_cpu_allows", "split_rows"])
 @pytest.mark.parametrize("m, outlier_cols", [(0, []), (1, []), (1, [0, 299]), (33, [5, 6, 100]), (4, range(0, 300, 2))])
 def test_onednn_gemm_is_bit_exact(m, outlier_cols, gemm, monkeypatch):
-    monkeypatch.setattr(cpu, "MAX_ONE_HOT_ROWS", 100)  # 150 outlier columns take the unpacking route
+    monkeypatch.setattr(onednn_int8_mm, "MAX_ONE_HOT_ROWS", 100)  # 150 outlier columns take the unpacking route
     if gemm == "split_rows":  # what CPUs without VNNI run, checked on every CPU
-        monkeypatch.setattr(cpu, "EXACT_U8_GEMM", False)
+        monkeypatch.setattr(onednn_int8_mm, "EXACT_U8_GEMM", False)
     g = torch.Generator().manual_seed(0)
     x = outlier_activation(m, 300, torch.bfloat16, outlier_cols=list(outlier_cols))
     w_q = torch.randint(-127, 128, (70, 300), generator=g, dtype=torch.int8)
@@ -57,7 +57,7 @@ def test_onednn_gemm_is_bit_exact(m, outlier_cols, gemm, monkeypatch):
     assert int(count) == len(outlier_cols)
     shifted = (x_q.to(torch.int16) + 128).to(torch.uint8)
     ones = torch.full((70,), reference.Q_MAX)  # s_w = 127 makes the reference's outlier scale exactly 1
-    owner, handle = cpu.pack(w_q)  # the PackedWeight lives while `owner` does
+    owner, handle = onednn_int8_mm.pack(w_q)  # the PackedWeight lives while `owner` does
     for weight_q, packed_handle in ((None, handle), (w_q, None)):  # packed codes, or a packed copy of dense ones
         torch.library.opcheck(torch.ops.llmint8.onednn_int8_mm.default,
                               (shifted, x, indices, count, weight_q, packed_handle, 70))
@@ -68,15 +68,15 @@ def test_onednn_gemm_is_bit_exact(m, outlier_cols, gemm, monkeypatch):
 
 
 def test_int_mm_fallback_without_onednn(monkeypatch):
-    monkeypatch.setattr(cpu, "ONEDNN", False)
+    monkeypatch.setattr(onednn_int8_mm, "ONEDNN", False)
     x = outlier_activation(20, 64, torch.float32, outlier_cols=[3])
     weight = torch.randn(16, 64) * 0.1
     w_q, s_w = reference.quantize_weight(weight)
-    y = cpu.linear(x, w_q, s_w, None, 6.0)
+    y = linear.cpu_linear(x, w_q, s_w, None, 6.0)
     torch.testing.assert_close(y, reference.linear(x, w_q, s_w, None, 6.0), rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.skipif(not cpu.ONEDNN, reason="needs oneDNN")
+@pytest.mark.skipif(not onednn_int8_mm.ONEDNN, reason="needs oneDNN")
 def test_packed_weight_runs_from_its_packed_codes_alone():
     x = outlier_activation(5, 64, torch.bfloat16, outlier_cols=[9])
     weight = (torch.randn(16, 64) * 0.1).to(torch.bfloat16)
@@ -94,7 +94,7 @@ def test_packed_weight_runs_from_its_packed_codes_alone():
         torch.ops.llmint8.linear(x, None, s_w, None, 6.0, None, handle)
 
 
-@pytest.mark.skipif(not cpu.ONEDNN, reason="needs oneDNN")
+@pytest.mark.skipif(not onednn_int8_mm.ONEDNN, reason="needs oneDNN")
 def test_dense_weight_on_the_cpu_gemm_gets_a_packed_copy_once(caplog):
     x = outlier_activation(5, 64, torch.float32, outlier_cols=[9])
     w_q, s_w = reference.quantize_weight(torch.randn(16, 64) * 0.1)

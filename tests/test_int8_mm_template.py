@@ -1,4 +1,5 @@
-"""The Inductor template lowering of llmint8::int8_mm_dequant (lowering/int8_mm_template.py).
+"""The Inductor template lowerings of llmint8::int8_mm_dequant and llmint8::fused_linear (lowering/int8_mm_dequant.py,
+lowering/fused_linear.py).
 
 Without a GPU, Inductor generates Triton for CPU tensors (cpu_backend="triton") and runs it in Triton's
 interpreter (conftest.py): the generated template code, its fused epilogues, dynamic shapes and autotuning

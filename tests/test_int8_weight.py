@@ -10,10 +10,10 @@ import torch.nn.functional as F
 import int8pass
 from int8pass import int8_weight, reference
 from int8pass.int8_weight import Int8Weight
-from int8pass.lowering import cpu
+from int8pass.lowering import onednn_int8_mm
 from tests.helpers import assert_close_to_reference, outlier_activation
 
-LAYOUTS = ["dense", "packed"] if cpu.ONEDNN else ["dense"]
+LAYOUTS = ["dense", "packed"] if onednn_int8_mm.ONEDNN else ["dense"]
 
 
 def make(n=24, k=40, dtype=torch.bfloat16, layout="dense", seed=0, **kwargs):
@@ -102,7 +102,7 @@ def test_copies_moves_and_serialization_round_trip(layout, tmp_path):
     buffer.seek(0)
     loaded = torch.load(buffer)["w"]  # weights_only=True, the default
     assert isinstance(loaded, Int8Weight) and torch.equal(loaded.codes, w.codes) and torch.equal(loaded.scale, w.scale)
-    assert loaded.dtype == w.dtype and loaded.threshold == 4.0 and loaded.packed == cpu.ONEDNN
+    assert loaded.dtype == w.dtype and loaded.threshold == 4.0 and loaded.packed == onednn_int8_mm.ONEDNN
 
 
 def test_module_state_dict_round_trips_and_loads_fp_weights():

@@ -188,14 +188,14 @@ def test_nan_and_inf_columns_poison_only_their_rows(dtype, threshold, single_ker
 
 
 def test_cuda_op_kernel_matches_reference():
-    from int8pass.lowering import triton_path
+    from int8pass.lowering import linear
 
     x = outlier_activation(2 * 3, 40, torch.bfloat16, outlier_cols=[5, 31]).view(2, 3, 40).to(DEVICE)
     weight = (torch.randn(24, 40) * 0.1).to(torch.bfloat16).to(DEVICE)
     bias = torch.randn(24).to(torch.bfloat16).to(DEVICE)
     w_q, s_w = reference.quantize_weight(weight)
-    y = triton_path.linear(x, w_q, s_w, bias, 6.0)
+    y = linear.triton_linear(x, w_q, s_w, bias, 6.0)
     assert y.shape == (2, 3, 24)
     torch.testing.assert_close(y, reference.linear(x, w_q, s_w, bias, 6.0), rtol=2 * torch.finfo(torch.bfloat16).eps, atol=1e-3)
     with pytest.raises(ValueError, match="int8"):
-        triton_path.linear(x, weight, s_w, bias, 6.0)
+        linear.triton_linear(x, weight, s_w, bias, 6.0)

@@ -1,4 +1,4 @@
-"""CPU path: llmint8::linear as Inductor-fused quantization around one oneDNN u8 x s8 GEMM.
+"""llmint8::onednn_int8_mm: the CPU linear's GEMM, one oneDNN u8 x s8 GEMM on a weight packed for oneDNN.
 
 oneDNN's VNNI int8 GEMM wants unsigned activations and a prepacked weight. X_q + 128 as uint8 with zero-point
 128 gives exactly the signed product, and with unit scales the GEMM returns the int32 accumulator converted to
@@ -8,22 +8,19 @@ An int8 weight on a CPU keeps its codes only in the packed layout (int8pass.Int8
 W_q[:, O] are read back through the same GEMM: one extra activation row per outlier column, all 128 (zero)
 but a 129 (one) at that column, yields that column of W_q exactly. Decode (M = 1) thus still reads the
 weights once; columns read back are kept for later calls (PackedWeight). Past MAX_ONE_HOT_ROWS new outlier
-columns the packed weight is unpacked instead. Without oneDNN the path falls back to torch._int_mm and a gather
-of the dense codes.
+columns the packed weight is unpacked instead. Without oneDNN the CPU linear (linear.py) uses torch._int_mm and
+llmint8::outlier_matmul on the dense codes instead.
 """
 
 from __future__ import annotations
 
 import itertools
+import logging
 import threading
 import weakref
 
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
-
-import logging
-
-from int8pass import ops, reference
 
 log = logging.getLogger("int8pass")
 
@@ -35,6 +32,7 @@ ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qli
 _CPU = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
 # u8 x s8 products are summed in int32 only with VNNI or AMX; elsewhere pairs saturate in int16.
 EXACT_U8_GEMM = any(_CPU.get(flag, False) for flag in ("avx512_vnni", "avx_vnni", "amx_int8"))
+
 
 class PackedWeight:
     """A weight's codes in oneDNN's packed layout, plus the outlier columns of W_q read back from it so far.
@@ -110,17 +108,6 @@ def packed_copy(codes: torch.Tensor) -> PackedWeight:
         return packed
 
 
-@torch.library.custom_op("llmint8::onednn_unpack", mutates_args=())
-def onednn_unpack(packed_handle: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:
-    """The dense int8 codes [N, K] of a weight packed for oneDNN (by its handle)."""
-    return packed_by_handle(packed_handle).packed.to_dense().t().contiguous()
-
-
-@onednn_unpack.register_fake
-def _(packed_handle, out_features, in_features):
-    return packed_handle.new_empty((out_features, in_features), dtype=torch.int8)
-
-
 @torch.library.custom_op("llmint8::onednn_int8_mm", mutates_args=())
 def onednn_int8_mm(
     x_q_shifted: torch.Tensor,
@@ -191,29 +178,3 @@ def split_rows_gemm(rows: torch.Tensor, packed: torch.Tensor, n: int) -> torch.T
 def _(x_q_shifted, x, outlier_indices, outlier_count, weight_q, packed_handle, out_features):
     shape = (x_q_shifted.shape[0], out_features)
     return x.new_empty(shape, dtype=torch.float32), x.new_empty(shape, dtype=torch.float32)
-
-
-def linear(x, weight_q, weight_scale, bias, threshold, outlier_weight=None, packed_handle=None):
-    """llmint8::linear on CPU: the reference steps, with the matmuls done by oneDNN (or torch._int_mm).
-
-    weight_q is None for a weight whose codes are kept only in oneDNN's layout (packed_handle names them)."""
-    ops.check_linear_args(x, weight_q, weight_scale, bias, packed_handle)
-    x2d = x.reshape(-1, x.shape[-1])
-    x_q, s_x, indices, count = reference.quantize_activation(x2d, threshold)
-    if ONEDNN:
-        shifted = (x_q.float() + ZERO_POINT).to(torch.uint8)  # via fp32: Inductor vectorizes this chain
-        acc, code_outliers = torch.ops.llmint8.onednn_int8_mm(
-            shifted, x2d, indices, count, weight_q, packed_handle, weight_scale.shape[0])
-        outliers = code_outliers * (weight_scale / reference.Q_MAX)
-    else:
-        # weight_q is [N, K] row-major, so its transpose is the column-major [K, N] operand _int_mm wants
-        acc = torch._int_mm(x_q, weight_q.t()).float()
-        outliers = torch.ops.llmint8.outlier_matmul(x2d, indices, count, weight_q, weight_scale)
-    if outlier_weight is not None:
-        outliers = torch.ops.llmint8.outlier_matmul(x2d, indices, count, outlier_weight, weight_scale)
-    return reference.dequantize_output(x, acc, s_x, weight_scale, outliers, bias)
-
-
-# Eager calls of llmint8::linear on CPU use the same kernels (and so read the packed codes).
-torch.library.register_kernel("llmint8::linear", "cpu", linear)
-
