@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -13,6 +14,8 @@ from int8pass.options import Options
 from int8pass.report import log, new_report
 
 MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+SOURCE_KEY = inductor.SourceKey([str(path) for root in (Path(__file__).parent, Path(lowering.__file__).parent)
+                                 for path in root.glob("*.py")])
 
 
 def llmint8(gm: torch.fx.GraphModule, example_inputs, *, options: dict[str, Any] | None = None, mode: str | None = None):
@@ -21,9 +24,9 @@ def llmint8(gm: torch.fx.GraphModule, example_inputs, *, options: dict[str, Any]
     if mode is not None and mode not in MODES:
         raise ValueError(f"llmint8: unknown mode {mode!r}; accepted: {', '.join(MODES)}")
     config_patches = inductor.mode_options(mode) if mode not in (None, "default") else {}
-    # Inductor's on-disk graph caches key on the graph and its config, not on our lowerings: a hit could
-    # return code from another int8pass version (seen on torch 2.11). Kernel-level caches stay on.
-    config_patches["fx_graph_cache"] = False
+    # Inductor's on-disk graph cache keys on the graph and its config, not on our lowerings and kernels: the pass
+    # below adds a hash of int8pass's sources to the key, so a cached graph is reused only by the same int8pass
+    config_patches.setdefault("post_grad_custom_post_pass", SOURCE_KEY)
     config_patches.update(opts.inductor)
 
     report = new_report()
@@ -32,7 +35,7 @@ def llmint8(gm: torch.fx.GraphModule, example_inputs, *, options: dict[str, Any]
         fx_pass.rewrite_linears(gm, example_inputs, opts, report)
     if opts.dump_dir:
         config_patches.update(inspect.inductor_trace_patches(opts.dump_dir, report))
-    compiled = inductor.compile_fx(gm, example_inputs, config_patches=config_patches, decompositions=lowering.decompositions())
+    compiled = inductor.compile_fx(gm, example_inputs, config_patches=config_patches)
     # what quantizing freed (floating-point weights), and Inductor's compile state: its graphs, IR and scheduler are
     # left as reference cycles (~170k objects for 4 Llama layers), which the next graph's compile should reuse
     process_memory.settle()

@@ -31,8 +31,9 @@ def readable(gm: torch.fx.GraphModule) -> str:
 
 def inductor_trace_patches(dump_dir: str, report: CompileReport) -> dict:
     """Inductor config that writes its generated code for this graph under graph_NNN/inductor/ (generated on
-    every compile: the backend keeps the FX graph cache off)."""
-    return {"trace.enabled": True, "trace.debug_dir": str(graph_dir(dump_dir, report) / "inductor")}
+    every compile: a graph served by the FX graph cache would write none, so dumping turns that cache off)."""
+    return {"trace.enabled": True, "trace.debug_dir": str(graph_dir(dump_dir, report) / "inductor"),
+            "fx_graph_cache": False}
 
 
 def write_dump(dump_dir: str, report: CompileReport, before: str, after: str) -> Path:

@@ -40,11 +40,9 @@ def packs_weights(device: torch.device) -> bool:
     return device.type == "cpu" and onednn_int8_mm.ONEDNN and not uses_triton(device)
 
 
-def decompositions() -> dict:
-    """Inductor's decomposition table plus ours."""
-    table = dict(inductor_api.select_decomp_table())
-    table[torch.ops.llmint8.linear.default] = linear.decompose
-    return table
+# llmint8::linear is decomposed by device while AOT autograd traces for Inductor. Registered in Inductor's own table
+# (not passed to compile_fx), so that its FX graph cache can key and reuse llmint8 graphs: a table passed in is part
+# of the key and cannot be pickled. The op appears only in graphs of int8 weights.
+inductor_api.register_decomposition(torch.ops.llmint8.linear.default)(linear.decompose)
 
-
-__all__ = ["decompositions", "packs_weights"]
+__all__ = ["packs_weights"]

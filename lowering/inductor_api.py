@@ -11,7 +11,8 @@ import importlib.util
 import torch
 from torch._inductor import config
 from torch._inductor.compile_fx import compile_fx
-from torch._inductor.decomposition import select_decomp_table
+from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
+from torch._inductor.decomposition import register_decomposition, select_decomp_table
 from torch._inductor.ir import FixedLayout
 from torch._inductor.lowering import fallback_handler, register_lowering
 from torch._inductor.select_algorithm import SymbolicGridFn, TritonTemplate, realize_inputs
@@ -21,8 +22,8 @@ from torch._inductor.virtualized import V
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 __all__ = [
-    "FixedLayout", "SymbolicGridFn", "TritonTemplate", "V", "autotune_select_algorithm", "compile_fx", "config",
-    "config_keys", "fallback", "max_autotune", "mode_options", "realize_inputs", "register_op_lowering",
+    "FixedLayout", "SourceKey", "SymbolicGridFn", "TritonTemplate", "V", "autotune_select_algorithm", "compile_fx", "config",
+    "config_keys", "fallback", "max_autotune", "mode_options", "realize_inputs", "register_decomposition", "register_op_lowering",
     "select_decomp_table", "size_hint", "statically_at_most", "uses_triton",
 ]
 
@@ -76,3 +77,21 @@ def statically_at_most(expr, bound: int) -> bool:
 def size_hint(expr) -> int:
     """A concrete value for a (possibly symbolic) size: what the shape was when compiling."""
     return V.graph.sizevars.optimization_hint(expr, fallback=config.unbacked_symint_fallback)
+
+
+class SourceKey(CustomGraphPass):
+    """A post-grad pass that changes nothing: its uuid() puts the hash of the given source files into Inductor's FX
+    graph cache key (CustomGraphPass.uuid() is how the key covers code outside the graph and Inductor's config), so a
+    cached graph is reused only by the same lowerings and kernels."""
+
+    def __init__(self, paths: list[str]):
+        self.paths = tuple(sorted(paths))
+        self._uuid = None
+
+    def __call__(self, graph: torch.fx.Graph) -> None:
+        return None
+
+    def uuid(self) -> bytes:
+        if self._uuid is None:
+            self._uuid = get_hash_for_files(self.paths, extra=torch.__version__)
+        return self._uuid

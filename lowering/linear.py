@@ -1,7 +1,7 @@
 """llmint8::linear: LLM.int8() linear, x [..., K], int8 weight [N, K] and fp32 scale [N] -> [..., N] in x's dtype.
 
 The op the FX pass writes into graphs, fed from an Int8Weight. Its default implementation is the reference math;
-`decompose` replaces it while AOT autograd traces (int8pass.lowering.decompositions()), by device:
+`decompose` (in Inductor's decomposition table) replaces it while AOT autograd traces for Inductor, by device:
 - CPU (`cpu_linear`): the reference quantization, which Inductor fuses into C++ loops, one oneDNN u8 x s8 GEMM on the
   packed weight (onednn_int8_mm.py) and the dequantizing epilogue, fused by Inductor;
 - Triton devices (`triton_linear`: CUDA, and CPU with Inductor's cpu_backend="triton"), by the number of rows of X:
