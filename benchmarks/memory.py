@@ -29,6 +29,7 @@ import os
 import platform
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -141,7 +142,8 @@ def main() -> None:
         command = [sys.executable, __file__, "--variant", variant, "--dir", args.dir, "--layers", str(args.layers),
                    "--hidden", str(args.hidden), "--ffn", str(args.ffn), "--vocab", str(args.vocab),
                    "--tokens", str(args.tokens), "--steps", str(args.steps)]
-        done = subprocess.run(command, capture_output=True, text=True)
+        with tempfile.TemporaryDirectory() as cache:  # a cold compile, as a user's first: no Inductor cache
+            done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache})
         if done.returncode != 0:
             print(f"{variant}: failed\n{done.stderr[-3000:]}", file=sys.stderr)
             rows.append({"variant": variant, "error": done.stderr.strip().splitlines()[-1] if done.stderr else "failed"})
