@@ -24,10 +24,14 @@ def llmint8(gm: torch.fx.GraphModule, example_inputs, *, options: dict[str, Any]
     if mode is not None and mode not in MODES:
         raise ValueError(f"llmint8: unknown mode {mode!r}; accepted: {', '.join(MODES)}")
     config_patches = inductor.mode_options(mode) if mode not in (None, "default") else {}
-    # Inductor's on-disk graph cache keys on the graph and its config, not on our lowerings and kernels: the pass
-    # below adds a hash of int8pass's sources to the key, so a cached graph is reused only by the same int8pass
-    config_patches.setdefault("post_grad_custom_post_pass", SOURCE_KEY)
     config_patches.update(opts.inductor)
+    # Inductor's on-disk graph cache keys on the graph and its config, not on our lowerings and kernels: SOURCE_KEY, a
+    # pass that changes nothing, adds a hash of int8pass's sources to the key. Where the user's own pass holds that
+    # slot, the cache stays off for these graphs rather than risk serving one built by another int8pass.
+    if config_patches.get("post_grad_custom_post_pass", inductor.config.post_grad_custom_post_pass) is None:
+        config_patches["post_grad_custom_post_pass"] = SOURCE_KEY
+    else:
+        config_patches["fx_graph_cache"] = False
 
     report = new_report()
     before = inspect.readable(gm) if opts.dump_dir else ""

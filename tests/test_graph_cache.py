@@ -35,3 +35,22 @@ def test_the_key_follows_the_sources(tmp_path):
     two.write_text("A = 2\n")
     assert SourceKey([str(one)]).uuid() == SourceKey([str(one)]).uuid()
     assert SourceKey([str(one)]).uuid() != SourceKey([str(two)]).uuid()
+
+
+def test_a_users_own_post_grad_pass_is_kept_and_the_cache_stays_off():
+    import torch
+    from torch._dynamo.utils import counters
+
+    class Count(SourceKey):  # a user's pass: it runs, and holds the slot our key would take
+        calls = 0
+
+        def __call__(self, graph):
+            Count.calls += 1
+
+    counters.clear()
+    model = torch.nn.Linear(32, 16).eval()
+    with torch.no_grad():
+        torch.compile(model, backend="llmint8", options={"inductor": {"post_grad_custom_post_pass": Count([])}})(
+            torch.randn(3, 32))
+    assert Count.calls == 1
+    assert counters["inductor"]["fxgraph_cache_hit"] == counters["inductor"]["fxgraph_cache_miss"] == 0
