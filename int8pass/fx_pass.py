@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from int8pass import dynamo_api, process_memory, stats
+from int8pass import dynamo_api, process_memory
 from int8pass.int8_weight import Int8Weight, all_finite
 from int8pass.options import DEFAULT_THRESHOLD, Options
 from int8pass.reference import MAX_EXACT_K
