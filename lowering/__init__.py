@@ -6,7 +6,8 @@ device kernels and Inductor lowering.
     int8_mm_dequant.py      llmint8::int8_mm_dequant       (its GEMM, lowered to a Triton template)
     fused_linear.py         llmint8::fused_linear          (few rows: one kernel, lowered to a Triton template)
     outlier_matmul.py       llmint8::outlier_matmul        (the outlier columns' floating-point product)
-    onednn_int8_mm.py       llmint8::onednn_int8_mm        (the CPU GEMM, and the oneDNN-packed weight it reads)
+    cpu_int8_mm.py          llmint8::cpu_int8_mm           (the CPU GEMM on dense codes, AVX2 without VNNI; a C++ kernel)
+    onednn_int8_mm.py       llmint8::onednn_int8_mm        (the CPU GEMM on the oneDNN-packed weight, VNNI or AMX)
     onednn_unpack.py        llmint8::onednn_unpack         (dense codes of a packed weight)
     record_outliers.py      llmint8::record_outliers       (runtime statistics, only with stats=True)
 
@@ -21,6 +22,7 @@ from __future__ import annotations
 import torch
 
 from int8pass.lowering import (  # noqa: F401  (each import registers its op)
+    cpu_int8_mm,
     fused_linear,
     int8_mm_dequant,
     linear,
@@ -35,9 +37,12 @@ from int8pass.lowering.inductor_api import uses_triton
 
 
 def packs_weights(device: torch.device) -> bool:
-    """Whether int8 weights on `device` keep their codes in oneDNN's packed layout (what the CPU GEMM reads) rather
-    than dense (what Triton kernels read). Call under the Inductor config the graph compiles with."""
-    return device.type == "cpu" and onednn_int8_mm.ONEDNN and not uses_triton(device)
+    """Whether int8 weights on `device` keep their codes in oneDNN's packed layout rather than dense: on CPUs whose
+    oneDNN int8 GEMM is exact in one pass (VNNI, AMX), or where our AVX2 kernel cannot run. Dense codes feed
+    llmint8::cpu_int8_mm and the Triton kernels. Call under the Inductor config the graph compiles with."""
+    if device.type != "cpu" or uses_triton(device) or not onednn_int8_mm.ONEDNN:
+        return False
+    return onednn_int8_mm.EXACT_U8_GEMM or not cpu_int8_mm.available()
 
 
 # llmint8::linear is decomposed by device while AOT autograd traces for Inductor. Registered in Inductor's own table

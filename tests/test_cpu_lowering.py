@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 import int8pass  # noqa: F401
 from int8pass import reference
-from int8pass.lowering import linear, onednn_int8_mm
+from int8pass.lowering import cpu_int8_mm, linear, onednn_int8_mm
 from tests.helpers import outlier_activation, within_bound
 
 
@@ -82,7 +82,7 @@ def test_packed_weight_runs_from_its_packed_codes_alone():
     weight = (torch.randn(16, 64) * 0.1).to(torch.bfloat16)
     w_q, s_w = reference.quantize_weight(weight)
     expected = reference.linear(x, w_q, s_w, None, 6.0)
-    packed = int8pass.Int8Weight.from_codes(w_q, s_w, dtype=torch.bfloat16)
+    packed = int8pass.Int8Weight.from_codes(w_q, s_w, dtype=torch.bfloat16, packed=True)
     assert packed.packed and torch.equal(packed.codes, w_q)  # unpacked on demand, bit for bit
     y = torch.ops.llmint8.linear(x, None, s_w, None, 6.0, None, packed.packed_handle)
     torch.testing.assert_close(y, expected, rtol=0, atol=0)
@@ -95,7 +95,8 @@ def test_packed_weight_runs_from_its_packed_codes_alone():
 
 
 @pytest.mark.skipif(not onednn_int8_mm.ONEDNN, reason="needs oneDNN")
-def test_dense_weight_on_the_cpu_gemm_gets_a_packed_copy_once(caplog):
+def test_dense_weight_on_the_cpu_gemm_gets_a_packed_copy_once(caplog, monkeypatch):
+    monkeypatch.setattr(cpu_int8_mm, "available", lambda: False)  # no AVX2 kernel: oneDNN runs the dense codes
     x = outlier_activation(5, 64, torch.float32, outlier_cols=[9])
     w_q, s_w = reference.quantize_weight(torch.randn(16, 64) * 0.1)
     dense = int8pass.Int8Weight.from_codes(w_q, s_w, dtype=torch.float32, packed=False)
