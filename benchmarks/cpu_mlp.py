@@ -56,16 +56,31 @@ def activations(m: int, k: int, dtype: torch.dtype, outlier_fraction: float) -> 
     return x.to(dtype)
 
 
+def time_stats(fn, x, min_seconds: float, tolerance: float = 0.05, max_rounds: int = 6) -> dict:
+    """Time per call in ms: rounds of repeats lasting at least min_seconds each (after two warm-up calls), until two
+    consecutive rounds' medians agree within `tolerance`; min, median and max over those two rounds."""
+    fn(x)
+    fn(x)
+    rounds = []
+    while True:
+        samples, start = [], time.perf_counter()
+        while time.perf_counter() - start < min_seconds or len(samples) < 3:
+            t = time.perf_counter()
+            fn(x)
+            samples.append((time.perf_counter() - t) * 1e3)
+        rounds.append(samples)
+        if len(rounds) >= 2:
+            last, previous = statistics.median(rounds[-1]), statistics.median(rounds[-2])
+            if abs(last - previous) <= tolerance * min(last, previous) or len(rounds) == max_rounds:
+                break
+    kept = rounds[-2] + rounds[-1]
+    return {"min": round(min(kept), 4), "median": round(statistics.median(kept), 4), "max": round(max(kept), 4),
+            "calls": len(kept), "rounds": len(rounds)}
+
+
 def time_ms(fn, x, min_seconds: float) -> float:
-    """Median time per call over repeats lasting at least min_seconds (after two warm-up calls)."""
-    fn(x)
-    fn(x)
-    samples, start = [], time.perf_counter()
-    while time.perf_counter() - start < min_seconds or len(samples) < 5:
-        t = time.perf_counter()
-        fn(x)
-        samples.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(samples)
+    """Median time per call (time_stats)."""
+    return time_stats(fn, x, min_seconds)["median"]
 
 
 def check_bound(y, x, state, threshold) -> bool:

@@ -1,5 +1,11 @@
 """Model-level CPU benchmark: a Llama-architecture model (HF transformers, built from a config, random weights
-with emergent features in 3 hidden dims) — prefill tokens/s, decode tokens/s and peak memory.
+with emergent features in 3 hidden dims) — prefill tokens/s, decode tokens/s, compile time and peak memory.
+
+Two outlier regimes: "few" (large RMSNorm gains in 3 dims, compensated in the weights that read them: the q/k/v and
+gate/up inputs carry 3 outlier columns, as in real models) and "many" (the same gains, uncompensated: they flood the
+down projections' inputs with hundreds of outlier columns, the worst case for the outlier product).
+Compile time is the first generate (prefill, then decode, which Dynamo recompiles with a dynamic length) minus a
+warm one; "new length" is the extra time of the first prefill at another prompt length.
 
 Variants: bf16 eager, bf16 torch.compile, llmint8, bitsandbytes Linear8bitLt (threshold 6), torchao int8
 dynamic + torch.compile; output heads stay bf16 in every int8 variant. Each variant runs in its own process
@@ -23,13 +29,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cpu_mlp import rss_mib  # noqa: E402
+from machine import describe, summary  # noqa: E402
 
 VARIANTS = ["bf16 eager", "bf16 compile", "llmint8", "bitsandbytes int8 (t=6)", "torchao int8 dyn + compile"]
 RESULTS = Path(__file__).parent / "results"
 OUTLIER_DIMS = [17, 300, 1111]
 
 
-def build_model(layers: int):
+def build_model(layers: int, outliers: str = "few"):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -40,8 +47,8 @@ def build_model(layers: int):
         for layer in model.model.layers:  # emergent features: large norm gains in a few dims, small reading weights
             for norm, readers in ((layer.input_layernorm, (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj)),
                                   (layer.post_attention_layernorm, (layer.mlp.gate_proj, layer.mlp.up_proj))):
-                norm.weight[OUTLIER_DIMS] = 40.0
-                for reader in readers:
+                norm.weight[OUTLIER_DIMS] = 40.0 if outliers == "few" else 25.0
+                for reader in readers if outliers == "few" else ():
                     reader.weight[:, OUTLIER_DIMS] /= 40.0
     return model.to(torch.bfloat16)
 
@@ -73,14 +80,14 @@ def prepare(model, variant: str):
     raise ValueError(variant)
 
 
-def run_variant(variant: str, layers: int, prompt: int, steps: int) -> dict:
+def run_variant(variant: str, layers: int, prompt: int, steps: int, outliers: str) -> dict:
     from transformers import DynamicCache
 
-    model = build_model(layers)
+    model = build_model(layers, outliers)
     forward = prepare(model, variant)
-    ids = torch.randint(0, 8000, (1, prompt), generator=torch.Generator().manual_seed(0))
 
-    def generate():
+    def generate(length=prompt):
+        ids = torch.randint(0, 8000, (1, length), generator=torch.Generator().manual_seed(0))
         cache = DynamicCache()
         start = time.perf_counter()
         logits = forward(input_ids=ids, past_key_values=cache, use_cache=True).logits
@@ -92,13 +99,21 @@ def run_variant(variant: str, layers: int, prompt: int, steps: int) -> dict:
         return prefill, time.perf_counter() - start
 
     with torch.no_grad():
-        generate()  # compiles (prefill, first decode shapes, dynamic decode)
+        first = sum(generate())  # compiles (prefill, first decode shapes, dynamic decode)
         generate()
-        prefill, decode = min(generate() for _ in range(2))
+        runs = [generate() for _ in range(3)]
+        new_length = generate(prompt + 7)[0]
+        new_length_warm = min(generate(prompt + 7)[0] for _ in range(2))
+    prefill, decode = min(run[0] for run in runs), min(run[1] for run in runs)
     return {
         "variant": variant,
+        "outliers": outliers,
         "prefill_tokens_per_s": round(prompt / prefill, 1),
         "decode_tokens_per_s": round(steps / decode, 2),
+        "prefill_s": {"min": round(prefill, 4), "median": round(sorted(r[0] for r in runs)[1], 4), "max": round(max(r[0] for r in runs), 4)},
+        "decode_s": {"min": round(decode, 4), "median": round(sorted(r[1] for r in runs)[1], 4), "max": round(max(r[1] for r in runs), 4)},
+        "compile_s": round(first - prefill - decode, 2),
+        "new_length_compile_s": round(new_length - new_length_warm, 2),
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "steady_rss_mib": round(rss_mib(), 1),  # after the runs: what the process holds while serving
     }
@@ -107,36 +122,41 @@ def run_variant(variant: str, layers: int, prompt: int, steps: int) -> dict:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variant", choices=VARIANTS, help="run one variant in this process and print its JSON")
+    parser.add_argument("--outliers", choices=["few", "many"], default="few")
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--prompt", type=int, default=256)
     parser.add_argument("--steps", type=int, default=16)
     args = parser.parse_args()
     if args.variant:
-        print(json.dumps(run_variant(args.variant, args.layers, args.prompt, args.steps)))
+        print(json.dumps(run_variant(args.variant, args.layers, args.prompt, args.steps, args.outliers)))
         return
+    runs = [(variant, "few") for variant in VARIANTS] + [(variant, "many") for variant in VARIANTS[:3]]
     rows = []
-    for variant in VARIANTS:
-        out = subprocess.run([sys.executable, __file__, "--variant", variant, "--layers", str(args.layers),
-                              "--prompt", str(args.prompt), "--steps", str(args.steps)], capture_output=True, text=True)
+    for variant, outliers in runs:
+        out = subprocess.run([sys.executable, __file__, "--variant", variant, "--outliers", outliers,
+                              "--layers", str(args.layers), "--prompt", str(args.prompt), "--steps", str(args.steps)],
+                             capture_output=True, text=True)
         if out.returncode != 0:
-            print(f"{variant} failed:\n{out.stderr[-1500:]}", file=sys.stderr)
+            print(f"{variant} ({outliers} outliers) failed:\n{out.stderr[-1500:]}", file=sys.stderr)
             continue
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
         print(rows[-1], flush=True)
-    base = next(row for row in rows if row["variant"] == "bf16 eager")
-    lines = ["| variant | prefill tokens/s | decode tokens/s | steady RSS MiB | peak RSS MiB | prefill vs bf16 eager | decode vs bf16 eager |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| outliers | variant | prefill tokens/s | decode tokens/s | compile s | new length s | steady RSS MiB | "
+             "peak RSS MiB | prefill vs bf16 eager | decode vs bf16 eager |", "|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
-        lines.append(f"| {row['variant']} | {row['prefill_tokens_per_s']} | {row['decode_tokens_per_s']} | "
-                     f"{row['steady_rss_mib']} | {row['peak_rss_mib']} | "
+        base = next(b for b in rows if b["variant"] == "bf16 eager" and b["outliers"] == row["outliers"])
+        lines.append(f"| {row['outliers']} | {row['variant']} | {row['prefill_tokens_per_s']} | {row['decode_tokens_per_s']} | "
+                     f"{row['compile_s']} | {row['new_length_compile_s']} | {row['steady_rss_mib']} | {row['peak_rss_mib']} | "
                      f"{row['prefill_tokens_per_s'] / base['prefill_tokens_per_s']:.2f}x | "
                      f"{row['decode_tokens_per_s'] / base['decode_tokens_per_s']:.2f}x |")
-    table = "\n".join(lines)
-    print(f"\nLlama-architecture, d=2048, {args.layers} layers, ffn 5632, vocab 8000, bf16; prompt {args.prompt}, "
-          f"{args.steps} decode steps, batch 1, {torch.get_num_threads()} threads\n\n{table}")
+    machine = describe()
+    caption = (f"Llama-architecture, d=2048, {args.layers} layers, ffn 5632, vocab 8000, bf16; prompt {args.prompt}, "
+               f"{args.steps} decode steps, batch 1; best of 3 runs. {summary(machine)}")
+    table = caption + "\n\n" + "\n".join(lines)
+    print("\n" + table)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "cpu_model.md").write_text(table + "\n")
-    (RESULTS / "cpu_model.json").write_text(json.dumps({"args": vars(args), "torch": torch.__version__, "rows": rows}, indent=2) + "\n")
+    (RESULTS / "cpu_model.json").write_text(json.dumps({"args": vars(args), "machine": machine, "rows": rows}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

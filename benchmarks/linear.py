@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cpu_mlp import activations, time_ms  # noqa: E402
+from cpu_mlp import activations, time_stats  # noqa: E402
+from machine import describe, summary  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DESIGN_SHAPES = [(4096, 4096), (16384, 4096), (4096, 16384), (14336, 4096), (4096, 14336), (1024, 4096),
@@ -103,31 +104,38 @@ def main():
                 row = {"N": n, "K": k, "M": m}
                 for name, fn in variants.items():
                     try:
-                        row[name] = round(time_ms(synchronized(fn), x, args.min_seconds), 3)
+                        stats = time_stats(synchronized(fn), x, args.min_seconds)
+                        row[name], row.setdefault("ms", {})[name] = stats["median"], stats
                     except Exception as error:  # noqa: BLE001  (a peer that fails at a shape is reported)
                         print(f"{name} failed at M={m} {n}x{k}: {type(error).__name__}: {error}", file=sys.stderr)
                 if DEVICE == "cuda":
                     row["llmint8 kernels"] = cuda_kernels_per_call(variants["llmint8"], x)
                 rows.append(row)
-                print(" ".join(f"{key}={value}" for key, value in row.items()), flush=True)
+                print(" ".join(f"{key}={value}" for key, value in row.items() if key != "ms"), flush=True)
 
-    names = [key for key in rows[0] if key not in ("N", "K", "M", "llmint8 kernels")]
+    names = [key for key in rows[0] if key not in ("N", "K", "M", "ms", "llmint8 kernels")]
     kernels = "llmint8 kernels" in rows[0]
-    header = ("| N x K | M | " + " | ".join(f"{name} ms" for name in names) + " | llmint8 vs bf16 eager | vs bf16 compile |"
-              + (" llmint8 kernels/call |" if kernels else ""))
+    peer = "torchao int8 dyn + compile"
+    machine = describe() if DEVICE == "cpu" else {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    header = ("| N x K | M | " + " | ".join(f"{name} ms" for name in names)
+              + " | llmint8 vs bf16 eager | vs bf16 compile | vs torchao |" + (" llmint8 kernels/call |" if kernels else ""))
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
+
+    def ratio(row, name):
+        return f"{row[name] / row['llmint8']:.2f}x" if name in row else "n/a"
+
     for row in rows:
-        cells = [f"{row[name]:.2f}" if name in row else "n/a" for name in names]
+        cells = [f"{row[name]:.3g}" if name in row else "n/a" for name in names]
         lines.append(f"| {row['N']} x {row['K']} | {row['M']} | " + " | ".join(cells)
-                     + f" | {row['bf16 eager'] / row['llmint8']:.2f}x | {row['bf16 compile'] / row['llmint8']:.2f}x |"
+                     + f" | {ratio(row, 'bf16 eager')} | {ratio(row, 'bf16 compile')} | {ratio(row, peer)} |"
                      + (f" {row['llmint8 kernels']} |" if kernels else ""))
-    table = "\n".join(lines)
+    caption = (summary(machine) if DEVICE == "cpu" else f"{machine['device']}, torch {machine['torch']}") + \
+        ". Medians of the per-call times, ms (min and max in the JSON); ratios from the same run."
+    table = caption + "\n\n" + "\n".join(lines)
     print("\n" + table)
     args.results.mkdir(parents=True, exist_ok=True)
     stem = args.results / f"{DEVICE}_linear"
     stem.with_suffix(".md").write_text(table + "\n")
-    machine = {"device": torch.cuda.get_device_name() if DEVICE == "cuda" else torch.backends.cpu.get_cpu_capability(),
-               "torch": torch.__version__, "threads": torch.get_num_threads()}
     stem.with_suffix(".json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=2) + "\n")
     print(f"\nwrote {stem}.md and .json")
     try:

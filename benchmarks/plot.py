@@ -20,7 +20,7 @@ def plot(json_path: Path = RESULTS / "cpu_linear.json", png_path: Path = RESULTS
     data = json.loads(json_path.read_text())
     rows = data["rows"]
     shapes = sorted({(row["N"], row["K"]) for row in rows}, key=lambda shape: -shape[0] * shape[1])
-    variants = [key for key in rows[0] if key not in ("N", "K", "M", "bf16 eager")]
+    variants = [key for key in rows[0] if key not in ("N", "K", "M", "ms", "llmint8 kernels", "bf16 eager")]
     fig, axes = plt.subplots(1, len(shapes), figsize=(4 * len(shapes), 3.6), sharey=True, squeeze=False)
     axes = axes[0]
     for ax, (n, k) in zip(axes, shapes):

@@ -1,0 +1,66 @@
+"""Where a benchmark ran: the CPU and the instruction-set flags that decide int8 vs bf16 speed, library versions,
+threads, and which int8 GEMM llmint8 used. Every benchmark stores this beside its numbers."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import platform
+import re
+
+import torch
+
+# VNNI/AMX give x86 exact int8 dot products (oneDNN's GEMM); AVX512-BF16/AMX-BF16 give bf16 its native dot product
+FLAGS = ["avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8"]
+PEERS = ["transformers", "torchao", "bitsandbytes", "triton"]
+
+
+def _cpuinfo() -> tuple[str, set[str]]:
+    try:
+        text = open("/proc/cpuinfo").read()
+    except OSError:
+        return platform.processor() or platform.machine(), set()
+    model = re.search(r"^model name\s*:\s*(.*)$", text, re.M)
+    flags = re.search(r"^flags\s*:\s*(.*)$", text, re.M)
+    return (model.group(1).strip() if model else platform.machine()), set(flags.group(1).split() if flags else ())
+
+
+def int8_gemm() -> str:
+    """The CPU int8 GEMM that new int8 weights get on this machine."""
+    from int8pass import lowering
+    from int8pass.lowering import cpu_int8_mm, onednn_int8_mm
+
+    if not lowering.packs_weights(torch.device("cpu")):
+        return "llmint8::cpu_int8_mm (AVX2, dense codes)" if cpu_int8_mm.available() else "torch._int_mm"
+    return "oneDNN u8s8" + ("" if onednn_int8_mm.EXACT_U8_GEMM else " (rows split in two: no VNNI)")
+
+
+def describe() -> dict:
+    model, flags = _cpuinfo()
+    onednn = re.search(r"MKL-DNN v([\d.]+)", torch.__config__.show() + torch.__config__.parallel_info())
+    versions = {"torch": torch.__version__, "oneDNN": onednn.group(1) if onednn else None}
+    for name in PEERS:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    return {
+        "cpu": model,
+        "flags": {flag: flag in flags for flag in FLAGS},
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "threads": torch.get_num_threads(),
+        "versions": versions,
+        "llmint8_cpu_int8_gemm": int8_gemm(),
+    }
+
+
+def summary(machine: dict) -> str:
+    """One line for a table's caption."""
+    flags = ", ".join(flag for flag, present in machine["flags"].items() if present) or "none known"
+    return (f"{machine['cpu']} ({flags}); {machine['threads']} threads; torch {machine['versions']['torch']}, "
+            f"oneDNN {machine['versions']['oneDNN']}; llmint8 GEMM: {machine['llmint8_cpu_int8_gemm']}")
+
+
+if __name__ == "__main__":
+    import json
+
+    print(json.dumps(describe(), indent=2))
