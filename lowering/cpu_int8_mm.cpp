@@ -11,6 +11,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -62,7 +63,8 @@ void row_block(const int8_t* x, const int8_t* w, int32_t* out, int64_t K, int64_
 
 // The outlier columns' product for weight rows [n0, n1) (at most NC): outliers[m, n] = sum_j x_o[m, j] * w[n, cols[j]]
 // in fp32, x_o being X[:, O] ([M, |O|], fp32). The columns W_q[n0:n1, O] are gathered once, while those rows are
-// still in cache from the GEMM; each output row is then a sum of |O| scaled copies of them, vectorized over n.
+// still in cache from the GEMM; each output row is then a sum of |O| scaled copies of them, vectorized over n,
+// adding the columns in ascending order as a matmul would.
 void outlier_rows(const float* x_o, const int32_t* cols, int64_t n_cols, const int8_t* w, float* outliers, int64_t M,
                   int64_t N, int64_t K, int64_t n0, int64_t n1, float* w_o) {
   const int64_t width = n1 - n0;
@@ -70,11 +72,20 @@ void outlier_rows(const float* x_o, const int32_t* cols, int64_t n_cols, const i
     for (int64_t j = 0; j < n_cols; ++j) w_o[j * NC + n] = float(w[(n0 + n) * K + cols[j]]);
   for (int64_t m = 0; m < M; ++m) {
     float* row = outliers + m * N + n0;
-    std::fill(row, row + width, 0.0f);
-    for (int64_t j = 0; j < n_cols; ++j) {
-      const float x_mj = x_o[m * n_cols + j];
-      const float* w_j = w_o + j * NC;
-      for (int64_t n = 0; n < width; ++n) row[n] += x_mj * w_j[n];
+    const float* x_m = x_o + m * n_cols;
+    int64_t n = 0;
+    for (; n + 32 <= width; n += 32) {  // 4 independent accumulators: the FMA latency is hidden
+      __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+      for (int64_t j = 0; j < n_cols; ++j) {
+        const __m256 x_mj = _mm256_set1_ps(x_m[j]);
+        for (int c = 0; c < 4; ++c) acc[c] = _mm256_fmadd_ps(x_mj, _mm256_loadu_ps(w_o + j * NC + n + 8 * c), acc[c]);
+      }
+      for (int c = 0; c < 4; ++c) _mm256_storeu_ps(row + n + 8 * c, acc[c]);
+    }
+    for (; n < width; ++n) {
+      float sum = 0.0f;
+      for (int64_t j = 0; j < n_cols; ++j) sum = std::fma(x_m[j], w_o[j * NC + n], sum);
+      row[n] = sum;
     }
   }
 }
