@@ -4,7 +4,10 @@ Runs on CUDA when present (all docs/design.md §4 shapes, M = 1 ... 4096), else 
 shapes a 2-core CPU runs in reasonable time, M = 1 ... 512). Activations with 0.5% outlier columns (|x| 20-60),
 threshold 6, bf16. All ratios come from the same run. Peers run where installed: bitsandbytes Linear8bitLt
 (threshold 6, eval) and torchao Int8DynamicActivationInt8WeightConfig compiled with Inductor (as torchao
-recommends). On CUDA it also counts the kernels one llmint8 call launches (profiler). Prints a markdown table and writes benchmarks/results/{cpu,cuda}_linear.{json,md,png}.
+recommends). On CPU it adds fp32 eager (MKL), the fast floating-point GEMM where a CPU has no bf16 dot product. On
+CUDA it counts the kernels one llmint8 call launches (profiler). Each time is the median of repeats that stop once
+two rounds agree (min and max go to the JSON, with the machine: CPU model and ISA flags, versions, threads). Prints
+a markdown table and writes benchmarks/results/{cpu,cuda}_linear.{json,md,png}.
 
     bash tools/dev.sh bench-linear
 """
@@ -99,6 +102,9 @@ def main():
                 "llmint8": torch.compile(copy.deepcopy(linear), backend="llmint8", dynamic=False),
                 **peers(linear),
             }
+            if DEVICE == "cpu":  # where the CPU has no bf16 dot product, fp32 (MKL) is the fast floating-point GEMM
+                fp32 = copy.deepcopy(linear).float()
+                variants["fp32 eager (x cast)"] = lambda x, fp32=fp32: fp32(x.float())
             for m in args.tokens:
                 x = activations(m, k, torch.bfloat16, 0.005).to(DEVICE)
                 row = {"N": n, "K": k, "M": m}
@@ -118,7 +124,8 @@ def main():
     peer = "torchao int8 dyn + compile"
     machine = describe() if DEVICE == "cpu" else {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
     header = ("| N x K | M | " + " | ".join(f"{name} ms" for name in names)
-              + " | llmint8 vs bf16 eager | vs bf16 compile | vs torchao |" + (" llmint8 kernels/call |" if kernels else ""))
+              + " | llmint8 vs bf16 eager | vs bf16 compile | vs torchao |" + (" vs fp32 |" if DEVICE == "cpu" else "")
+              + (" llmint8 kernels/call |" if kernels else ""))
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
 
     def ratio(row, name):
@@ -128,6 +135,7 @@ def main():
         cells = [f"{row[name]:.3g}" if name in row else "n/a" for name in names]
         lines.append(f"| {row['N']} x {row['K']} | {row['M']} | " + " | ".join(cells)
                      + f" | {ratio(row, 'bf16 eager')} | {ratio(row, 'bf16 compile')} | {ratio(row, peer)} |"
+                     + (f" {ratio(row, 'fp32 eager (x cast)')} |" if DEVICE == "cpu" else "")
                      + (f" {row['llmint8 kernels']} |" if kernels else ""))
     caption = (summary(machine) if DEVICE == "cpu" else f"{machine['device']}, torch {machine['torch']}") + \
         ". Medians of the per-call times, ms (min and max in the JSON); ratios from the same run."

@@ -9,6 +9,8 @@ import re
 
 import torch
 
+from int8pass import lowering
+
 # VNNI/AMX give x86 exact int8 dot products (oneDNN's GEMM); AVX512-BF16/AMX-BF16 give bf16 its native dot product
 FLAGS = ["avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8"]
 PEERS = ["transformers", "torchao", "bitsandbytes", "triton"]
@@ -22,16 +24,6 @@ def _cpuinfo() -> tuple[str, set[str]]:
     model = re.search(r"^model name\s*:\s*(.*)$", text, re.M)
     flags = re.search(r"^flags\s*:\s*(.*)$", text, re.M)
     return (model.group(1).strip() if model else platform.machine()), set(flags.group(1).split() if flags else ())
-
-
-def int8_gemm() -> str:
-    """The CPU int8 GEMM that new int8 weights get on this machine."""
-    from int8pass import lowering
-    from int8pass.lowering import cpu_int8_mm, onednn_int8_mm
-
-    if not lowering.packs_weights(torch.device("cpu")):
-        return "llmint8::cpu_int8_mm (AVX2, dense codes)" if cpu_int8_mm.available() else "torch._int_mm"
-    return "oneDNN u8s8" + ("" if onednn_int8_mm.EXACT_U8_GEMM else " (rows split in two: no VNNI)")
 
 
 def describe() -> dict:
@@ -49,7 +41,7 @@ def describe() -> dict:
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "threads": torch.get_num_threads(),
         "versions": versions,
-        "llmint8_cpu_int8_gemm": int8_gemm(),
+        "llmint8_cpu_int8_gemm": lowering.cpu_gemm(),
     }
 
 

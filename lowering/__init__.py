@@ -2,11 +2,11 @@
 device kernels and Inductor lowering.
 
     linear.py               llmint8::linear, what the FX pass writes; decomposed by device while AOT autograd traces
+    avx2_linear.py          llmint8::avx2_linear           (the CPU linear on dense codes, AVX2 without VNNI: one C++ call)
     quantize_activation.py  llmint8::quantize_activation   (Triton devices: the two-step linear's first step)
     int8_mm_dequant.py      llmint8::int8_mm_dequant       (its GEMM, lowered to a Triton template)
     fused_linear.py         llmint8::fused_linear          (few rows: one kernel, lowered to a Triton template)
     outlier_matmul.py       llmint8::outlier_matmul        (the outlier columns' floating-point product)
-    cpu_int8_mm.py          llmint8::cpu_int8_mm           (the CPU GEMM on dense codes, AVX2 without VNNI; a C++ kernel)
     onednn_int8_mm.py       llmint8::onednn_int8_mm        (the CPU GEMM on the oneDNN-packed weight, VNNI or AMX)
     onednn_unpack.py        llmint8::onednn_unpack         (dense codes of a packed weight)
     record_outliers.py      llmint8::record_outliers       (runtime statistics, only with stats=True)
@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from int8pass.lowering import (  # noqa: F401  (each import registers its op)
-    cpu_int8_mm,
+    avx2_linear,
     fused_linear,
     int8_mm_dequant,
     linear,
@@ -39,10 +39,19 @@ from int8pass.lowering.inductor_api import uses_triton
 def packs_weights(device: torch.device) -> bool:
     """Whether int8 weights on `device` keep their codes in oneDNN's packed layout rather than dense: on CPUs whose
     oneDNN int8 GEMM is exact in one pass (VNNI, AMX), or where our AVX2 kernel cannot run. Dense codes feed
-    llmint8::cpu_int8_mm and the Triton kernels. Call under the Inductor config the graph compiles with."""
+    the AVX2 kernel (avx2_linear.py) and the Triton kernels. Call under the Inductor config the graph compiles with."""
     if device.type != "cpu" or uses_triton(device) or not onednn_int8_mm.ONEDNN:
         return False
-    return onednn_int8_mm.EXACT_U8_GEMM or not cpu_int8_mm.available()
+    return onednn_int8_mm.EXACT_U8_GEMM or not avx2_linear.available()
+
+
+def cpu_gemm() -> str:
+    """The int8 GEMM that CPU linears with new weights run on this machine (it decides how they are compiled)."""
+    if not onednn_int8_mm.ONEDNN:
+        return "int8pass AVX2 kernel (dense codes)" if avx2_linear.available() else "torch._int_mm (dense codes)"
+    if not packs_weights(torch.device("cpu")):
+        return "int8pass AVX2 kernel (dense codes)"
+    return "oneDNN u8s8 (packed codes)" + ("" if onednn_int8_mm.EXACT_U8_GEMM else ", rows split in two: no VNNI")
 
 
 # llmint8::linear is decomposed by device while AOT autograd traces for Inductor. Registered in Inductor's own table
@@ -50,4 +59,4 @@ def packs_weights(device: torch.device) -> bool:
 # of the key and cannot be pickled. The op appears only in graphs of int8 weights.
 inductor_api.register_decomposition(torch.ops.llmint8.linear.default)(linear.decompose)
 
-__all__ = ["packs_weights"]
+__all__ = ["cpu_gemm", "packs_weights"]

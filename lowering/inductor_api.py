@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import importlib.util
 
+from typing import Callable
+
 import torch
 from torch._inductor import config
 from torch._inductor.compile_fx import compile_fx
@@ -82,10 +84,12 @@ def size_hint(expr) -> int:
 class SourceKey(CustomGraphPass):
     """A post-grad pass that changes nothing: its uuid() puts the hash of the given source files into Inductor's FX
     graph cache key (CustomGraphPass.uuid() is how the key covers code outside the graph and Inductor's config), so a
-    cached graph is reused only by the same lowerings and kernels."""
+    cached graph is reused only by the same lowerings and kernels; `extra()` adds what else decides them (called at
+    the first compile)."""
 
-    def __init__(self, paths: list[str]):
+    def __init__(self, paths: list[str], extra: Callable[[], str]):
         self.paths = tuple(sorted(paths))
+        self.extra = extra
         self._uuid = None
 
     def __call__(self, graph: torch.fx.Graph) -> None:
@@ -93,5 +97,5 @@ class SourceKey(CustomGraphPass):
 
     def uuid(self) -> bytes:
         if self._uuid is None:
-            self._uuid = get_hash_for_files(self.paths, extra=torch.__version__)
+            self._uuid = get_hash_for_files(self.paths, extra=f"{torch.__version__} {self.extra()}")
         return self._uuid

@@ -2,9 +2,10 @@
 
 The op the FX pass writes into graphs, fed from an Int8Weight. Its default implementation is the reference math;
 `decompose` (in Inductor's decomposition table) replaces it while AOT autograd traces for Inductor, by device:
-- CPU (`cpu_linear`): the reference quantization, which Inductor fuses into C++ loops, one int8 GEMM (on dense codes
-  our AVX2 kernel, cpu_int8_mm.py; on packed codes oneDNN's, onednn_int8_mm.py) and the dequantizing epilogue,
-  fused by Inductor;
+- CPU with dense codes and the AVX2 kernel: llmint8::avx2_linear (avx2_linear.py), one extern call that does the
+  whole linear in C++;
+- other CPU (`cpu_linear`): the reference quantization, which Inductor fuses into C++ loops, one oneDNN u8 x s8
+  GEMM on the packed weight (onednn_int8_mm.py) and the dequantizing epilogue, fused by Inductor;
 - Triton devices (`triton_linear`: CUDA, and CPU with Inductor's cpu_backend="triton"), by the number of rows of X:
   up to triton_gemm.FUSED_MAX_M (decode; known when compiling) llmint8::fused_linear, one kernel; more, or a dynamic count,
   llmint8::quantize_activation (two Triton launches, an extern call) then llmint8::int8_mm_dequant. Inductor lowers
@@ -20,7 +21,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 from int8pass import reference
 from int8pass.lowering.checks import check_linear_args
 from int8pass.lowering.inductor_api import HAS_TRITON, uses_triton
-from int8pass.lowering import cpu_int8_mm, onednn_int8_mm
+from int8pass.lowering import avx2_linear, onednn_int8_mm
 
 
 @torch.library.custom_op("llmint8::linear", mutates_args=())
@@ -50,23 +51,15 @@ def _(x, weight_q, weight_scale, bias, threshold, outlier_weight=None, packed_ha
 
 
 def cpu_linear(x, weight_q, weight_scale, bias, threshold, outlier_weight=None, packed_handle=None):
-    """llmint8::linear on CPU: the reference steps, with the int8 GEMM done by our AVX2 kernel on dense codes, by
-    oneDNN on packed ones (or dense ones without the kernel), else by torch._int_mm.
+    """llmint8::linear on CPU: on dense codes where the AVX2 kernel runs, that one call (avx2_linear.py); else the
+    reference steps, with the int8 GEMM done by oneDNN (packed codes, or a packed copy of dense ones) or, without
+    oneDNN, by torch._int_mm.
 
     weight_q is None for a weight whose codes are kept only in oneDNN's layout (packed_handle names them)."""
     check_linear_args(x, weight_q, weight_scale, bias, packed_handle)
+    if avx2_linear.runs(x, weight_q):
+        return avx2_linear.linear(x, weight_q, weight_scale, bias, threshold, outlier_weight)
     x2d = x.reshape(-1, x.shape[-1])
-    if weight_q is not None and x.dtype in cpu_int8_mm.X_DTYPES and cpu_int8_mm.available():
-        # the kernel takes the outlier columns as a mask: no sort to compact them
-        is_outlier = reference.outlier_columns(x2d, threshold)
-        x_q, s_x = reference.quantize_inliers(x2d, is_outlier)
-        acc, code_outliers = torch.ops.llmint8.cpu_int8_mm(x_q, x2d, is_outlier, weight_q)
-        if outlier_weight is None:
-            outliers = code_outliers * (weight_scale / reference.Q_MAX)
-        else:
-            indices, count = reference.compact_indices(is_outlier)
-            outliers = torch.ops.llmint8.outlier_matmul(x2d, indices, count, outlier_weight, weight_scale)
-        return reference.dequantize_output(x, acc.float(), s_x, weight_scale, outliers, bias)
     x_q, s_x, indices, count = reference.quantize_activation(x2d, threshold)
     outliers = None  # X[:, O] . W^[:, O]^T, from the dense codes (or outlier_weight) unless oneDNN reads them back
     if onednn_int8_mm.ONEDNN:
@@ -105,6 +98,8 @@ def decompose(x, weight_q, weight_scale, bias, threshold, outlier_weight=None, p
     if uses_triton(x.device):
         return triton_linear(x, weight_q, weight_scale, bias, threshold, outlier_weight, packed_handle)
     if x.device.type == "cpu":
+        if avx2_linear.runs(x, weight_q):
+            return torch.ops.llmint8.avx2_linear(x, weight_q, weight_scale, bias, threshold, outlier_weight)
         return cpu_linear(x, weight_q, weight_scale, bias, threshold, outlier_weight, packed_handle)
     return NotImplemented
 

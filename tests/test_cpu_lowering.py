@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 import int8pass  # noqa: F401
 from int8pass import reference
-from int8pass.lowering import cpu_int8_mm, linear, onednn_int8_mm
+from int8pass.lowering import avx2_linear, linear, onednn_int8_mm
 from tests.helpers import outlier_activation, within_bound
 
 
@@ -28,13 +28,20 @@ def test_inductor_quantization_codes_are_bit_exact(m, k, dtype, threshold, seed)
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("m", [1, 17, 64])
-def test_decomposed_linear_matches_reference(dtype, m):
+@pytest.mark.parametrize("kernel", ["as_the_cpu_allows", "decomposed_for_onednn"])
+def test_compiled_linear_matches_reference(dtype, m, kernel, monkeypatch):
+    if kernel == "decomposed_for_onednn":  # what CPUs without the AVX2 kernel compile, checked on every CPU
+        if not onednn_int8_mm.ONEDNN:
+            pytest.skip("needs oneDNN")
+        monkeypatch.setattr(avx2_linear, "available", lambda: False)
     x = outlier_activation(m, 96, dtype, outlier_cols=[5, 77])
     weight = (torch.randn(40, 96) * 0.05).to(dtype)
     bias = torch.randn(40).to(dtype)
     w_q, s_w = reference.quantize_weight(weight)
-    compiled = torch.compile(linear.cpu_linear, backend="inductor", fullgraph=True)
-    y = compiled(x, w_q, s_w, bias, 6.0)
+    torch._dynamo.reset()
+    with torch._inductor.config.patch(fx_graph_cache=False):  # the two kernels compile the same graph differently
+        compiled = torch.compile(lambda *args: torch.ops.llmint8.linear(*args), backend="inductor", fullgraph=True)
+        y = compiled(x, w_q, s_w, bias, 6.0)
     within_bound(y, x, weight, bias, 6.0)
     # same math as the reference; only the order of fp32 scale multiplications may differ
     torch.testing.assert_close(y, reference.linear(x, w_q, s_w, bias, 6.0), rtol=2 * torch.finfo(dtype).eps, atol=1e-5)
@@ -96,7 +103,7 @@ def test_packed_weight_runs_from_its_packed_codes_alone():
 
 @pytest.mark.skipif(not onednn_int8_mm.ONEDNN, reason="needs oneDNN")
 def test_dense_weight_on_the_cpu_gemm_gets_a_packed_copy_once(caplog, monkeypatch):
-    monkeypatch.setattr(cpu_int8_mm, "available", lambda: False)  # no AVX2 kernel: oneDNN runs the dense codes
+    monkeypatch.setattr(avx2_linear, "available", lambda: False)  # no AVX2 kernel: oneDNN runs the dense codes
     x = outlier_activation(5, 64, torch.float32, outlier_cols=[9])
     w_q, s_w = reference.quantize_weight(torch.randn(16, 64) * 0.1)
     dense = int8pass.Int8Weight.from_codes(w_q, s_w, dtype=torch.float32, packed=False)
