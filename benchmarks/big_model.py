@@ -24,7 +24,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import llama_checkpoint  # noqa: E402
-import memory  # noqa: E402  (RSS readers and the machine description)
+import machine  # noqa: E402
+import memory  # noqa: E402  (RSS readers)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -89,7 +90,7 @@ def main() -> None:
     assert torch.equal(out, again)
     result = {
         "checkpoint": str(checkpoint), "checkpoint_gib": round(size / 2**30, 2), "parameters": params,
-        "ram_gib": round(ram / 2**30, 1), "machine": memory.machine(),
+        "ram_gib": round(ram / 2**30, 1), "machine": machine.describe(),
         "load_s": round(load_s, 1), "compile_s": round(compile_s, 1), "prefill_s": round(prefill_s, 2),
         "first_generate_s": round(generate_s, 1), "generate_s": round(warm_s, 1),
         # generate's first token comes from the prompt's forward: the other tokens/(time - prefill) are decode steps

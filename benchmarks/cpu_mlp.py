@@ -14,8 +14,8 @@ import argparse
 import gc
 import json
 import os
-import platform
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -24,6 +24,9 @@ import torch
 
 import int8pass
 from int8pass import reference
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import machine  # noqa: E402
 
 
 def rss_mib() -> float:
@@ -152,12 +155,7 @@ def main():
     result = {
         "benchmark": f"MLP {args.k}->{args.k}->{args.k} bf16, GELU, threshold {args.threshold}, "
         f"{args.outlier_fraction:.1%} outlier columns with |x| 20-60",
-        "machine": {
-            "cpu": platform.processor() or platform.machine(),
-            "threads": torch.get_num_threads(),
-            "torch": torch.__version__,
-            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        },
+        "machine": machine.describe(),
         "layers_rewritten": f"{len(report.rewritten)}/{len(report.layers)}",
         "compile_s": round(compile_s, 2),
         "rss_mib": {"empty": round(rss_empty, 1), "model_bf16": round(rss_model, 1), "after_compile": round(rss_compiled, 1)},

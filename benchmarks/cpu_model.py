@@ -5,7 +5,8 @@ Two outlier regimes: "few" (large RMSNorm gains in 3 dims, compensated in the we
 gate/up inputs carry 3 outlier columns, as in real models) and "many" (the same gains, uncompensated: they flood the
 down projections' inputs with hundreds of outlier columns, the worst case for the outlier product).
 Compile time is the first generate (prefill, then decode, which Dynamo recompiles with a dynamic length) minus a
-warm one; "new length" is the extra time of the first prefill at another prompt length.
+warm one; "new length" is the extra time of the first prefill at another prompt length. Each variant runs in a
+fresh Inductor cache, so its compiles are cold.
 
 Variants: bf16 eager, bf16 torch.compile, llmint8, bitsandbytes Linear8bitLt (threshold 6), torchao int8
 dynamic + torch.compile; output heads stay bf16 in every int8 variant. Each variant runs in its own process
@@ -20,8 +21,10 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -133,9 +136,10 @@ def main():
     runs = [(variant, "few") for variant in VARIANTS] + [(variant, "many") for variant in VARIANTS[:3]]
     rows = []
     for variant, outliers in runs:
-        out = subprocess.run([sys.executable, __file__, "--variant", variant, "--outliers", outliers,
-                              "--layers", str(args.layers), "--prompt", str(args.prompt), "--steps", str(args.steps)],
-                             capture_output=True, text=True)
+        with tempfile.TemporaryDirectory() as cache:  # compiles are cold: a fresh Inductor cache per variant
+            out = subprocess.run([sys.executable, __file__, "--variant", variant, "--outliers", outliers,
+                                  "--layers", str(args.layers), "--prompt", str(args.prompt), "--steps", str(args.steps)],
+                                 capture_output=True, text=True, env={**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache})
         if out.returncode != 0:
             print(f"{variant} ({outliers} outliers) failed:\n{out.stderr[-1500:]}", file=sys.stderr)
             continue

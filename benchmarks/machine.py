@@ -9,8 +9,6 @@ import re
 
 import torch
 
-from int8pass import lowering
-
 # VNNI/AMX give x86 exact int8 dot products (oneDNN's GEMM); AVX512-BF16/AMX-BF16 give bf16 its native dot product
 FLAGS = ["avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8"]
 PEERS = ["transformers", "torchao", "bitsandbytes", "triton"]
@@ -27,6 +25,8 @@ def _cpuinfo() -> tuple[str, set[str]]:
 
 
 def describe() -> dict:
+    from int8pass import lowering
+
     model, flags = _cpuinfo()
     onednn = re.search(r"MKL-DNN v([\d.]+)", torch.__config__.show() + torch.__config__.parallel_info())
     versions = {"torch": torch.__version__, "oneDNN": onednn.group(1) if onednn else None}

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -35,6 +34,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import llama_checkpoint  # noqa: E402
+import machine  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 VARIANTS = ("bf16", "bf16-inductor", "llmint8", "int8pass", "int8pass-eager", "bitsandbytes")
@@ -103,17 +103,6 @@ def run_variant(variant: str, checkpoint: str, tokens: int, steps: int) -> dict:
     }
 
 
-def machine() -> dict:
-    import torch
-
-    caps = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
-    flags = [flag for flag in ("avx2", "avx512_f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8", "amx_bf16") if caps.get(flag)]
-    import transformers
-
-    return {"cpu": caps.get("cpu_name") or platform.processor(), "cpu_flags": flags, "threads": torch.get_num_threads(),
-            "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version()}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=12)
@@ -168,7 +157,7 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    out.with_suffix(".json").write_text(json.dumps({"machine": machine(), "checkpoint_bytes": size, "rows": rows}, indent=2) + "\n")
+    out.with_suffix(".json").write_text(json.dumps({"machine": machine.describe(), "checkpoint_bytes": size, "rows": rows}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

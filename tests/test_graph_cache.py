@@ -29,12 +29,16 @@ def test_a_new_process_reuses_the_compiled_graph(tmp_path):
     assert (hit1, miss1) == ("0", "1") and (hit2, miss2) == ("1", "0") and y1 == y2
 
 
-def test_the_key_follows_the_sources(tmp_path):
+def test_the_key_follows_the_sources_and_the_machine(tmp_path):
     one, two = tmp_path / "one.py", tmp_path / "two.py"
     one.write_text("A = 1\n")
     two.write_text("A = 2\n")
-    assert SourceKey([str(one)]).uuid() == SourceKey([str(one)]).uuid()
-    assert SourceKey([str(one)]).uuid() != SourceKey([str(two)]).uuid()
+    def key(path, machine="avx2"):
+        return SourceKey([str(path)], lambda: machine).uuid()
+
+    assert key(one) == key(one)
+    assert key(one) != key(two)
+    assert key(one) != key(one, machine="onednn")  # which CPU GEMM the machine runs decides the compiled graph
 
 
 def test_a_users_own_post_grad_pass_is_kept_and_the_cache_stays_off():
@@ -50,7 +54,7 @@ def test_a_users_own_post_grad_pass_is_kept_and_the_cache_stays_off():
     counters.clear()
     model = torch.nn.Linear(32, 16).eval()
     with torch.no_grad():
-        torch.compile(model, backend="llmint8", options={"inductor": {"post_grad_custom_post_pass": Count([])}})(
+        torch.compile(model, backend="llmint8", options={"inductor": {"post_grad_custom_post_pass": Count([], str)}})(
             torch.randn(3, 32))
     assert Count.calls == 1
     assert counters["inductor"]["fxgraph_cache_hit"] == counters["inductor"]["fxgraph_cache_miss"] == 0
