@@ -138,9 +138,10 @@ def main() -> None:
             rows.append({"variant": variant, "error": done.stderr.strip().splitlines()[-1] if done.stderr else "failed"})
             continue
         rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    described = machine.describe()
     reference = next((row for row in rows if row.get("variant") == "bf16" and "steady_mib" in row), None)
     lines = [f"checkpoint: {checkpoint} ({size / 2**30:.2f} GiB bf16 safetensors), prefill {args.tokens} tokens + "
-             f"{args.steps} decode steps; machine: {json.dumps(machine())}", "",
+             f"{args.steps} decode steps; {machine.summary(described)}", "",
              "| variant | loaded MiB | load peak MiB | steady MiB | peak MiB | steady / bf16 | peak / bf16 | load s | "
              "compile s | generate s |",
              "|---|---|---|---|---|---|---|---|---|---|"]
@@ -157,7 +158,7 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    out.with_suffix(".json").write_text(json.dumps({"machine": machine.describe(), "checkpoint_bytes": size, "rows": rows}, indent=2) + "\n")
+    out.with_suffix(".json").write_text(json.dumps({"machine": described, "checkpoint_bytes": size, "rows": rows}, indent=2) + "\n")
 
 
 if __name__ == "__main__":
