@@ -56,28 +56,22 @@ def compact_indices(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return order.to(torch.int32), mask.sum(dtype=torch.int32).reshape(1)
 
 
-def quantize_inliers(x2d: torch.Tensor, is_outlier: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Row-wise (per token) int8 quantization of X [M, K] with the outlier columns zeroed before the row scales are
-    taken, so X_q is 0 there -> (X_q int8 [M, K], s_x fp32 [M])."""
-    x_inliers = torch.where(is_outlier, 0.0, x2d.float())
-    if x2d.shape[0] == 0:
-        s_x = x_inliers.new_zeros(0)
-    else:
-        s_x = x_inliers.abs().amax(dim=1)
-    return _scale_to_codes(x_inliers, s_x[:, None]), s_x
-
-
 def quantize_activation(
     x2d: torch.Tensor, threshold: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Calibrate-free activation quantization of X [M, K].
 
     Returns (X_q int8 [M, K], s_x fp32 [M], outlier indices int32 [K], outlier count int32 [1]).
+    Outlier columns are zeroed before the row scales are taken, so X_q is 0 there.
     """
     is_outlier = outlier_columns(x2d, threshold)
-    x_q, s_x = quantize_inliers(x2d, is_outlier)
+    x_inliers = torch.where(is_outlier, 0.0, x2d.float())
+    if x2d.shape[0] == 0:
+        s_x = x_inliers.new_zeros(0)
+    else:
+        s_x = x_inliers.abs().amax(dim=1)
     indices, count = compact_indices(is_outlier)
-    return x_q, s_x, indices, count
+    return _scale_to_codes(x_inliers, s_x[:, None]), s_x, indices, count
 
 
 def exact_int_matmul(x_q: torch.Tensor, w_q: torch.Tensor) -> torch.Tensor:
