@@ -36,22 +36,25 @@ from int8pass.lowering import inductor_api
 from int8pass.lowering.inductor_api import uses_triton
 
 
+def _cpu_packs() -> bool:
+    """Whether this CPU's linears run oneDNN's GEMM on packed codes: where it is exact in one pass (VNNI, AMX), or
+    where our AVX2 kernel cannot run."""
+    return onednn_int8_mm.ONEDNN and (onednn_int8_mm.EXACT_U8_GEMM or not avx2_linear.available())
+
+
 def packs_weights(device: torch.device) -> bool:
-    """Whether int8 weights on `device` keep their codes in oneDNN's packed layout rather than dense: on CPUs whose
-    oneDNN int8 GEMM is exact in one pass (VNNI, AMX), or where our AVX2 kernel cannot run. Dense codes feed
-    the AVX2 kernel (avx2_linear.py) and the Triton kernels. Call under the Inductor config the graph compiles with."""
-    if device.type != "cpu" or uses_triton(device) or not onednn_int8_mm.ONEDNN:
-        return False
-    return onednn_int8_mm.EXACT_U8_GEMM or not avx2_linear.available()
+    """Whether int8 weights on `device` keep their codes in oneDNN's packed layout rather than dense (_cpu_packs).
+    Dense codes feed the AVX2 kernel (avx2_linear.py) and the Triton kernels. Call under the Inductor config the
+    graph compiles with."""
+    return device.type == "cpu" and not uses_triton(device) and _cpu_packs()
 
 
 def cpu_gemm() -> str:
-    """The int8 GEMM that CPU linears with new weights run on this machine (it decides how they are compiled)."""
-    if not onednn_int8_mm.ONEDNN:
-        return "int8pass AVX2 kernel (dense codes)" if avx2_linear.available() else "torch._int_mm (dense codes)"
-    if not packs_weights(torch.device("cpu")):
-        return "int8pass AVX2 kernel (dense codes)"
-    return "oneDNN u8s8 (packed codes)" + ("" if onednn_int8_mm.EXACT_U8_GEMM else ", rows split in two: no VNNI")
+    """The int8 GEMM that CPU linears with new weights run on this machine (it decides how they are compiled; a fact
+    of the machine, whatever the Inductor config)."""
+    if _cpu_packs():
+        return "oneDNN u8s8 (packed codes)" + ("" if onednn_int8_mm.EXACT_U8_GEMM else ", rows split in two: no VNNI")
+    return "int8pass AVX2 kernel (dense codes)" if avx2_linear.available() else "torch._int_mm (dense codes)"
 
 
 # llmint8::linear is decomposed by device while AOT autograd traces for Inductor. Registered in Inductor's own table
