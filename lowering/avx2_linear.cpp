@@ -186,7 +186,7 @@ void quantize(const void* x, int dtype, int64_t M, int64_t K, float limit, uint8
     const int64_t k1 = std::min(K, k0 + 256);
     for (int64_t m = 0; m < M; ++m) {
       int64_t k = k0;
-      for (; k + 8 <= k1 && k + 8 <= k_vec; k += 8) {
+      for (; k + 8 <= k1; k += 8) {  // k0 is a multiple of 8, so these 8 lie below k_vec
         const __m256 a = _mm256_and_ps(load8(x, m * K + k, dtype), abs_mask);
         const int flags = _mm256_movemask_ps(_mm256_cmp_ps(a, limit8, _CMP_NLT_UQ));
         if (flags)
@@ -270,9 +270,9 @@ void int8pass_avx2_linear(const void* x, int dtype, int64_t M, int64_t K, const 
       float product[NC] = {};
       float value[NC];
       for (int64_t m = 0; m < M; ++m) {
-        const float* out_m = n_cols ? outliers.data() + m * NC : outlier_product ? outlier_product + m * N + n0 : nullptr;
         for (int64_t n = 0; n < rows; ++n)
-          product[n] = n_cols ? out_m[n] * outlier_scale[n] : outlier_product ? out_m[n] : 0.0f;
+          product[n] = n_cols ? outliers[m * NC + n] * outlier_scale[n]
+                       : outlier_product ? outlier_product[m * N + n0 + n] : 0.0f;
         const __m256 s_x8 = _mm256_set1_ps(s_x[m]);
         for (int64_t n = 0; n < NC; n += 8) {  // the reference's order: acc * (s_x * (s_w / 127^2)) + product + b
           const __m256 a = _mm256_cvtepi32_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(acc.data() + m * NC + n)));
