@@ -9,25 +9,16 @@ import re
 
 import torch
 
-# VNNI/AMX give x86 exact int8 dot products (oneDNN's GEMM); AVX512-BF16/AMX-BF16 give bf16 its native dot product
-FLAGS = ["avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8"]
+# VNNI/AMX give x86 exact int8 dot products (oneDNN's GEMM); AVX512-BF16/AMX-BF16 give bf16 its native dot product.
+# Names as torch.cpu.get_capabilities() gives them (what onednn_int8_mm reads too).
+FLAGS = ["avx2", "f16c", "avx512_f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8"]
 PEERS = ["transformers", "torchao", "bitsandbytes", "triton"]
-
-
-def _cpuinfo() -> tuple[str, set[str]]:
-    try:
-        text = open("/proc/cpuinfo").read()
-    except OSError:
-        return platform.processor() or platform.machine(), set()
-    model = re.search(r"^model name\s*:\s*(.*)$", text, re.M)
-    flags = re.search(r"^flags\s*:\s*(.*)$", text, re.M)
-    return (model.group(1).strip() if model else platform.machine()), set(flags.group(1).split() if flags else ())
 
 
 def describe() -> dict:
     from int8pass import lowering
 
-    model, flags = _cpuinfo()
+    capabilities = torch.cpu.get_capabilities()
     onednn = re.search(r"MKL-DNN v([\d.]+)", torch.__config__.show() + torch.__config__.parallel_info())
     versions = {"torch": torch.__version__, "oneDNN": onednn.group(1) if onednn else None}
     for name in PEERS:
@@ -36,8 +27,8 @@ def describe() -> dict:
         except importlib.metadata.PackageNotFoundError:
             versions[name] = None
     return {
-        "cpu": model,
-        "flags": {flag: flag in flags for flag in FLAGS},
+        "cpu": capabilities.get("cpu_name") or platform.processor() or platform.machine(),
+        "flags": {flag: bool(capabilities.get(flag)) for flag in FLAGS},
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "threads": torch.get_num_threads(),
         "versions": versions,
