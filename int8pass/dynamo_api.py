@@ -9,7 +9,9 @@ that same object, so they expect the int8 weight and nothing recompiles.
 
 from __future__ import annotations
 
+import builtins
 import copyreg
+import re
 
 import torch
 from torch._guards import TracingContext
@@ -47,13 +49,75 @@ def fake_of(tensor: torch.Tensor) -> torch.Tensor | None:
     return context.fake_mode.from_tensor(tensor, static_shapes=True)
 
 
+def _source(node: torch.fx.Node):
+    return getattr(node.meta.get("grapharg"), "source", None) or getattr(node, "_dynamo_source", None)
+
+
+def _name(source) -> str:
+    name = source.name  # a method in older releases, a property since
+    return name() if callable(name) else name
+
+
 def source_name(node: torch.fx.Node) -> str | None:
     """Dynamo's source expression for a graph input, e.g. "L['self']._modules['fc']._parameters['weight']"."""
-    source = getattr(node.meta.get("grapharg"), "source", None) or getattr(node, "_dynamo_source", None)
-    if source is None:
+    source = _source(node)
+    return None if source is None else _name(source)
+
+
+def outermost_module(node: torch.fx.Node, values: dict[str, object]) -> tuple[torch.nn.Module, str] | None:
+    """The first nn.Module on the way from the compiled frame's locals or globals to this graph input: the module a
+    user compiled (`torch.compile(model)`, `torch.compile(model.forward)`, a decorated forward whose `self` is
+    `args[0]`, a wrapper module), whose named_modules() name its layers, with Dynamo's expression for it. None
+    outside a Dynamo compile or where the way cannot be followed.
+
+    Each step of the input's source is evaluated in the frame's scope, as Dynamo evaluates its guards; `values`
+    caches them by expression for one graph.
+    """
+    source = _source(node)
+    frame = _compiled_frame()
+    if source is None or frame is None:
         return None
-    name = source.name
-    return name() if callable(name) else name
+    chain = []
+    while source is not None:
+        chain.append(source)
+        source = getattr(source, "base", None)
+    scope = {"L": frame.f_locals, "G": frame.f_globals}
+    for step in reversed(chain):
+        expression = _name(step)
+        if expression not in values:
+            try:
+                values[expression] = eval(expression, {"__builtins__": builtins}, scope)  # noqa: S307 (Dynamo's own)
+            except Exception:  # a step only Dynamo's guard scope can evaluate: try the next one
+                values[expression] = None
+        if isinstance(values[expression], torch.nn.Module):
+            return values[expression], expression
+    return None
+
+
+def _compiled_frame():
+    """The instruction translator of the frame Dynamo is compiling (its f_locals and f_globals), or None."""
+    from torch._dynamo.symbolic_convert import InstructionTranslator
+
+    try:
+        tx = InstructionTranslator.current_tx()
+    except AttributeError:  # not inside a Dynamo compile
+        return None
+    return None if tx is None else tx.output.root_tx
+
+
+def calling_module(node: torch.fx.Node, root_expression: str) -> tuple[str, type] | None:
+    """The innermost module whose forward made this call: its path below the module that `root_expression` reaches
+    ("" for that module itself) and its class, as Dynamo's nn_module_stack records them; None when it records none
+    below that module. Dynamo writes `._modules['a']` as `.a`, so the path is a candidate for the caller to check
+    against the module tree."""
+    stack = list((node.meta.get("nn_module_stack") or {}).values())
+    if not stack:
+        return None
+    shown, cls = stack[-1]
+    root = re.sub(r"\._(?:modules|parameters|buffers)\[(['\"])([^'\"\]]+)\1\]", r".\2", root_expression)
+    if shown == root:
+        return "", cls
+    return (shown[len(root) + 1:], cls) if shown.startswith(root + ".") else None
 
 
 # F.linear as Dynamo records it in a graph

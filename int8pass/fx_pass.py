@@ -12,16 +12,16 @@ untouched; every linear-like op on a 2-D weight gets a LayerRecord saying what h
 from __future__ import annotations
 
 import operator
-import re
 from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
 
 from int8pass import dynamo_api, process_memory
-from int8pass.int8_weight import Int8Weight, all_finite
-from int8pass.options import DEFAULT_THRESHOLD, Options
-from int8pass.reference import MAX_EXACT_K
+from int8pass import rules
+from int8pass.int8_weight import Int8Weight
+from int8pass.layer_names import GraphNames
+from int8pass.options import Options
 from int8pass.report import CompileReport, LayerRecord, log
 
 aten = torch.ops.aten
@@ -118,31 +118,12 @@ def _example(node) -> torch.Tensor | None:
     return value if isinstance(value, torch.Tensor) else None
 
 
-_ROOT = re.compile(r"^[LG]\['[^']*'\]")
-_PART = re.compile(r"\._(?:modules|parameters|buffers)\['([^']+)'\]|\.(\w+)|\['([^']+)'\]|\[(\d+)\]")
-
-
-def source_path(source_name: str) -> str:
-    """L['self']._modules['fc1']._parameters['weight'] -> 'fc1.weight'; L['self'].layers.0.fc -> 'layers.0.fc'."""
-    rest = _ROOT.sub("", source_name)
-    return ".".join(next(group for group in m.groups() if group) for m in _PART.finditer(rest)) or source_name
-
-
-def _calling_module(node: fx.Node) -> str:
-    """Path of the innermost module whose forward made this call ("" at the root): names a tied weight's
-    consumer (lm_head) rather than its owner (the embedding)."""
-    stack = node.meta.get("nn_module_stack")
-    if not stack:
-        return ""
-    path = source_path(list(stack.values())[-1][0])
-    return "" if path.startswith(("L[", "G[")) else path
-
-
 class ConstantInputs:
-    """Which nodes of a Dynamo graph are constants (parameters and buffers of the compiled module)."""
+    """Which nodes of a Dynamo graph are constants: parameters and buffers of the compiled module."""
 
-    def __init__(self, gm: fx.GraphModule, example_inputs):
+    def __init__(self, gm: fx.GraphModule, example_inputs, names: GraphNames):
         self.gm = gm
+        self.names = names
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
         self.by_node = {n: e for n, e in zip(placeholders, example_inputs)}
 
@@ -156,14 +137,9 @@ class ConstantInputs:
         value = self.by_node.get(node)
         if isinstance(value, torch.nn.Parameter):
             return value
-        source = dynamo_api.source_name(node)
-        if isinstance(value, torch.Tensor) and source and ("._parameters[" in source or "._buffers[" in source):
-            return value
+        if isinstance(value, torch.Tensor) and (found := self.names.tree(node)) is not None and found[0].holds(value):
+            return value  # a registered buffer
         return None
-
-    def name(self, node: fx.Node) -> str:
-        source = dynamo_api.source_name(node)
-        return source_path(source) if source else str(node.target)
 
 
 @dataclass
@@ -181,7 +157,8 @@ def rewrite_linears(gm: fx.GraphModule, example_inputs, options: Options, report
     quantized. Int8 weights (an earlier graph, int8pass.from_pretrained) are used as they are. The rewritten graph
     reads each weight's codes and scales from the weight, a graph input, on every call.
     """
-    constants = ConstantInputs(gm, example_inputs)
+    names = GraphNames(gm)
+    constants = ConstantInputs(gm, example_inputs, names)
     candidates: list[Candidate] = []
     seen_weights: set[int] = set()
     for node in list(gm.graph.nodes):
@@ -194,11 +171,12 @@ def rewrite_linears(gm: fx.GraphModule, example_inputs, options: Options, report
             continue
         if param is None and match.op != "linear" and match.weight.op != "placeholder":
             continue  # an activation x activation product (attention), not a linear layer
-        weight_name = constants.name(match.weight) if param is not None else match.weight.name
+        name, weight_name = names.describe(match.weight, param, node) if param is not None else ("", match.weight.name)
         n, k = (weight_value.shape[1], weight_value.shape[0]) if match.stored_transposed else weight_value.shape
         nbytes = weight_value.numel() * weight_value.element_size()
         record = LayerRecord(
-            name=_calling_module(node) or (weight_name.rsplit(".", 1)[0] if "." in weight_name else weight_name),
+            name=name,
+            weight=weight_name,
             op=match.op,
             out_features=int(n),
             in_features=int(k),
@@ -214,6 +192,7 @@ def rewrite_linears(gm: fx.GraphModule, example_inputs, options: Options, report
         report.layers.append(record)
         record.reason = _skip_reason(match, param, record, options)
         if not record.reason:
+            _check_outlier_weights(param, record, options)
             candidates.append(Candidate(match, param, record))
 
     read_in_fp = _read_in_floating_point(candidates)
@@ -221,7 +200,7 @@ def rewrite_linears(gm: fx.GraphModule, example_inputs, options: Options, report
         # matched again: an earlier rewrite may have replaced this linear's input node
         match, record, weight = match_linear(candidate.match.node), candidate.record, candidate.weight
         if not isinstance(weight, Int8Weight):
-            keep = options.keep_fp_weights or options.outlier_weights == "original" or id(weight) in read_in_fp
+            keep = rules.keeps_original(options, id(weight) in read_in_fp)
             report.released_bytes += _quantize_in_place(match.weight, weight, match.stored_transposed, keep, options)
             if record.weight_bytes_before:
                 record.weight_bytes_after = weight.int8_nbytes
@@ -257,8 +236,7 @@ def _read_in_floating_point(candidates: list[Candidate]) -> set[int]:
 def _quantize_in_place(node: fx.Node, weight: torch.Tensor, transposed: bool, keep: bool, options: Options) -> int:
     """Turn the floating-point parameter `weight` into an Int8Weight, keeping the object; returns the fp bytes the
     model no longer holds (0 when the original is kept)."""
-    threshold = options.threshold if options.threshold is not None else DEFAULT_THRESHOLD
-    int8 = Int8Weight.from_float(weight, threshold=threshold, transposed=transposed, keep_original=keep)
+    int8 = Int8Weight.from_float(weight, threshold=rules.new_weight_threshold(options), transposed=transposed, keep_original=keep)
     replacement = torch.nn.Parameter(int8, requires_grad=False) if isinstance(weight, torch.nn.Parameter) else int8
     freed = 0 if keep else weight.numel() * weight.element_size()
     dynamo_api.swap_into(weight, replacement)
@@ -271,24 +249,20 @@ def _quantize_in_place(node: fx.Node, weight: torch.Tensor, transposed: bool, ke
 
 
 def _skip_reason(match: LinearMatch, param: torch.Tensor | None, record: LayerRecord, options: Options) -> str:
+    """The rules (rules.weight_skip_reason), and what only the graph shows: is the weight a constant, does autograd
+    need it, do the activation and the bias fit."""
     if param is None:
         return "weight is not a constant of the graph (a graph input or a computed value)"
     if match.problem:
         return match.problem
     if torch.is_grad_enabled() and param.requires_grad:
         return "weight requires grad and grad mode is on (training/autograd keeps the fp linear)"
-    if reason := options.skip_reason(record.name):
+    if reason := rules.weight_skip_reason(record.name, param, record.in_features, options):
         return reason
     x_value = _example(match.x)
     x_dtype = x_value.dtype if x_value is not None else None
-    if param.dtype not in options.dtypes:
-        return f"weight dtype {record.dtype} not in option dtypes"
     if x_dtype != param.dtype:
         return f"activation dtype {str(x_dtype).replace('torch.', '')} differs from weight dtype {record.dtype}"
-    if min(record.out_features, record.in_features) < options.min_features:
-        return f"too small: min(N, K) = {min(record.out_features, record.in_features)} < min_features = {options.min_features}"
-    if record.in_features > MAX_EXACT_K:
-        return f"K = {record.in_features} > {MAX_EXACT_K} would overflow the int32 accumulator"
     if x_value is not None and x_value.dim() == 0:
         return "activation is a scalar"
     bias_value = _example(match.bias)
@@ -296,12 +270,18 @@ def _skip_reason(match: LinearMatch, param: torch.Tensor | None, record: LayerRe
         return "bias is not a vector of out_features"
     if bias_value is not None and bias_value.dtype != param.dtype:
         return "bias dtype differs from weight dtype"
-    if isinstance(param, Int8Weight):
-        if not bool(torch.isfinite(param.scale).all()):
-            return "int8 weight has a non-finite scale"
-    elif not all_finite(param):
-        return "weight holds NaN or Inf"
     return ""
+
+
+def _check_outlier_weights(weight: torch.Tensor, record: LayerRecord, options: Options) -> None:
+    """outlier_weights="original" multiplies the outlier columns by the floating-point weight: an int8 weight made
+    without keeping it (from_pretrained, quantize_) has none, and silently using the codes would not be what was
+    asked. Checked before this graph changes any weight."""
+    if options.outlier_weights == "original" and isinstance(weight, Int8Weight) and weight.original is None:
+        raise ValueError(
+            f"llmint8 option outlier_weights='original': the int8 weight of {record.name or record.weight} was made "
+            "without its floating-point values; quantize it with keep_fp_weights=True (or outlier_weights='original'), "
+            "or compile with outlier_weights='dequantized'")
 
 
 def _replace(gm, match: LinearMatch, weight: Int8Weight, options: Options, layer: str) -> None:

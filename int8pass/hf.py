@@ -17,10 +17,11 @@ from typing import Any
 
 import torch
 
-from int8pass import process_memory
+from int8pass import process_memory, rules
 from int8pass.int8_weight import Int8Weight
 from int8pass.options import DEFAULT_THRESHOLD, OUTPUT_HEADS
-from int8pass.quantize import linear_weight_orientation, load_options, skip_reason
+from int8pass.quantize import load_options
+from int8pass.report import log
 
 try:
     from transformers import AutoConfig
@@ -39,23 +40,35 @@ ROW_MAJOR = 0
 class Int8PassConfig(QuantizationConfigMixin):
     """quantization_config for transformers' `from_pretrained`: LLM.int8() weights as int8pass.Int8Weight.
 
-    threshold: outlier threshold; skip_modules: module names (exact, prefix ending in '.', or fnmatch patterns) kept
-    in floating point (default: the output heads); min_features, keep_fp_weights: as the backend's options.
+    The options of `int8pass.quantize_`: threshold, skip_modules (module names: exact, a prefix ending in '.', or
+    fnmatch patterns; they are saved in config.json, so no predicates), min_features, dtypes, keep_fp_weights,
+    outlier_weights.
     """
 
     def __init__(self, threshold: float = DEFAULT_THRESHOLD, skip_modules: list[str] | None = None,
-                 min_features: int = 0, keep_fp_weights: bool = False, **kwargs):
+                 min_features: int = 0, dtypes=None, keep_fp_weights: bool = False,
+                 outlier_weights: str = "dequantized", **kwargs):
+        skip_modules = list(OUTPUT_HEADS if skip_modules is None else skip_modules)
+        if not all(isinstance(rule, str) for rule in skip_modules):
+            raise ValueError("int8pass.from_pretrained: skip_modules takes module names or patterns (they are saved "
+                             "in config.json); for a predicate, load the model, then call int8pass.quantize_")
+        options = {"threshold": threshold, "skip_modules": skip_modules, "min_features": min_features,
+                   "keep_fp_weights": keep_fp_weights, "outlier_weights": outlier_weights}
+        if dtypes is not None:
+            options["dtypes"] = dtypes
+        self.options = load_options(options)
         self.quant_method = QUANT_METHOD
-        self.threshold = threshold
-        self.skip_modules = list(OUTPUT_HEADS if skip_modules is None else skip_modules)
+        self.threshold = rules.new_weight_threshold(self.options)
+        self.skip_modules = skip_modules
         self.min_features = min_features
+        self.dtypes = [str(dtype).replace("torch.", "") for dtype in self.options.dtypes]
         self.keep_fp_weights = keep_fp_weights
-        self.options = load_options({"threshold": threshold, "skip_modules": self.skip_modules,
-                                     "min_features": min_features, "keep_fp_weights": keep_fp_weights})
+        self.outlier_weights = outlier_weights
 
     def to_dict(self) -> dict[str, Any]:
         return {"quant_method": QUANT_METHOD, "threshold": self.threshold, "skip_modules": self.skip_modules,
-                "min_features": self.min_features, "keep_fp_weights": self.keep_fp_weights}
+                "min_features": self.min_features, "dtypes": self.dtypes, "keep_fp_weights": self.keep_fp_weights,
+                "outlier_weights": self.outlier_weights}
 
     @classmethod
     def from_bitsandbytes(cls, config: dict[str, Any]) -> "Int8PassConfig":
@@ -67,11 +80,17 @@ class Int8PassConfig(QuantizationConfigMixin):
         return cls(threshold=config.get("llm_int8_threshold", DEFAULT_THRESHOLD),
                    skip_modules=list(OUTPUT_HEADS) if skip is None else skip)
 
-    def bitsandbytes_dict(self) -> dict[str, Any]:
-        """The quantization_config transformers + bitsandbytes read (BitsAndBytesConfig(load_in_8bit=True))."""
-        return {"quant_method": "bitsandbytes", "load_in_8bit": True, "load_in_4bit": False,
-                "llm_int8_threshold": self.threshold, "llm_int8_skip_modules": self.skip_modules,
-                "llm_int8_has_fp16_weight": False, "llm_int8_enable_fp32_cpu_offload": False}
+
+def bitsandbytes_config(model: torch.nn.Module) -> dict[str, Any]:
+    """The quantization_config transformers + bitsandbytes read (BitsAndBytesConfig(load_in_8bit=True)) for a model's
+    int8 weights as they are: their threshold, and the linear layers left in floating point."""
+    thresholds = {value.threshold for value in model.state_dict().values() if isinstance(value, Int8Weight)}
+    skipped = sorted({name for name, module in model.named_modules()
+                      if rules.linear_weight_orientation(module) is not None and not isinstance(module.weight, Int8Weight)})
+    return {"quant_method": "bitsandbytes", "load_in_8bit": True, "load_in_4bit": False,
+            "llm_int8_threshold": thresholds.pop() if len(thresholds) == 1 else DEFAULT_THRESHOLD,
+            "llm_int8_skip_modules": skipped, "llm_int8_has_fp16_weight": False,
+            "llm_int8_enable_fp32_cpu_offload": False}
 
 
 class QuantizeWeight(ConversionOps):
@@ -81,15 +100,20 @@ class QuantizeWeight(ConversionOps):
         self.hf_quantizer = hf_quantizer
 
     def convert(self, input_dict, model=None, full_layer_name=None, **kwargs):
-        config = self.hf_quantizer.quantization_config
+        options = self.hf_quantizer.quantization_config.options
         result = {}
         for name, value in input_dict.items():
             value = value[0] if isinstance(value, list) else value
-            module = model.get_submodule(name.rpartition(".")[0])
+            module_name = name.rpartition(".")[0]
+            transposed = bool(rules.linear_weight_orientation(model.get_submodule(module_name)))
+            # the rules again, now on the values (param_needs_quantization saw the meta placeholder)
+            if reason := rules.weight_skip_reason(module_name, value, value.shape[0 if transposed else 1], options):
+                log.warning("llmint8: %s stays in floating point: %s", module_name, reason)
+                result[name] = torch.nn.Parameter(value, requires_grad=False)
+                continue
             # a view of the mmap'd file when no cast was needed: read, never written
-            int8 = Int8Weight.from_float(value, threshold=config.threshold,
-                                         transposed=bool(linear_weight_orientation(module)),
-                                         keep_original=config.keep_fp_weights)
+            int8 = Int8Weight.from_float(value, threshold=rules.new_weight_threshold(options), transposed=transposed,
+                                         keep_original=rules.keeps_original(options, False))
             result[name] = torch.nn.Parameter(int8, requires_grad=False)
         process_memory.return_freed_heap()  # the quantization's temporaries: the next weight must not add to them
         return result
@@ -112,7 +136,7 @@ class LoadBitsAndBytesWeight(ConversionOps):
         module = model.get_submodule(full_layer_name.rpartition(".")[0])
         placeholder = model.get_parameter_or_buffer(full_layer_name)  # on the meta device, in the load dtype
         int8 = Int8Weight.from_codes(values["weight"], values["SCB"], dtype=self.hf_quantizer.dtype or placeholder.dtype,
-                                     transposed=bool(linear_weight_orientation(module)),
+                                     transposed=bool(rules.linear_weight_orientation(module)),
                                      threshold=self.hf_quantizer.quantization_config.threshold)
         return {"weight": torch.nn.Parameter(int8, requires_grad=False)}
 
@@ -147,10 +171,12 @@ class Int8PassQuantizer(HfQuantizer):
     def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
         module_name, _, name = param_name.rpartition(".")
         module = model.get_submodule(module_name)
-        if name != "weight" or linear_weight_orientation(module) is None:
+        transposed = rules.linear_weight_orientation(module)
+        if name != "weight" or transposed is None:
             return False
         weight = module.weight
-        return not skip_reason(module_name, module, weight, self.quantization_config.options)
+        in_features = weight.shape[0 if transposed else 1]
+        return not rules.weight_skip_reason(module_name, weight, in_features, self.quantization_config.options)
 
     def get_quantize_ops(self):
         return QuantizeWeight(self)
@@ -160,7 +186,7 @@ class Int8PassQuantizer(HfQuantizer):
 
     def _process_model_after_weight_loading(self, model, **kwargs):
         # what save_pretrained writes: the bitsandbytes layout and config
-        model.config.quantization_config = self.quantization_config.bitsandbytes_dict()
+        model.config.quantization_config = bitsandbytes_config(model)
         process_memory.settle()  # weights cast to the load dtype, then quantized and freed
         return model
 
@@ -198,12 +224,12 @@ if QUANT_METHOD not in AUTO_QUANTIZER_MAPPING:  # registration is global and ref
 def from_pretrained(path: str | os.PathLike, dtype: torch.dtype = torch.bfloat16, **options):
     """A transformers model from a checkpoint folder, with its eligible linear weights as Int8Weights.
 
-    Options: threshold, skip_modules, min_features, keep_fp_weights (as the backend's). Other keyword arguments
-    go to transformers' from_pretrained (e.g. `revision`, `attn_implementation`).
+    Options: threshold, skip_modules, min_features, dtypes, keep_fp_weights, outlier_weights (as quantize_'s).
+    Other keyword arguments go to transformers' from_pretrained (e.g. `revision`, `attn_implementation`).
     """
     import transformers
 
-    option_names = ("threshold", "skip_modules", "min_features", "keep_fp_weights")
+    option_names = ("threshold", "skip_modules", "min_features", "dtypes", "keep_fp_weights", "outlier_weights")
     quantization = {name: options.pop(name) for name in option_names if name in options}
     config = AutoConfig.from_pretrained(path)
     saved = getattr(config, "quantization_config", None)
@@ -232,16 +258,10 @@ def save_pretrained(model, path: str | os.PathLike, **kwargs) -> None:
     """Save a transformers model whose linear weights are Int8Weights (loaded by from_pretrained, or converted by
     torch.compile(model, backend="llmint8")) in the bitsandbytes LLM.int8() layout. Keyword arguments go to
     transformers' save_pretrained (e.g. `max_shard_size`)."""
-    int8 = {key: value for key, value in model.state_dict().items() if isinstance(value, Int8Weight)}
-    if not int8:
+    if not any(isinstance(value, Int8Weight) for value in model.state_dict().values()):
         raise ValueError("int8pass.save_pretrained: the model has no int8 weights; use model.save_pretrained")
-    thresholds = {value.threshold for value in int8.values()}
-    skipped = sorted({name for name, module in model.named_modules()
-                      if linear_weight_orientation(module) is not None and not isinstance(module.weight, Int8Weight)})
-    config = Int8PassConfig(threshold=thresholds.pop() if len(thresholds) == 1 else DEFAULT_THRESHOLD,
-                            skip_modules=skipped)
     previous = getattr(model.config, "quantization_config", None)
-    model.config.quantization_config = config.bitsandbytes_dict()
+    model.config.quantization_config = bitsandbytes_config(model)
     try:
         model.save_pretrained(path, state_dict=bitsandbytes_state_dict(model), **kwargs)
     finally:

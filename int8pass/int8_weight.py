@@ -11,8 +11,9 @@ weight is an Int8Weight still works as that module:
 - `.to(dtype)` keeps the codes and changes the face dtype; `.to(device)` moves them;
 - `torch.save` / `torch.load` (weights_only included, once int8pass is imported) round-trip it exactly.
 
-On a CPU with oneDNN the codes are kept only in oneDNN's packed layout (the CPU GEMM's operand; a second dense copy
-would double the int8 bytes). oneDNN's packed tensors cannot travel through a compiled graph, so the weight owns its
+Where CPU linears run oneDNN's GEMM (VNNI or AMX, or AVX2 without a compiler for the AVX2 kernel: lowering.packs_weights)
+the codes are kept only in oneDNN's packed layout (the GEMM's operand; a second dense copy would double the int8
+bytes); elsewhere they are dense. oneDNN's packed tensors cannot travel through a compiled graph, so the weight owns its
 packed codes (int8pass.lowering.onednn_int8_mm.PackedWeight) and carries a handle to them, an int64 [1] tensor that the graph passes to
 the GEMM; `codes` unpacks them on demand.
 """
@@ -22,6 +23,7 @@ from __future__ import annotations
 import torch
 
 from int8pass import process_memory, reference
+from int8pass.options import DEFAULT_THRESHOLD
 from int8pass.subclass_api import disabled_torch_function, tree_map_only
 
 aten = torch.ops.aten
@@ -83,14 +85,14 @@ class Int8Weight(torch.Tensor):
     threshold: float
 
     @staticmethod
-    def __new__(cls, codes, scale, *, dtype, shape, transposed=False, threshold=6.0, original=None,
+    def __new__(cls, codes, scale, *, dtype, shape, transposed=False, threshold=DEFAULT_THRESHOLD, original=None,
                 packed_handle=None, onednn=None):
         # contiguous face strides: what the floating-point weight it replaces had (Dynamo guards compare them)
         return torch.Tensor._make_wrapper_subclass(
             cls, shape, dtype=dtype, device=scale.device, requires_grad=False
         )
 
-    def __init__(self, codes, scale, *, dtype, shape, transposed=False, threshold=6.0, original=None,
+    def __init__(self, codes, scale, *, dtype, shape, transposed=False, threshold=DEFAULT_THRESHOLD, original=None,
                  packed_handle=None, onednn=None):
         self._codes = codes
         self.scale = scale
@@ -103,7 +105,7 @@ class Int8Weight(torch.Tensor):
     # ---- construction -------------------------------------------------------------------------------------------
 
     @classmethod
-    def from_float(cls, weight: torch.Tensor, *, threshold: float = 6.0, transposed: bool = False,
+    def from_float(cls, weight: torch.Tensor, *, threshold: float = DEFAULT_THRESHOLD, transposed: bool = False,
                    keep_original: bool = False, packed: bool | None = None) -> "Int8Weight":
         """Quantize a floating-point weight ([N, K], or [K, N] with transposed=True) row block by row block."""
         if not weight.dtype.is_floating_point or weight.dim() != 2:
@@ -117,7 +119,7 @@ class Int8Weight(torch.Tensor):
 
     @classmethod
     def from_codes(cls, codes: torch.Tensor, scale: torch.Tensor, *, dtype: torch.dtype, transposed: bool = False,
-                   threshold: float = 6.0, original: torch.Tensor | None = None,
+                   threshold: float = DEFAULT_THRESHOLD, original: torch.Tensor | None = None,
                    packed: bool | None = None) -> "Int8Weight":
         """An Int8Weight from int8 codes [N, K] and fp32 row absmax [N] (bitsandbytes' CB and SCB)."""
         if codes.dtype != torch.int8 or codes.dim() != 2:

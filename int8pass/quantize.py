@@ -15,24 +15,13 @@ from collections.abc import Mapping
 
 import torch
 
-from int8pass import dynamo_api, process_memory
+from int8pass import dynamo_api, process_memory, rules
 from int8pass.int8_weight import Int8Weight
-from int8pass.options import DEFAULT_THRESHOLD, Options
-from int8pass.reference import MAX_EXACT_K
+from int8pass.options import Options
 from int8pass.report import log
 
 # Options that only mean something to a compile
 COMPILE_ONLY = ("stats", "dump_dir", "inductor")
-
-
-def linear_weight_orientation(module: torch.nn.Module) -> bool | None:
-    """For a linear layer: whether its weight is stored [in, out] (GPT-2's Conv1D) rather than [out, in]
-    (nn.Linear). None for other modules."""
-    if isinstance(module, torch.nn.Linear):
-        return False
-    if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):  # transformers.pytorch_utils.Conv1D
-        return True
-    return None
 
 
 def load_options(options: dict) -> Options:
@@ -43,20 +32,6 @@ def load_options(options: dict) -> Options:
     return Options.parse(options)
 
 
-def skip_reason(name: str, module: torch.nn.Module, weight: torch.Tensor, options: Options) -> str:
-    """Why the linear layer `name` keeps its floating-point weight, or "" to quantize it."""
-    if reason := options.skip_reason(name):
-        return reason
-    if weight.dtype not in options.dtypes:
-        return f"weight dtype {weight.dtype} not in option dtypes"
-    if min(weight.shape) < options.min_features:
-        return f"too small: min(N, K) = {min(weight.shape)} < min_features = {options.min_features}"
-    in_features = weight.shape[0] if linear_weight_orientation(module) else weight.shape[1]
-    if in_features > MAX_EXACT_K:
-        return f"K = {in_features} > {MAX_EXACT_K} would overflow the int32 accumulator"
-    return ""
-
-
 def quantize_(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor] | None = None,
               **options) -> torch.nn.Module:
     """Give `model`'s linear layers Int8Weights, in place; returns `model`. See the module docstring.
@@ -65,7 +40,7 @@ def quantize_(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor] | N
     dtypes, keep_fp_weights, outlier_weights.
     """
     opts = load_options(options)
-    threshold = opts.threshold if opts.threshold is not None else DEFAULT_THRESHOLD
+    threshold = rules.new_weight_threshold(opts)
     targets = _targets(model, opts, state_dict)
 
     def int8(weight, target):
@@ -94,16 +69,20 @@ def _targets(model, options: Options, state_dict) -> dict[int, tuple[torch.Tenso
             params[id(weight)] = weight
     targets = {}
     for key, modules in owners.items():
-        linears = [(name, module) for name, module in modules if linear_weight_orientation(module) is not None]
+        linears = [(name, module) for name, module in modules if rules.linear_weight_orientation(module) is not None]
         if not linears or isinstance(params[key], Int8Weight):
             continue
         name, module = linears[0]
         source = params[key] if state_dict is None else state_dict.get(_join(name, "weight"), params[key])
-        if not source.dtype.is_floating_point or skip_reason(name, module, source, options):
+        transposed = rules.linear_weight_orientation(module)
+        in_features = source.shape[0] if transposed else source.shape[-1]
+        if not source.dtype.is_floating_point or source.dim() != 2:
+            continue
+        if reason := rules.weight_skip_reason(name, source, in_features, options):
+            log.debug("llmint8: %s stays in floating point: %s", name, reason)
             continue
         # read in floating point by something else too (a tied embedding): keep the exact values for it
-        keep = options.keep_fp_weights or options.outlier_weights == "original" or len(linears) < len(modules)
-        targets[key] = (params[key], linear_weight_orientation(module), keep)
+        targets[key] = (params[key], transposed, rules.keeps_original(options, len(linears) < len(modules)))
     return targets
 
 

@@ -16,7 +16,10 @@ logging_api.register_with_torch_logs("int8pass")
 
 @dataclass
 class LayerRecord:
-    name: str  # module path of the weight's owner, e.g. "model.layers.0.mlp.up_proj"
+    name: str  # the layer's path in the compiled module (named_modules()), e.g. "model.layers.0.mlp.up_proj";
+    # "" where the module tree cannot name it (int8pass/layer_names.py)
+    weight: str  # the weight's path in that module ("lm_head.weight"; a tied one: "model.embed_tokens.weight"), or
+    # Dynamo's expression for it where no module holds it
     op: str  # the matched graph op: linear, addmm, mm, matmul
     out_features: int
     in_features: int
@@ -48,7 +51,7 @@ class CompileReport:
         header = ("layer", "op", "N x K", "dtype", "status", "bytes before", "bytes after")
         rows = [
             (
-                layer.name,
+                layer.name or f"(no module path) {layer.weight}",
                 layer.op,
                 f"{layer.out_features} x {layer.in_features}",
                 layer.dtype,

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import int8pass
-from int8pass import reference
+from int8pass import reference, rules
 from int8pass.int8_weight import Int8Weight
 from tests.helpers import outlier_activation, within_bound
 
@@ -46,7 +46,7 @@ def checkpoint(request, tmp_path_factory):
 
 def linear_weights(model):
     return {name: module.weight for name, module in model.named_modules()
-            if hf.linear_weight_orientation(module) is not None}
+            if rules.linear_weight_orientation(module) is not None}
 
 
 def ids():

@@ -166,11 +166,3 @@ def test_attention_products_are_not_reported_as_linears():
     report = int8pass.last_report()
     assert [layer.name for layer in report.layers] == ["qkv", "out"]
     assert all(layer.rewritten for layer in report.layers)
-
-
-def test_source_path():
-    assert fx_pass.source_path("L['self']._modules['layers']._modules['0']._parameters['weight']") == "layers.0.weight"
-    assert fx_pass.source_path("L['fn']._modules['fc']._buffers['w']") == "fc.w"
-    assert fx_pass.source_path("G['model'].fc.weight") == "fc.weight"
-    assert fx_pass.source_path("L['self'].encoder.layer.10.attention") == "encoder.layer.10.attention"
-    assert fx_pass.source_path("L['self'].blocks[2].mlp") == "blocks.2.mlp"
