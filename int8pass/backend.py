@@ -15,7 +15,7 @@ from int8pass.report import log, new_report
 
 MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 SOURCE_KEY = inductor.SourceKey([str(path) for root in (Path(__file__).parent, Path(lowering.__file__).parent)
-                                 for path in root.glob("*.py")], lowering.cpu_gemm)
+                                 for path in root.glob("*.py")], lowering.cpu_path)
 
 
 def llmint8(gm: torch.fx.GraphModule, example_inputs, *, options: dict[str, Any] | None = None, mode: str | None = None):

@@ -289,8 +289,7 @@ def _replace(gm, match: LinearMatch, weight: Int8Weight, options: Options, layer
     node = match.node
     with graph.inserting_before(node):
         scale = graph.call_function(getattr, (match.weight, "scale"))
-        codes = None if weight.packed else graph.call_function(getattr, (match.weight, "_codes"))
-        handle = graph.call_function(getattr, (match.weight, "packed_handle")) if weight.packed else None
+        codes = graph.call_function(getattr, (match.weight, "codes"))
         outlier_weight = None
         if options.outlier_weights == "original":
             outlier_weight = graph.call_function(getattr, (match.weight, "original"))
@@ -300,7 +299,7 @@ def _replace(gm, match: LinearMatch, weight: Int8Weight, options: Options, layer
         if options.stats:
             graph.call_function(torch.ops.llmint8.record_outliers.default, (match.x, threshold, layer))
         new = graph.call_function(
-            torch.ops.llmint8.linear.default, (match.x, codes, scale, match.bias, threshold, outlier_weight, handle),
+            torch.ops.llmint8.linear.default, (match.x, codes, scale, match.bias, threshold, outlier_weight),
         )
     new.meta.update(node.meta)
     node.replace_all_uses_with(new)

@@ -11,11 +11,8 @@ weight is an Int8Weight still works as that module:
 - `.to(dtype)` keeps the codes and changes the face dtype; `.to(device)` moves them;
 - `torch.save` / `torch.load` (weights_only included, once int8pass is imported) round-trip it exactly.
 
-Where CPU linears run oneDNN's GEMM (VNNI or AMX, or AVX2 without a compiler for the AVX2 kernel: lowering.packs_weights)
-the codes are kept only in oneDNN's packed layout (the GEMM's operand; a second dense copy would double the int8
-bytes); elsewhere they are dense. oneDNN's packed tensors cannot travel through a compiled graph, so the weight owns its
-packed codes (int8pass.lowering.onednn_int8_mm.PackedWeight) and carries a handle to them, an int64 [1] tensor that the graph passes to
-the GEMM; `codes` unpacks them on demand.
+The codes are the one copy of the weight on every device: the CPU kernel (int8pass/lowering/cpu_linear_kernels.h)
+and the Triton kernels read this row-major layout as it is, so nothing is packed or duplicated.
 """
 
 from __future__ import annotations
@@ -51,53 +48,33 @@ def all_finite(weight: torch.Tensor) -> bool:
     return all(bool(torch.isfinite(block).all()) for block in weight.detach().split(rows))
 
 
-def _onednn():
-    from int8pass.lowering import onednn_int8_mm  # the packed layout is the CPU GEMM's business
-
-    return onednn_int8_mm
-
-
-def packs_by_default(device: torch.device) -> bool:
-    """Whether new weights on `device` keep their codes in oneDNN's packed layout (what the CPU GEMM reads); dense
-    for Triton (CUDA, or a compile with Inductor's cpu_backend="triton")."""
-    from int8pass import lowering
-
-    return lowering.packs_weights(device)
-
-
 class Int8Weight(torch.Tensor):
     """The int8 form of a linear weight; see the module docstring.
 
-    codes: int8 [N, K] (the dense layout's inner tensor; unpacked on demand for the packed layout)
+    codes: int8 [N, K], row-major
     scale: fp32 [N], the row absmax s_w
-    packed_handle: int64 [1] naming the oneDNN-packed codes (packed layout only; None when dense)
     original: the floating-point weight, in the face's shape, when kept (`keep_fp_weights`, a weight also read in
         floating point, `outlier_weights="original"`); None otherwise
     transposed: the face is W^T [K, N] (GPT-2's Conv1D stores [in, out]); the codes are [N, K] either way
     threshold: the outlier threshold eager `F.linear` uses (compiled graphs use the backend's option when given)
     """
 
-    _codes: torch.Tensor | None
+    codes: torch.Tensor
     scale: torch.Tensor
-    packed_handle: torch.Tensor | None
     original: torch.Tensor | None
     transposed: bool
     threshold: float
 
     @staticmethod
-    def __new__(cls, codes, scale, *, dtype, shape, transposed=False, threshold=DEFAULT_THRESHOLD, original=None,
-                packed_handle=None, onednn=None):
+    def __new__(cls, codes, scale, *, dtype, shape, transposed=False, threshold=DEFAULT_THRESHOLD, original=None):
         # contiguous face strides: what the floating-point weight it replaces had (Dynamo guards compare them)
         return torch.Tensor._make_wrapper_subclass(
             cls, shape, dtype=dtype, device=scale.device, requires_grad=False
         )
 
-    def __init__(self, codes, scale, *, dtype, shape, transposed=False, threshold=DEFAULT_THRESHOLD, original=None,
-                 packed_handle=None, onednn=None):
-        self._codes = codes
+    def __init__(self, codes, scale, *, dtype, shape, transposed=False, threshold=DEFAULT_THRESHOLD, original=None):
+        self.codes = codes
         self.scale = scale
-        self.packed_handle = packed_handle
-        self._onednn = onednn  # the packed codes the handle names (owned here; None in traced copies)
         self.original = original
         self.transposed = transposed
         self.threshold = float(threshold)
@@ -106,7 +83,7 @@ class Int8Weight(torch.Tensor):
 
     @classmethod
     def from_float(cls, weight: torch.Tensor, *, threshold: float = DEFAULT_THRESHOLD, transposed: bool = False,
-                   keep_original: bool = False, packed: bool | None = None) -> "Int8Weight":
+                   keep_original: bool = False) -> "Int8Weight":
         """Quantize a floating-point weight ([N, K], or [K, N] with transposed=True) row block by row block."""
         if not weight.dtype.is_floating_point or weight.dim() != 2:
             raise ValueError(f"Int8Weight.from_float expects a 2-D floating-point weight, got {weight.dtype} {tuple(weight.shape)}")
@@ -115,12 +92,11 @@ class Int8Weight(torch.Tensor):
         if not keep_original:  # read from an mmap'd checkpoint, its pages would stay resident: reclaim them
             process_memory.page_out(weight)
         return cls.from_codes(codes, scale, dtype=weight.dtype, transposed=transposed, threshold=threshold,
-                              original=weight if keep_original else None, packed=packed)
+                              original=weight if keep_original else None)
 
     @classmethod
     def from_codes(cls, codes: torch.Tensor, scale: torch.Tensor, *, dtype: torch.dtype, transposed: bool = False,
-                   threshold: float = DEFAULT_THRESHOLD, original: torch.Tensor | None = None,
-                   packed: bool | None = None) -> "Int8Weight":
+                   threshold: float = DEFAULT_THRESHOLD, original: torch.Tensor | None = None) -> "Int8Weight":
         """An Int8Weight from int8 codes [N, K] and fp32 row absmax [N] (bitsandbytes' CB and SCB)."""
         if codes.dtype != torch.int8 or codes.dim() != 2:
             raise ValueError(f"Int8Weight codes must be int8 [N, K], got {codes.dtype} {tuple(codes.shape)}")
@@ -133,20 +109,13 @@ class Int8Weight(torch.Tensor):
         shape = (k, n) if transposed else (n, k)
         if original is not None and tuple(original.shape) != shape:
             raise ValueError(f"Int8Weight original must have shape {shape}, got {tuple(original.shape)}")
-        if packed is None:
-            packed = packs_by_default(codes.device)
-        if packed:
-            onednn, handle = _onednn().pack(codes)
-            return cls(None, scale, dtype=dtype, shape=shape, transposed=transposed, threshold=threshold,
-                       original=original, packed_handle=handle, onednn=onednn)
         return cls(codes.contiguous(), scale, dtype=dtype, shape=shape, transposed=transposed, threshold=threshold,
                    original=original)
 
     def _like(self, **changes) -> "Int8Weight":
         """A new wrapper over the same inner tensors (views, detach), with some attributes changed."""
-        fields = dict(codes=self._codes, scale=self.scale, dtype=self.dtype, transposed=self.transposed,
-                      threshold=self.threshold, original=self.original, packed_handle=self.packed_handle,
-                      onednn=self._onednn)
+        fields = dict(codes=self.codes, scale=self.scale, dtype=self.dtype, transposed=self.transposed,
+                      threshold=self.threshold, original=self.original)
         fields.update(changes)
         n, k = self.out_features, self.in_features
         shape = (k, n) if fields["transposed"] else (n, k)
@@ -154,10 +123,6 @@ class Int8Weight(torch.Tensor):
         return Int8Weight(codes, scale, shape=shape, **fields)
 
     # ---- what it holds ------------------------------------------------------------------------------------------
-
-    @property
-    def packed(self) -> bool:
-        return self._codes is None
 
     @property
     def out_features(self) -> int:
@@ -168,15 +133,8 @@ class Int8Weight(torch.Tensor):
         return self.shape[0] if self.transposed else self.shape[1]
 
     @property
-    def codes(self) -> torch.Tensor:
-        """int8 [N, K]: the inner tensor, or (packed layout) a dense copy unpacked from oneDNN's layout."""
-        if self._codes is not None:
-            return self._codes
-        return torch.ops.llmint8.onednn_unpack(self.packed_handle, self.out_features, self.in_features)
-
-    @property
     def int8_nbytes(self) -> int:
-        """Bytes of the codes and scales (the packed layout's padding aside), plus the original when kept."""
+        """Bytes of the codes and scales, plus the original when kept."""
         kept = self.original.numel() * self.original.element_size() if self.original is not None else 0
         return self.out_features * self.in_features + self.scale.numel() * 4 + kept
 
@@ -191,18 +149,17 @@ class Int8Weight(torch.Tensor):
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """x W^T (+ bias) by the llmint8 math, for a weight whose codes' rows are the output channels."""
-        return torch.ops.llmint8.linear(x, self._codes, self.scale, bias, self.threshold, None, self.packed_handle)
+        return torch.ops.llmint8.linear(x, self.codes, self.scale, bias, self.threshold)
 
     def __repr__(self, *, tensor_contents=None) -> str:
         kept = ", original kept" if self.original is not None else ""
-        layout = "oneDNN packed" if self.packed else "dense"
         return (f"Int8Weight(shape={tuple(self.shape)}, dtype={self.dtype}, device={self.device}, "
-                f"threshold={self.threshold}, codes {layout}{kept}, values:\n{self.values()!r})")
+                f"threshold={self.threshold}{kept}, values:\n{self.values()!r})")
 
     # ---- tracing: the inner tensors and what is static -----------------------------------------------------------
 
     def __tensor_flatten__(self):
-        names = ["scale", "_codes" if self._codes is not None else "packed_handle"]
+        names = ["codes", "scale"]
         if self.original is not None:
             names.append("original")
         return names, (self.dtype, self.transposed, self.threshold)
@@ -210,13 +167,12 @@ class Int8Weight(torch.Tensor):
     @staticmethod
     def __tensor_unflatten__(inner, meta, outer_size, outer_stride):
         dtype, transposed, threshold = meta
-        return Int8Weight(inner.get("_codes"), inner["scale"], dtype=dtype, shape=outer_size, transposed=transposed,
-                          threshold=threshold, original=inner.get("original"), packed_handle=inner.get("packed_handle"))
+        return Int8Weight(inner["codes"], inner["scale"], dtype=dtype, shape=outer_size, transposed=transposed,
+                          threshold=threshold, original=inner.get("original"))
 
     # ---- serialization ------------------------------------------------------------------------------------------
 
     def __reduce_ex__(self, protocol):
-        # dense codes: the packed layout is a property of the machine that loads it, not of the file
         return (_rebuild, (self.codes, self.scale, self.dtype, self.transposed, self.threshold, self.original))
 
     def __deepcopy__(self, memo):
@@ -270,10 +226,7 @@ class Int8Weight(torch.Tensor):
 
     def _store(self, codes: torch.Tensor, scale: torch.Tensor, values: torch.Tensor | None) -> None:
         self.scale.copy_(scale)
-        if self._codes is None:  # new packed codes under the same handle
-            self._onednn, _ = _onednn().pack(codes.to(self.scale.device), self.packed_handle)
-        else:
-            self._codes.copy_(codes)
+        self.codes.copy_(codes)
         if self.original is not None:
             self.original.copy_(values if values is not None else self.dequantize())
 
@@ -323,7 +276,7 @@ def _addmm(bias, x, weight, *, beta=1, alpha=1):
 
 def _copy(self, device: torch.device | None = None, dtype: torch.dtype | None = None) -> "Int8Weight":
     """A new weight with its own copies of the codes and scales, on `device`, facing `dtype` (the same codes serve
-    activations of another floating dtype), in the layout that device takes."""
+    activations of another floating dtype)."""
     device = self.device if device is None else torch.device(device)
     dtype = dtype or self.dtype
     original = None if self.original is None else self.original.to(device=device, dtype=dtype, copy=True)

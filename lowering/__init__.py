@@ -2,13 +2,12 @@
 device kernels and Inductor lowering.
 
     linear.py               llmint8::linear, what the FX pass writes; decomposed by device while AOT autograd traces
-    avx2_linear.py          llmint8::avx2_linear           (the CPU linear on dense codes, AVX2 without VNNI: one C++ call)
+    cpu_linear.py           llmint8::cpu_linear            (the CPU linear in one C++ call: cpu_linear.cpp, registered
+                                                            with TORCH_LIBRARY, and its kernels, cpu_linear_kernels.h)
     quantize_activation.py  llmint8::quantize_activation   (Triton devices: the two-step linear's first step)
     int8_mm_dequant.py      llmint8::int8_mm_dequant       (its GEMM, lowered to a Triton template)
     fused_linear.py         llmint8::fused_linear          (few rows: one kernel, lowered to a Triton template)
     outlier_matmul.py       llmint8::outlier_matmul        (the outlier columns' floating-point product)
-    onednn_int8_mm.py       llmint8::onednn_int8_mm        (the CPU GEMM on the oneDNN-packed weight, VNNI or AMX)
-    onednn_unpack.py        llmint8::onednn_unpack         (dense codes of a packed weight)
     record_outliers.py      llmint8::record_outliers       (runtime statistics, only with stats=True)
 
 Beside them: checks.py (argument checks every implementation shares), templates.py (what the two Triton templates
@@ -22,39 +21,24 @@ from __future__ import annotations
 import torch
 
 from int8pass.lowering import (  # noqa: F401  (each import registers its op)
-    avx2_linear,
+    cpu_linear,
     fused_linear,
     int8_mm_dequant,
     linear,
-    onednn_int8_mm,
-    onednn_unpack,
     outlier_matmul,
     quantize_activation,
     record_outliers,
 )
 from int8pass.lowering import inductor_api
-from int8pass.lowering.inductor_api import uses_triton
 
 
-def _cpu_packs() -> bool:
-    """Whether this CPU's linears run oneDNN's GEMM on packed codes: where it is exact in one pass (VNNI, AMX), or
-    where our AVX2 kernel cannot run."""
-    return onednn_int8_mm.ONEDNN and (onednn_int8_mm.EXACT_U8_GEMM or not avx2_linear.available())
-
-
-def packs_weights(device: torch.device) -> bool:
-    """Whether int8 weights on `device` keep their codes in oneDNN's packed layout rather than dense (_cpu_packs).
-    Dense codes feed the AVX2 kernel (avx2_linear.py) and the Triton kernels. Call under the Inductor config the
-    graph compiles with."""
-    return device.type == "cpu" and not uses_triton(device) and _cpu_packs()
-
-
-def cpu_gemm() -> str:
-    """The int8 GEMM that CPU linears with new weights run on this machine (it decides how they are compiled; a fact
-    of the machine, whatever the Inductor config)."""
-    if _cpu_packs():
-        return "oneDNN u8s8 (packed codes)" + ("" if onednn_int8_mm.EXACT_U8_GEMM else ", rows split in two: no VNNI")
-    return "int8pass AVX2 kernel (dense codes)" if avx2_linear.available() else "torch._int_mm (dense codes)"
+def cpu_path() -> str:
+    """How CPU linears run on this machine: the C++ kernel and the GEMM it picks for decode and for prefill, or the
+    reference steps with torch._int_mm. A fact of the machine, and part of the graph-cache key (it decides whether
+    a compiled linear is one extern call or Inductor's own loops)."""
+    if not cpu_linear.available():
+        return "reference steps with torch._int_mm (no int8pass CPU kernel)"
+    return f"int8pass CPU kernel: {cpu_linear.kernel(1, 4096)} GEMM for 1 row, {cpu_linear.kernel(512, 4096)} for 512"
 
 
 # llmint8::linear is decomposed by device while AOT autograd traces for Inductor. Registered in Inductor's own table
@@ -62,4 +46,4 @@ def cpu_gemm() -> str:
 # of the key and cannot be pickled. The op appears only in graphs of int8 weights.
 inductor_api.register_decomposition(torch.ops.llmint8.linear.default)(linear.decompose)
 
-__all__ = ["cpu_gemm", "packs_weights"]
+__all__ = ["cpu_path"]

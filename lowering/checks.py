@@ -11,19 +11,11 @@ def check_2d(op: str, x: torch.Tensor) -> None:
         raise ValueError(f"llmint8::{op} expects a 2-D activation [M, K], got shape {tuple(x.shape)}")
 
 
-def check_linear_args(x, weight_q, weight_scale, bias, packed_handle=None) -> None:
-    """Clear errors for llmint8::linear arguments; every implementation of the op calls this.
-
-    weight_q None (codes packed for oneDNN, named by packed_handle): N is the scale's length, K is x's last dim."""
-    if (weight_q is None) == (packed_handle is None):
-        raise ValueError("llmint8::linear takes either the dense int8 codes or the handle of packed ones, not "
-                         f"{'both' if weight_q is not None else 'neither'}")
-    if weight_q is None:
-        n, k = weight_scale.shape[0], x.shape[-1]
-    elif weight_q.dtype != torch.int8 or weight_q.dim() != 2:
+def check_linear_args(x, weight_q, weight_scale, bias) -> None:
+    """Clear errors for llmint8::linear arguments; every implementation of the op calls this."""
+    if weight_q.dtype != torch.int8 or weight_q.dim() != 2:
         raise ValueError(f"llmint8::linear expects an int8 [N, K] weight, got {weight_q.dtype} {tuple(weight_q.shape)}")
-    else:
-        n, k = weight_q.shape
+    n, k = weight_q.shape
     if x.dim() < 1 or x.shape[-1] != k:
         raise ValueError(f"llmint8::linear: activation shape {tuple(x.shape)} does not end in K={k}")
     if not x.dtype.is_floating_point:

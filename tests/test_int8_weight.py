@@ -10,37 +10,31 @@ import torch.nn.functional as F
 import int8pass
 from int8pass import int8_weight, reference
 from int8pass.int8_weight import Int8Weight
-from int8pass.lowering import onednn_int8_mm
 from tests.helpers import assert_close_to_reference, outlier_activation
 
-LAYOUTS = ["dense", "packed"] if onednn_int8_mm.ONEDNN else ["dense"]
-
-
-def make(n=24, k=40, dtype=torch.bfloat16, layout="dense", seed=0, **kwargs):
+def make(n=24, k=40, dtype=torch.bfloat16, seed=0, **kwargs):
     g = torch.Generator().manual_seed(seed)
     weight = (torch.randn(n, k, generator=g) * 0.05).to(dtype)
-    return weight, Int8Weight.from_float(weight, packed=layout == "packed", **kwargs)
+    return weight, Int8Weight.from_float(weight, **kwargs)
 
 
-@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("transposed", [False, True])
-def test_codes_and_scales_are_the_reference_bit_for_bit(layout, transposed, monkeypatch):
+def test_codes_and_scales_are_the_reference_bit_for_bit(transposed, monkeypatch):
     monkeypatch.setattr(int8_weight, "_QUANTIZE_BLOCK_ELEMENTS", 3 * 40)  # several row blocks
-    weight, w = make(layout=layout)
+    weight, w = make()
     stored = weight.t().contiguous() if transposed else weight
-    w = Int8Weight.from_float(stored, transposed=transposed, packed=layout == "packed")
+    w = Int8Weight.from_float(stored, transposed=transposed)
     want_codes, want_scale = reference.quantize_weight(weight)
     assert torch.equal(w.codes, want_codes) and torch.equal(w.scale, want_scale)
     assert w.shape == stored.shape and w.dtype == torch.bfloat16 and not w.requires_grad
-    assert w.packed == (layout == "packed") and w.out_features == 24 and w.in_features == 40
+    assert w.out_features == 24 and w.in_features == 40
     assert torch.equal(w.dequantize(), ((want_codes.float() * (want_scale / 127)[:, None]).to(torch.bfloat16).t()
                                         if transposed else (want_codes.float() * (want_scale / 127)[:, None]).to(torch.bfloat16)))
 
 
-@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("shape", [(5, 40), (2, 3, 40), (1, 40)])
-def test_eager_linear_runs_the_llmint8_math(layout, shape):
-    weight, w = make(layout=layout)
+def test_eager_linear_runs_the_llmint8_math(shape):
+    weight, w = make()
     bias = torch.randn(24).to(torch.bfloat16)
     x = outlier_activation(shape[0] * (shape[1] if len(shape) == 3 else 1), 40, torch.bfloat16, outlier_cols=[3]).reshape(shape)
     w_q, s_w = reference.quantize_weight(weight)
@@ -48,13 +42,12 @@ def test_eager_linear_runs_the_llmint8_math(layout, shape):
     if len(shape) == 2:  # addmm: the bias inside the llmint8 epilogue
         assert_close_to_reference(F.linear(x, w, bias), x, w_q, s_w, bias, 6.0)
     # GPT-2's Conv1D: the weight stored [in, out], y = addmm(b, x, W)
-    conv = Int8Weight.from_float(weight.t().contiguous(), transposed=True, packed=layout == "packed")
+    conv = Int8Weight.from_float(weight.t().contiguous(), transposed=True)
     assert_close_to_reference(torch.addmm(bias, x.reshape(-1, 40), conv), x.reshape(-1, 40), w_q, s_w, bias, 6.0)
 
 
-@pytest.mark.parametrize("layout", LAYOUTS)
-def test_reads_see_dequantized_values_or_the_kept_original(layout):
-    weight, w = make(layout=layout)
+def test_reads_see_dequantized_values_or_the_kept_original():
+    weight, w = make()
     dequantized = w.dequantize()
     assert torch.equal(w.sum(), dequantized.sum()) and torch.equal(w[3], dequantized[3])
     assert type(w.view(-1)) is torch.Tensor and torch.equal(w.view(-1), dequantized.view(-1))
@@ -64,21 +57,20 @@ def test_reads_see_dequantized_values_or_the_kept_original(layout):
     assert type(w.int()) is torch.Tensor
     assert "Int8Weight(shape=(24, 40)" in repr(w) and "Int8Weight" in repr(torch.nn.Parameter(w, requires_grad=False))
     assert torch.equal(F.embedding(torch.tensor([1, 5]), w), dequantized[[1, 5]])
-    _, kept = make(layout=layout, keep_original=True)
+    _, kept = make(keep_original=True)
     assert torch.equal(kept.sum(), weight.sum()) and torch.equal(F.embedding(torch.tensor([2]), kept), weight[[2]])
 
 
-@pytest.mark.parametrize("layout", LAYOUTS)
-def test_in_place_writes_requantize_into_the_same_tensors(layout):
-    weight, w = make(layout=layout)
-    scale, handle = w.scale, w.packed_handle
+def test_in_place_writes_requantize_into_the_same_tensors():
+    weight, w = make()
+    scale, codes = w.scale, w.codes
     w.mul_(2)
     assert torch.equal(w.codes, reference.quantize_weight(w.dequantize())[0])
     new = torch.randn(24, 40).to(torch.bfloat16)
     w.copy_(new)
     want_codes, want_scale = reference.quantize_weight(new)
     assert torch.equal(w.codes, want_codes) and torch.equal(w.scale, want_scale)
-    assert w.scale is scale and w.packed_handle is handle  # compiled graphs read these same tensors
+    assert w.scale is scale and w.codes is codes  # compiled graphs read these same tensors
     other = Int8Weight.from_float(weight)
     w.copy_(other)  # int8 into int8: the codes as they are
     assert torch.equal(w.codes, other.codes) and torch.equal(w.scale, other.scale)
@@ -88,9 +80,8 @@ def test_in_place_writes_requantize_into_the_same_tensors(layout):
         torch.add(torch.ones(24, 40), 1, out=w)
 
 
-@pytest.mark.parametrize("layout", LAYOUTS)
-def test_copies_moves_and_serialization_round_trip(layout, tmp_path):
-    weight, w = make(layout=layout, threshold=4.0)
+def test_copies_moves_and_serialization_round_trip(tmp_path):
+    weight, w = make(threshold=4.0)
     half = w.to(torch.float16)
     assert isinstance(half, Int8Weight) and half.dtype == torch.float16 and torch.equal(half.codes, w.codes)
     for twin in (copy.deepcopy(w), w.clone()):
@@ -103,7 +94,6 @@ def test_copies_moves_and_serialization_round_trip(layout, tmp_path):
     loaded = torch.load(buffer)["w"]  # weights_only=True, the default
     assert isinstance(loaded, Int8Weight) and torch.equal(loaded.codes, w.codes) and torch.equal(loaded.scale, w.scale)
     assert loaded.dtype == w.dtype and loaded.threshold == 4.0
-    assert loaded.packed == int8pass.lowering.packs_weights(torch.device("cpu"))  # the loading machine's layout
 
 
 def test_module_state_dict_round_trips_and_loads_fp_weights():

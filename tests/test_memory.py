@@ -65,5 +65,5 @@ def test_compiling_halves_process_memory(source, tmp_path):
     assert mib["own"] > 240, mib  # the bf16 weights are resident
     # the int8 codes are half; on top, a fixed allowance for the compiled graph and the first call (~20 MiB here)
     assert mib["steady"] < 0.5 * mib["own"] + 32, mib
-    # quantized weight by weight: one weight's fp, codes and packed codes at most coexist (1/8 of this model)
+    # quantized weight by weight: one weight's fp and its codes at most coexist (1/8 of this model)
     assert mib["peak"] < 1.15 * mib["own"] + 32, mib

@@ -1,0 +1,82 @@
+// llmint8::cpu_linear: the LLM.int8() linear on x86-64 CPUs in one call (the kernels: cpu_linear_kernels.h).
+// Registered with PyTorch's dispatcher here, in C++, so that a compiled graph calls it with no Python in between and
+// an AOTInductor package runs it by loading this library alone. Built by torch.utils.cpp_extension (cpu_linear.py).
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <string>
+
+#include "cpu_linear_kernels.h"
+
+namespace {
+
+int dtype_code(const at::Tensor& t, const char* what) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return int8pass::F32;
+    case at::kBFloat16: return int8pass::BF16;
+    case at::kHalf: return int8pass::F16;
+    default: TORCH_CHECK(false, "llmint8::cpu_linear: ", what, " must be float32, bfloat16 or float16, got ", t.scalar_type());
+  }
+}
+
+// y [..., N] = llmint8 linear of x [..., K] with codes weight_q [N, K] and row absmax weight_scale [N]: docs/design.md
+// §1, with outlier_weight (floating point [N, K]) replacing the dequantized codes for the outlier columns when given
+at::Tensor cpu_linear(const at::Tensor& x, const at::Tensor& weight_q, const at::Tensor& weight_scale,
+                      const std::optional<at::Tensor>& bias, double threshold,
+                      const std::optional<at::Tensor>& outlier_weight) {
+  TORCH_CHECK(x.device().is_cpu() && weight_q.device().is_cpu() && weight_scale.device().is_cpu(),
+              "llmint8::cpu_linear: all tensors must be on the CPU");
+  TORCH_CHECK(weight_q.scalar_type() == at::kChar && weight_q.dim() == 2,
+              "llmint8::cpu_linear: weight_q must be int8 [N, K], got ", weight_q.scalar_type(), " ", weight_q.sizes());
+  const int64_t N = weight_q.size(0), K = weight_q.size(1);
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == K, "llmint8::cpu_linear: x's last dim must be K = ", K, ", got ", x.sizes());
+  TORCH_CHECK(weight_scale.scalar_type() == at::kFloat && weight_scale.dim() == 1 && weight_scale.size(0) == N,
+              "llmint8::cpu_linear: weight_scale must be float32 [", N, "], got ", weight_scale.scalar_type(), " ",
+              weight_scale.sizes());
+  const int x_dtype = dtype_code(x, "x");
+  if (bias) {
+    TORCH_CHECK(bias->device().is_cpu() && bias->dim() == 1 && bias->size(0) == N,
+                "llmint8::cpu_linear: bias must be a CPU vector of N = ", N, ", got ", bias->sizes());
+    dtype_code(*bias, "bias");
+  }
+  if (outlier_weight) {
+    TORCH_CHECK(outlier_weight->device().is_cpu() && outlier_weight->dim() == 2 && outlier_weight->size(0) == N &&
+                    outlier_weight->size(1) == K,
+                "llmint8::cpu_linear: outlier_weight must be a CPU [", N, ", ", K, "] tensor, got ",
+                outlier_weight->sizes());
+    dtype_code(*outlier_weight, "outlier_weight");
+  }
+  const at::Tensor x_c = x.contiguous(), w_c = weight_q.contiguous(), s_c = weight_scale.contiguous();
+  const at::Tensor b_c = bias ? bias->contiguous() : at::Tensor();
+  const at::Tensor o_c = outlier_weight ? outlier_weight->contiguous() : at::Tensor();
+  std::vector<int64_t> sizes = x.sizes().vec();
+  sizes.back() = N;
+  at::Tensor y = at::empty(sizes, x.options().memory_format(at::MemoryFormat::Contiguous));
+  int64_t M = 1;
+  for (int64_t d = 0; d + 1 < x.dim(); ++d) M *= x.size(d);
+  if (M == 0 || N == 0) return y;
+  const int8pass::Linear args{
+      x_c.data_ptr(), x_dtype, M, K, w_c.data_ptr<int8_t>(), N, s_c.data_ptr<float>(),
+      bias ? b_c.data_ptr() : nullptr, bias ? dtype_code(b_c, "bias") : 0, float(threshold),
+      outlier_weight ? o_c.data_ptr() : nullptr, outlier_weight ? dtype_code(o_c, "outlier_weight") : 0,
+      y.data_ptr()};
+  int8pass::linear(args, int8pass::kernel_for(M, K));
+  return y;
+}
+
+// Which GEMM kernel a call with `rows` activation rows of `in_features` runs on this machine
+std::string cpu_linear_kernel(int64_t rows, int64_t in_features) {
+  return int8pass::kernel_name(int8pass::kernel_for(rows, in_features));
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(llmint8, m) {
+  m.def("cpu_linear(Tensor x, Tensor weight_q, Tensor weight_scale, Tensor? bias, float threshold, "
+        "Tensor? outlier_weight=None) -> Tensor");
+  m.def("cpu_linear_kernel(int rows, int in_features) -> str", &cpu_linear_kernel);
+}
+
+TORCH_LIBRARY_IMPL(llmint8, CPU, m) { m.impl("cpu_linear", &cpu_linear); }

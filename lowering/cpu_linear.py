@@ -1,0 +1,106 @@
+"""llmint8::cpu_linear: the whole LLM.int8() linear on an x86-64 CPU in one call of a C++ kernel.
+
+The op is registered in C++ (cpu_linear.cpp, TORCH_LIBRARY), so a compiled graph calls it through the dispatcher with
+no Python in between, and an AOTInductor package runs it by loading the library alone; this module builds and loads
+that library and gives the op its fake (shape) implementation for tracing. In a compiled graph llmint8::linear becomes
+llmint8::cpu_linear (linear.decompose): one extern call, like an aten.mm in a bf16 graph.
+
+The kernel (cpu_linear_kernels.h) quantizes X, runs the exact int8 GEMM on the dense row-major codes the Int8Weight
+holds (bitsandbytes' layout; no packed copy), the outlier columns' fp32 product and the epilogue, a block of weight
+rows at a time, so the weight is streamed once. It picks its GEMM by the CPU at run time: AMX, else AVX512-VNNI, else
+AVX2 (`kernel_for`; INT8PASS_CPU_KERNEL=avx2|avx512_vnni caps the choice).
+
+The library is built by torch.utils.cpp_extension the first time it is needed (about a minute: the torch headers),
+into a cache keyed by a hash of its sources, flags and torch version (INT8PASS_CACHE_DIR, else ~/.cache/int8pass). It
+needs AVX2 and a C++ compiler; without them CPU linears run the reference steps with torch._int_mm (linear.py), and
+say so once in the log. It is built with -fopenmp: libgomp.so.1 resolves to the copy torch has loaded, so its threads
+are torch's own pool (torch.set_num_threads applies).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+from int8pass.lowering.checks import check_linear_args
+
+log = logging.getLogger("int8pass")
+
+SOURCES = [Path(__file__).with_name("cpu_linear.cpp"), Path(__file__).with_name("cpu_linear_kernels.h")]
+# -ffp-contract=off: the epilogue's multiplies and adds round one by one, as the reference's do. The AVX512 and AMX
+# kernels are built for those by pragmas in their own regions and run only where the CPU has them.
+FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-ffp-contract=off"]
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("INT8PASS_CACHE_DIR")
+    return Path(root) if root else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "int8pass"
+
+
+def _why_not() -> str:
+    """Why this machine cannot build and run the kernel, or ""."""
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return f"it is for x86-64 CPUs, this one is {platform.machine()}"
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        return "this CPU has no AVX2"
+    if not (os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")):
+        return "no C++ compiler was found (set CXX)"
+    return ""
+
+
+@functools.cache
+def library_path() -> Path | None:
+    """The built and loaded library (it registers llmint8::cpu_linear), or None (logged) where it cannot be."""
+    from torch.utils import cpp_extension
+
+    reason = _why_not()
+    if reason:
+        log.warning("llmint8: the CPU int8 kernel does not run here (%s): CPU linears use torch._int_mm", reason)
+        return None
+    digest = hashlib.sha256(b"".join(path.read_bytes() for path in SOURCES)
+                            + " ".join([*FLAGS, torch.__version__, os.environ.get("CXX", "")]).encode()).hexdigest()[:16]
+    name = f"int8pass_cpu_linear_{digest}"
+    build = cache_dir() / name
+    build.mkdir(parents=True, exist_ok=True)
+    # cpp_extension runs ninja from PATH; the `ninja` package puts it beside this Python
+    os.environ["PATH"] = os.pathsep.join([os.environ.get("PATH", ""), str(Path(sys.executable).parent)])
+    try:
+        cpp_extension.load(name=name, sources=[str(SOURCES[0])], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"],
+                           build_directory=str(build), is_python_module=False)
+    except Exception as error:  # noqa: BLE001  (any build failure: logged, and the reference path runs)
+        log.warning("llmint8: building the CPU int8 kernel failed (%s: %s); CPU linears use torch._int_mm",
+                    type(error).__name__, str(error)[-2000:])
+        return None
+    path = build / f"{name}.so"
+    torch.library.register_fake("llmint8::cpu_linear")(_fake)
+    return path
+
+
+def _fake(x, weight_q, weight_scale, bias, threshold, outlier_weight=None):
+    check_linear_args(x, weight_q, weight_scale, bias)
+    return x.new_empty((*x.shape[:-1], weight_q.shape[0]))
+
+
+@torch.compiler.assume_constant_result  # a constant of the machine, read while tracing
+def available() -> bool:
+    """Whether this CPU runs the kernel (builds it on first call)."""
+    return library_path() is not None
+
+
+def runs(x: torch.Tensor, weight_q: torch.Tensor) -> bool:
+    """Whether llmint8::linear of x with these codes runs the kernel here (CPU tensors, a supported dtype)."""
+    return x.device.type == "cpu" and weight_q.device.type == "cpu" and x.dtype in DTYPES and available()
+
+
+def kernel(rows: int, in_features: int) -> str:
+    """The GEMM a call with this many activation rows runs here: "amx", "avx512_vnni" or "avx2"."""
+    return torch.ops.llmint8.cpu_linear_kernel(rows, in_features)

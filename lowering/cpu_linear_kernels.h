@@ -1,0 +1,656 @@
+// The CPU kernels of llmint8::cpu_linear (cpu_linear.cpp registers the op): all of docs/design.md §1 for X [M, K]
+// and the dense row-major int8 codes W_q [N, K] (bitsandbytes' CB), on raw pointers. For x86-64 CPUs with AVX2,
+// which the whole file is built for; the AVX512-VNNI and AMX kernels sit in regions built for those and run only
+// where the CPU has them (kernel_for).
+//
+// One call:
+//   1. the outlier columns O: those where some |x| is not below the threshold (NaN and Inf included);
+//   2. per row, s_x = max |x| over the other columns, and X_q = round(x / s_x * 127) there (0 in O);
+//   3. the exact int32 product X_q . W_q^T, and the fp32 product X[:, O] . W^[:, O]^T;
+//   4. the epilogue acc * (s_x * (s_w / 127^2)) + outliers * (s_w / 127) + b, rounded once to X's dtype.
+// Steps 3 and 4 go a block of NC weight rows at a time (each thread takes whole blocks), so the weight is streamed
+// from memory once and nothing of size [M, N] is written but the output. The floating-point steps are those of the
+// reference (int8pass/reference.py) in the same order; the file is built with -ffp-contract=off so none is fused.
+//
+// The int8 GEMM, by instruction set; each is exact, and each reads W_q as it is stored (no packed copy):
+//   AVX2:        vpmaddubsw multiplies u8 x s8 and adds pairs into a *saturating* int16. Fed |w| (at most 128, as
+//                u8) and x carrying w's sign (vpsignb; |x_q| <= 127), a pair is at most 2 * 128 * 127 < 2^15, so it
+//                never saturates; vpmaddwd widens to int32. Tiles of 3 activation rows x 4 weight rows.
+//   AVX512-VNNI: vpdpbusd adds four u8 x s8 products into int32 without saturating. Fed X_q + 128 (u8) and W_q,
+//                it sums X_q . w + 128 * sum(w); sum(w) comes from the same instruction on a vector of ones, once
+//                per weight vector, and is taken off at the end (int32 arithmetic modulo 2^32, exact since the
+//                result fits). Masked loads take the K tail. Tiles of up to 4 activation rows x 4 weight rows
+//                (1 x 8 for decode, where it is the weight stream that counts).
+//   AMX:         tdpbssd multiplies s8 x s8 tiles into int32 tiles. The weight is tile A as it is stored (16 rows of
+//                64 codes, stride K); X_q, repacked once per call into tile B's layout (16 columns of 4 codes per
+//                row), is tile B; so C = W_q . X_q^T, 2 x 2 tiles of 16 x 16 at a time. Rows beyond the last full
+//                16 and columns beyond the last full 64 go through the VNNI kernel.
+#pragma once
+
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace int8pass {
+
+constexpr int64_t KC = 4096;  // columns per block: NC rows of KC int8 stay in L2 while all activation rows pass
+constexpr int64_t NC = 64;    // weight rows per block (a multiple of the AMX kernel's 32)
+constexpr float Q_MAX = 127.0f;
+// Activation codes per chunk of rows (linear): they stay in L2 while the weight passes
+constexpr int64_t CHUNK_BYTES = int64_t(1) << 20;
+// Work below this many elements runs on the calling thread: waking the others costs more
+constexpr int64_t PARALLEL_MIN_ELEMENTS = int64_t(1) << 16;
+
+enum Dtype : int { F32 = 0, BF16 = 1, F16 = 2 };
+
+// The GEMMs, fastest last. kernel_for picks the fastest the CPU has for a call.
+enum class Kernel : int { Avx2 = 0, Avx512Vnni = 1, Amx = 2 };
+
+inline const char* kernel_name(Kernel kernel) {
+  switch (kernel) {
+    case Kernel::Avx2: return "avx2";
+    case Kernel::Avx512Vnni: return "avx512_vnni";
+    default: return "amx";
+  }
+}
+
+// ---- what the CPU has -------------------------------------------------------------------------------------------
+
+inline uint64_t xgetbv0() {
+  uint32_t lo, hi;
+  __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+  return (uint64_t(hi) << 32) | lo;
+}
+
+inline void cpuid(uint32_t leaf, uint32_t subleaf, uint32_t regs[4]) {
+  __asm__ volatile("cpuid" : "=a"(regs[0]), "=b"(regs[1]), "=c"(regs[2]), "=d"(regs[3]) : "a"(leaf), "c"(subleaf));
+}
+
+// The fastest kernel this CPU and OS support (AMX needs the OS to give this process the tile state).
+inline Kernel best_supported_kernel() {
+  static const Kernel best = [] {
+    uint32_t r[4];
+    cpuid(1, 0, r);
+    const bool osxsave = r[2] & (1u << 27);
+    const uint64_t xcr0 = osxsave ? xgetbv0() : 0;
+    cpuid(7, 0, r);
+    const bool zmm_state = (xcr0 & 0xE6) == 0xE6;  // SSE, AVX, opmask, ZMM upper halves, ZMM16-31
+    const bool vnni = zmm_state && (r[1] & (1u << 16)) && (r[1] & (1u << 30)) && (r[1] & (1u << 31)) &&
+                      (r[2] & (1u << 11));  // AVX512F, BW, VL, VNNI
+    const bool amx_cpu = (r[3] & (1u << 24)) && (r[3] & (1u << 25));  // AMX-TILE, AMX-INT8
+    // Linux grants the tile data state per process on request (ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)
+    const bool amx = vnni && amx_cpu && syscall(SYS_arch_prctl, 0x1023, 18) == 0 && (xgetbv0() & 0x60000) == 0x60000;
+    return amx ? Kernel::Amx : vnni ? Kernel::Avx512Vnni : Kernel::Avx2;
+  }();
+  return best;
+}
+
+// INT8PASS_CPU_KERNEL=avx2|avx512_vnni caps the choice (to measure or compare the paths on one machine), as
+// ATEN_CPU_CAPABILITY does for ATen's kernels; it is read at every call.
+inline Kernel kernel_cap() {
+  const char* cap = std::getenv("INT8PASS_CPU_KERNEL");
+  if (cap == nullptr) return Kernel::Amx;
+  const std::string name(cap);
+  return name == "avx2" ? Kernel::Avx2 : name == "avx512_vnni" ? Kernel::Avx512Vnni : Kernel::Amx;
+}
+
+// AMX tiles hold 16 activation rows: below that, the VNNI kernel reads the weight as fast and wastes nothing.
+constexpr int64_t AMX_MIN_ROWS = 16;
+
+inline Kernel kernel_for(int64_t M, int64_t K) {
+  Kernel kernel = std::min(best_supported_kernel(), kernel_cap());
+  if (kernel == Kernel::Amx && (M < AMX_MIN_ROWS || K < 64)) kernel = Kernel::Avx512Vnni;
+  return kernel;
+}
+
+// ---- loads and stores in the activation dtype -------------------------------------------------------------------
+
+inline float load(const void* p, int64_t i, int dtype) {
+  switch (dtype) {
+    case F32: return static_cast<const float*>(p)[i];
+    case BF16: {  // the high half of a float
+      const uint32_t bits = uint32_t(static_cast<const uint16_t*>(p)[i]) << 16;
+      float value;
+      std::memcpy(&value, &bits, sizeof value);
+      return value;
+    }
+    default: return _cvtsh_ss(static_cast<const uint16_t*>(p)[i]);
+  }
+}
+
+inline void store(void* p, int64_t i, float value, int dtype) {
+  switch (dtype) {
+    case F32: static_cast<float*>(p)[i] = value; return;
+    case BF16: {  // round to nearest even, as torch's .to(bfloat16); NaN stays NaN
+      uint32_t bits;
+      std::memcpy(&bits, &value, sizeof bits);
+      const uint16_t out = std::isnan(value) ? uint16_t(0x7FC0) : uint16_t((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16);
+      static_cast<uint16_t*>(p)[i] = out;
+      return;
+    }
+    default: static_cast<uint16_t*>(p)[i] = _cvtss_sh(value, _MM_FROUND_TO_NEAREST_INT); return;
+  }
+}
+
+// 8 consecutive values as fp32
+inline __m256 load8(const void* p, int64_t i, int dtype) {
+  switch (dtype) {
+    case F32: return _mm256_loadu_ps(static_cast<const float*>(p) + i);
+    case BF16: {
+      const __m128i half = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(p) + i));
+      return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(half), 16));
+    }
+    default: return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(p) + i)));
+  }
+}
+
+// 8 fp32 values stored in dtype, rounded as store() rounds
+inline void store8(void* p, int64_t i, __m256 v, int dtype) {
+  switch (dtype) {
+    case F32: _mm256_storeu_ps(static_cast<float*>(p) + i, v); return;
+    case BF16: {
+      const __m256i bits = _mm256_castps_si256(v);
+      const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+      __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(bits, _mm256_set1_epi32(0x7FFF)), lsb), 16);
+      const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+      rounded = _mm256_blendv_epi8(rounded, _mm256_set1_epi32(0x7FC0), nan);
+      const __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(rounded), _mm256_extracti128_si256(rounded, 1));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(p) + i), packed);
+      return;
+    }
+    default:
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(p) + i), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+  }
+}
+
+// ---- AVX2 GEMM ----------------------------------------------------------------------------------------------------
+
+namespace avx2 {
+
+inline int32_t horizontal_sum(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+  return _mm_cvtsi128_si32(s);
+}
+
+// out[i, j] += sum over k in [k0, k1) of x[i, k] * w[j, k], for MB rows of x and NB rows of w; k1 - k0 is a
+// multiple of 32.
+template <int MB, int NB>
+inline void tile(const int8_t* x, int64_t ldx, const int8_t* w, int64_t ldw, int32_t* out, int64_t ldo,
+                 int64_t k0, int64_t k1) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256i acc[MB][NB];
+  for (int i = 0; i < MB; ++i)
+    for (int j = 0; j < NB; ++j) acc[i][j] = _mm256_setzero_si256();
+  for (int64_t k = k0; k < k1; k += 32) {
+    for (int j = 0; j < NB; ++j) {
+      const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + j * ldw + k));
+      const __m256i wabs = _mm256_abs_epi8(wv);
+      for (int i = 0; i < MB; ++i) {
+        const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + i * ldx + k));
+        const __m256i pairs = _mm256_maddubs_epi16(wabs, _mm256_sign_epi8(xv, wv));
+        acc[i][j] = _mm256_add_epi32(acc[i][j], _mm256_madd_epi16(pairs, ones));
+      }
+    }
+  }
+  for (int i = 0; i < MB; ++i)
+    for (int j = 0; j < NB; ++j) out[i * ldo + j] += horizontal_sum(acc[i][j]);
+}
+
+template <int MB>
+void row_block(const int8_t* x, const int8_t* w, int32_t* out, int64_t ldo, int64_t K, int64_t rows, int64_t k0,
+               int64_t k1) {
+  constexpr int NB = 4;
+  int64_t n = 0;
+  for (; n + NB <= rows; n += NB) tile<MB, NB>(x, K, w + n * K, K, out + n, ldo, k0, k1);
+  for (; n < rows; ++n) tile<MB, 1>(x, K, w + n * K, K, out + n, ldo, k0, k1);
+}
+
+// out[m, j] = X_q[m, :] . w[j, :] for the `rows` weight rows at w (out has row stride ldo).
+inline void gemm_block(const int8_t* x_q, const int8_t* w, int32_t* out, int64_t ldo, int64_t M, int64_t K,
+                       int64_t rows) {
+  constexpr int MB = 3;  // 12 accumulators beside the operands fill the 16 ymm registers (2 and 4 measured slower)
+  const int64_t k_vec = K / 32 * 32;
+  for (int64_t m = 0; m < M; ++m) std::fill(out + m * ldo, out + m * ldo + rows, 0);
+  for (int64_t kc = 0; kc < k_vec; kc += KC) {
+    const int64_t kc_end = std::min(kc + KC, k_vec);
+    int64_t m = 0;
+    for (; m + MB <= M; m += MB) row_block<MB>(x_q + m * K, w, out + m * ldo, ldo, K, rows, kc, kc_end);
+    for (; m < M; ++m) row_block<1>(x_q + m * K, w, out + m * ldo, ldo, K, rows, kc, kc_end);
+  }
+  for (int64_t m = 0; m < M; ++m)  // the last K % 32 columns
+    for (int64_t n = 0; n < rows; ++n) {
+      int32_t sum = 0;
+      for (int64_t k = k_vec; k < K; ++k) sum += int32_t(x_q[m * K + k]) * int32_t(w[n * K + k]);
+      out[m * ldo + n] += sum;
+    }
+}
+
+}  // namespace avx2
+
+// ---- AVX512-VNNI GEMM ---------------------------------------------------------------------------------------------
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")
+
+namespace vnni {
+
+// out[i, j] += sum over k in [k0, k1) of x_q[i, k] * w[j, k] for MB rows of x_u8 = x_q + 128 and NB rows of w
+template <int MB, int NB>
+inline void tile(const uint8_t* x, int64_t ldx, const int8_t* w, int64_t ldw, int32_t* out, int64_t ldo,
+                 int64_t k0, int64_t k1) {
+  const __m512i ones = _mm512_set1_epi8(1);
+  __m512i acc[MB][NB], sums[NB];
+  for (int j = 0; j < NB; ++j) {
+    sums[j] = _mm512_setzero_si512();
+    for (int i = 0; i < MB; ++i) acc[i][j] = _mm512_setzero_si512();
+  }
+  int64_t k = k0;
+  for (; k + 64 <= k1; k += 64) {
+    __m512i xv[MB];
+    for (int i = 0; i < MB; ++i) xv[i] = _mm512_loadu_si512(x + i * ldx + k);
+    for (int j = 0; j < NB; ++j) {
+      const __m512i wv = _mm512_loadu_si512(w + j * ldw + k);
+      sums[j] = _mm512_dpbusd_epi32(sums[j], ones, wv);
+      for (int i = 0; i < MB; ++i) acc[i][j] = _mm512_dpbusd_epi32(acc[i][j], xv[i], wv);
+    }
+  }
+  if (k < k1) {  // the tail, zeros beyond it on both sides
+    const __mmask64 mask = (__mmask64(1) << (k1 - k)) - 1;
+    __m512i xv[MB];
+    for (int i = 0; i < MB; ++i) xv[i] = _mm512_maskz_loadu_epi8(mask, x + i * ldx + k);
+    for (int j = 0; j < NB; ++j) {
+      const __m512i wv = _mm512_maskz_loadu_epi8(mask, w + j * ldw + k);
+      sums[j] = _mm512_dpbusd_epi32(sums[j], ones, wv);
+      for (int i = 0; i < MB; ++i) acc[i][j] = _mm512_dpbusd_epi32(acc[i][j], xv[i], wv);
+    }
+  }
+  for (int j = 0; j < NB; ++j) {
+    const uint32_t offset = 128u * uint32_t(_mm512_reduce_add_epi32(sums[j]));
+    for (int i = 0; i < MB; ++i)
+      out[i * ldo + j] += int32_t(uint32_t(_mm512_reduce_add_epi32(acc[i][j])) - offset);
+  }
+}
+
+template <int MB, int NB>
+void row_block(const uint8_t* x, const int8_t* w, int32_t* out, int64_t ldo, int64_t K, int64_t rows, int64_t k0,
+               int64_t k1) {
+  int64_t n = 0;
+  for (; n + NB <= rows; n += NB) tile<MB, NB>(x, K, w + n * K, K, out + n, ldo, k0, k1);
+  for (; n < rows; ++n) tile<MB, 1>(x, K, w + n * K, K, out + n, ldo, k0, k1);
+}
+
+// out[m, j] (+)= sum over k in [k0, k1) of X_q[m, k] * w[j, k] for the `rows` weight rows at w; `add` keeps what out
+// holds (the AMX kernel's part).
+__attribute__((noinline)) inline void gemm_block(const uint8_t* x_u8, const int8_t* w, int32_t* out, int64_t ldo,
+                                                 int64_t M, int64_t K, int64_t rows, int64_t k0, int64_t k1,
+                                                 bool add) {
+  if (!add)
+    for (int64_t m = 0; m < M; ++m) std::fill(out + m * ldo, out + m * ldo + rows, 0);
+  for (int64_t kc = k0; kc < k1; kc += KC) {
+    const int64_t kc_end = std::min(kc + KC, k1);
+    int64_t m = 0;
+    if (M == 1) {
+      row_block<1, 8>(x_u8, w, out, ldo, K, rows, kc, kc_end);
+      continue;
+    }
+    for (; m + 4 <= M; m += 4) row_block<4, 4>(x_u8 + m * K, w, out + m * ldo, ldo, K, rows, kc, kc_end);
+    switch (M - m) {
+      case 3: row_block<3, 4>(x_u8 + m * K, w, out + m * ldo, ldo, K, rows, kc, kc_end); break;
+      case 2: row_block<2, 6>(x_u8 + m * K, w, out + m * ldo, ldo, K, rows, kc, kc_end); break;
+      case 1: row_block<1, 8>(x_u8 + m * K, w, out + m * ldo, ldo, K, rows, kc, kc_end); break;
+      default: break;
+    }
+  }
+}
+
+}  // namespace vnni
+
+#pragma GCC pop_options
+
+// ---- AMX GEMM -----------------------------------------------------------------------------------------------------
+
+// X_q [M, K] (row-major) as AMX B tiles: for each block of 16 rows and each 64 columns, a tile of 16 rows of 64 bytes
+// whose row r holds, for each of the 16 activation rows c, its 4 codes at columns 4r..4r+3 (rows past M are zero).
+inline void pack_b_tiles(const int8_t* x_q, int64_t M, int64_t K, int8_t* tiles) {
+  const int64_t m_tiles = (M + 15) / 16, k_tiles = K / 64;
+#pragma omp parallel for schedule(static) collapse(2) if (M * K >= PARALLEL_MIN_ELEMENTS)
+  for (int64_t mt = 0; mt < m_tiles; ++mt)
+    for (int64_t kt = 0; kt < k_tiles; ++kt) {
+      uint32_t* tile = reinterpret_cast<uint32_t*>(tiles + (mt * k_tiles + kt) * 1024);
+      for (int64_t c = 0; c < 16; ++c) {
+        const int64_t m = mt * 16 + c;
+        for (int64_t r = 0; r < 16; ++r) {
+          uint32_t quad = 0;
+          if (m < M) std::memcpy(&quad, x_q + m * K + kt * 64 + 4 * r, 4);
+          tile[r * 16 + c] = quad;
+        }
+      }
+    }
+}
+
+#pragma GCC push_options
+#pragma GCC target("amx-tile,amx-int8,avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")
+
+namespace amx {
+
+struct alignas(64) TileConfig {
+  uint8_t palette = 1;
+  uint8_t start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// Tiles 0-3 accumulate C (16 weight rows x 16 activation rows of int32), 4-5 hold A (16 weight rows x 64 codes),
+// 6-7 hold B (one packed tile of X_q). TWO_N: two A tiles (32 weight rows); TWO_M: two B tiles (32 activation rows).
+template <bool TWO_N, bool TWO_M>
+inline void tiles(const int8_t* w, int64_t K, const int8_t* b0, const int8_t* b1, int64_t k_tiles, int32_t* c) {
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  for (int64_t kt = 0; kt < k_tiles; ++kt) {
+    _tile_loadd(4, w + kt * 64, K);
+    _tile_loadd(6, b0 + kt * 1024, 64);
+    _tile_dpbssd(0, 4, 6);
+    if (TWO_M) {
+      _tile_loadd(7, b1 + kt * 1024, 64);
+      _tile_dpbssd(1, 4, 7);
+    }
+    if (TWO_N) {
+      _tile_loadd(5, w + 16 * K + kt * 64, K);
+      _tile_dpbssd(2, 5, 6);
+      if (TWO_M) _tile_dpbssd(3, 5, 7);
+    }
+  }
+  _tile_stored(0, c, 64);
+  if (TWO_M) _tile_stored(1, c + 256, 64);
+  if (TWO_N) _tile_stored(2, c + 512, 64);
+  if (TWO_N && TWO_M) _tile_stored(3, c + 768, 64);
+}
+
+// out[m, j] = sum over the first 64 * k_tiles columns of X_q[m, k] * w[j, k] for the first rows / 16 * 16 weight
+// rows at w; returns how many rows that is.
+__attribute__((noinline)) inline int64_t gemm_block(const int8_t* b_tiles, const int8_t* w, int32_t* out, int64_t ldo,
+                                                    int64_t M, int64_t K, int64_t rows) {
+  const int64_t k_tiles = K / 64, m_tiles = (M + 15) / 16, full_rows = rows / 16 * 16;
+  if (full_rows == 0) return 0;
+  TileConfig config;
+  for (int t = 0; t < 8; ++t) {
+    config.rows[t] = 16;
+    config.colsb[t] = 64;
+  }
+  _tile_loadconfig(&config);
+  alignas(64) int32_t c[4][16][16];  // [tile][weight row][activation row]
+  for (int64_t n = 0; n < full_rows; n += 32) {
+    const bool two_n = n + 32 <= full_rows;
+    for (int64_t mt = 0; mt < m_tiles; mt += 2) {
+      const bool two_m = mt + 1 < m_tiles;
+      const int8_t* b0 = b_tiles + mt * k_tiles * 1024;
+      const int8_t* b1 = b0 + k_tiles * 1024;
+      if (two_n && two_m) tiles<true, true>(w + n * K, K, b0, b1, k_tiles, &c[0][0][0]);
+      else if (two_n) tiles<true, false>(w + n * K, K, b0, b1, k_tiles, &c[0][0][0]);
+      else if (two_m) tiles<false, true>(w + n * K, K, b0, b1, k_tiles, &c[0][0][0]);
+      else tiles<false, false>(w + n * K, K, b0, b1, k_tiles, &c[0][0][0]);
+      for (int tn = 0; tn < (two_n ? 2 : 1); ++tn)
+        for (int tm = 0; tm < (two_m ? 2 : 1); ++tm) {
+          const int32_t(*tile)[16] = c[tn * 2 + tm];
+          const int64_t m0 = (mt + tm) * 16, n0 = n + tn * 16;
+          for (int64_t i = 0; i < 16 && m0 + i < M; ++i)
+            for (int64_t j = 0; j < 16; ++j) out[(m0 + i) * ldo + n0 + j] = tile[j][i];
+        }
+    }
+  }
+  _tile_release();
+  return full_rows;
+}
+
+}  // namespace amx
+
+#pragma GCC pop_options
+
+// ---- scratch memory -----------------------------------------------------------------------------------------------
+
+// A call's temporaries, carved from memory its thread keeps between calls (up to KEEP_BYTES; a larger call allocates
+// and frees its own). Fresh large allocations are fresh pages, and faulting them in costs as much as a decode step's
+// GEMM. `slot` tells apart the calling thread's arena from the one it uses as a worker of the parallel loop.
+class Scratch {
+ public:
+  static constexpr size_t KEEP_BYTES = size_t(32) << 20;
+
+  Scratch(size_t bytes, int slot) {
+    static thread_local std::vector<uint8_t> kept[2];
+    bytes += 64 * 16;  // room to align each piece
+    if (bytes <= KEEP_BYTES) {
+      if (kept[slot].size() < bytes) kept[slot].resize(bytes);
+      base_ = kept[slot].data();
+    } else {
+      owned_.reset(new uint8_t[bytes]);
+      base_ = owned_.get();
+    }
+  }
+
+  template <class T>
+  T* take(size_t count) {
+    used_ = (used_ + 63) / 64 * 64;
+    T* piece = reinterpret_cast<T*>(base_ + used_);
+    used_ += count * sizeof(T);
+    return piece;
+  }
+
+ private:
+  std::unique_ptr<uint8_t[]> owned_;
+  uint8_t* base_ = nullptr;
+  size_t used_ = 0;
+};
+
+// ---- quantization, outliers, epilogue (AVX2) ------------------------------------------------------------------------
+
+// Steps 1 and 2: fills is_outlier [K], s_x [M] and x_q [M, K]; `keep` is K words of scratch.
+inline void quantize(const void* x, int dtype, int64_t M, int64_t K, float limit, uint8_t* is_outlier, float* s_x,
+                     int8_t* x_q, uint32_t* keep) {
+  const int64_t k_vec = K / 8 * 8;
+  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+  const __m256 limit8 = _mm256_set1_ps(limit);
+  const bool parallel = M * K >= PARALLEL_MIN_ELEMENTS;
+  std::fill(is_outlier, is_outlier + K, 0);
+#pragma omp parallel for schedule(static) if (parallel)
+  for (int64_t k0 = 0; k0 < K; k0 += 256) {  // !(|x| < limit) in any row: NaN compares false, so it is an outlier
+    const int64_t k1 = std::min(K, k0 + 256);
+    for (int64_t m = 0; m < M; ++m) {
+      int64_t k = k0;
+      for (; k + 8 <= k1; k += 8) {  // k0 is a multiple of 8, so these 8 lie below k_vec
+        const __m256 a = _mm256_and_ps(load8(x, m * K + k, dtype), abs_mask);
+        const int flags = _mm256_movemask_ps(_mm256_cmp_ps(a, limit8, _CMP_NLT_UQ));
+        if (flags)
+          for (int b = 0; b < 8; ++b) is_outlier[k + b] |= (flags >> b) & 1;
+      }
+      for (; k < k1; ++k) is_outlier[k] |= !(std::fabs(load(x, m * K + k, dtype)) < limit);
+    }
+  }
+  // all ones in the columns that are not outliers: where(is_outlier, +0, x) is x & keep
+  for (int64_t k = 0; k < K; ++k) keep[k] = is_outlier[k] ? 0u : 0xFFFFFFFFu;
+#pragma omp parallel for schedule(static) if (parallel && M > 1)
+  for (int64_t m = 0; m < M; ++m) {
+    const int64_t base = m * K;
+    __m256 max8 = _mm256_setzero_ps();
+    for (int64_t k = 0; k < k_vec; k += 8) {
+      const __m256 v = _mm256_and_ps(load8(x, base + k, dtype), _mm256_loadu_ps(reinterpret_cast<const float*>(keep + k)));
+      max8 = _mm256_max_ps(max8, _mm256_and_ps(v, abs_mask));  // inliers are finite
+    }
+    float lanes[8];
+    _mm256_storeu_ps(lanes, max8);
+    float scale = *std::max_element(lanes, lanes + 8);
+    for (int64_t k = k_vec; k < K; ++k)
+      if (!is_outlier[k]) scale = std::max(scale, std::fabs(load(x, base + k, dtype)));
+    s_x[m] = scale;
+    const float safe = scale == 0.0f ? 1.0f : scale;
+    const __m256 safe8 = _mm256_set1_ps(safe), q_max8 = _mm256_set1_ps(Q_MAX);
+    for (int64_t k = 0; k < k_vec; k += 8) {  // round(v / s * 127), |v / s| <= 1, half to even as torch.round
+      const __m256 v = _mm256_and_ps(load8(x, base + k, dtype), _mm256_loadu_ps(reinterpret_cast<const float*>(keep + k)));
+      const __m256 q = _mm256_round_ps(_mm256_mul_ps(_mm256_div_ps(v, safe8), q_max8), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      const __m256i codes = _mm256_cvtps_epi32(q);  // in [-127, 127]: narrow to 8 bytes
+      const __m128i words = _mm_packs_epi32(_mm256_castsi256_si128(codes), _mm256_extracti128_si256(codes, 1));
+      _mm_storel_epi64(reinterpret_cast<__m128i*>(x_q + base + k), _mm_packs_epi16(words, words));
+    }
+    for (int64_t k = k_vec; k < K; ++k) {
+      const float value = is_outlier[k] ? 0.0f : load(x, base + k, dtype);
+      x_q[base + k] = int8_t(std::nearbyint(value / safe * Q_MAX));
+    }
+  }
+}
+
+// The outlier columns' weights: the codes (scaled by s_w / 127 in the epilogue) or a floating-point weight
+struct OutlierWeight {
+  const int8_t* codes;
+  const void* values;  // [N, K] in `dtype`, or nullptr: the codes
+  int dtype;
+
+  float at(int64_t n, int64_t K, int64_t k) const {
+    return values ? load(values, n * K + k, dtype) : float(codes[n * K + k]);
+  }
+};
+
+// out[m, j] = sum over i of x_o[m, i] * w[n0 + j, cols[i]] in fp32 for the `rows` (at most NC) weight rows from n0,
+// x_o being X[:, O] ([M, |O|]). The columns are gathered once, while those rows are still in cache from the GEMM; each
+// output row is then a sum of |O| scaled copies of them, vectorized over n, adding the columns in ascending order.
+inline void outlier_block(const float* x_o, const int32_t* cols, int64_t n_cols, const OutlierWeight& weight,
+                          int64_t n0, float* out, int64_t M, int64_t K, int64_t rows, float* w_o) {
+  for (int64_t n = 0; n < rows; ++n)
+    for (int64_t i = 0; i < n_cols; ++i) w_o[i * NC + n] = weight.at(n0 + n, K, cols[i]);
+  for (int64_t m = 0; m < M; ++m) {
+    float* row = out + m * NC;
+    const float* x_m = x_o + m * n_cols;
+    int64_t n = 0;
+    for (; n + 32 <= rows; n += 32) {  // 4 independent accumulators: the FMA latency is hidden
+      __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+      for (int64_t i = 0; i < n_cols; ++i) {
+        const __m256 x_mi = _mm256_set1_ps(x_m[i]);
+        for (int c = 0; c < 4; ++c) acc[c] = _mm256_fmadd_ps(x_mi, _mm256_loadu_ps(w_o + i * NC + n + 8 * c), acc[c]);
+      }
+      for (int c = 0; c < 4; ++c) _mm256_storeu_ps(row + n + 8 * c, acc[c]);
+    }
+    for (; n < rows; ++n) {
+      float sum = 0.0f;
+      for (int64_t i = 0; i < n_cols; ++i) sum = std::fma(x_m[i], w_o[i * NC + n], sum);
+      row[n] = sum;
+    }
+  }
+}
+
+struct Linear {
+  const void* x;  // [M, K], contiguous, in x_dtype (fp32, bf16, fp16); y is [M, N] in the same dtype
+  int x_dtype;
+  int64_t M, K;
+  const int8_t* w;  // [N, K] codes, contiguous
+  int64_t N;
+  const float* s_w;  // [N]
+  const void* bias;  // [N] in bias_dtype, or nullptr
+  int bias_dtype;
+  float threshold;  // <= 0: no magnitude outliers
+  const void* outlier_weight;  // [N, K] floating point in outlier_dtype, or nullptr: the dequantized codes
+  int outlier_dtype;
+  void* y;
+};
+
+// The whole linear (steps 1-4) with the given GEMM kernel
+inline void linear(const Linear& a, Kernel kernel) {
+  const int64_t M = a.M, K = a.K, N = a.N;
+  const float limit = a.threshold > 0 ? a.threshold : INFINITY;
+  // X_q + 128 (u8), what vpdpbusd multiplies: the VNNI kernel's operand, and the AMX kernel's for its tails
+  const bool unsigned_codes = kernel == Kernel::Avx512Vnni || (kernel == Kernel::Amx && (K % 64 || N % 16));
+  const int64_t tile_bytes = kernel == Kernel::Amx ? (M + 15) / 16 * (K / 64) * 1024 : 0;
+  Scratch scratch(K * (1 + 4 + 4) + M * 4 + M * K * (unsigned_codes ? 2 : 1) + tile_bytes, 0);
+  uint8_t* is_outlier = scratch.take<uint8_t>(K);
+  float* s_x = scratch.take<float>(M);
+  int8_t* x_q = scratch.take<int8_t>(M * K);
+  quantize(a.x, a.x_dtype, M, K, limit, is_outlier, s_x, x_q, scratch.take<uint32_t>(K));
+  uint8_t* x_u8 = unsigned_codes ? scratch.take<uint8_t>(M * K) : nullptr;
+  if (unsigned_codes) {
+#pragma omp parallel for schedule(static) if (M * K >= PARALLEL_MIN_ELEMENTS)
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t k = 0; k < K; ++k) x_u8[m * K + k] = uint8_t(x_q[m * K + k]) ^ 0x80;
+  }
+  int8_t* b_tiles = tile_bytes ? scratch.take<int8_t>(tile_bytes) : nullptr;
+  if (b_tiles) pack_b_tiles(x_q, M, K, b_tiles);
+  int32_t* cols = scratch.take<int32_t>(K);
+  int64_t n_cols = 0;
+  for (int64_t k = 0; k < K; ++k)
+    if (is_outlier[k]) cols[n_cols++] = int32_t(k);
+  std::vector<float> x_o(M * n_cols);  // small: outlier columns are few
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t i = 0; i < n_cols; ++i) x_o[m * n_cols + i] = load(a.x, m * K + cols[i], a.x_dtype);
+  const OutlierWeight outlier_weight{a.w, a.outlier_weight, a.outlier_dtype};
+  const int64_t blocks = (N + NC - 1) / NC;
+  // Activation rows go a chunk at a time, so that the chunk's codes stay in L2 while every block of weight rows
+  // passes (for AMX, its packed tiles: a multiple of 32 rows); the weight is read once per chunk
+  const int64_t m_chunk = std::min(M, std::max<int64_t>(32, CHUNK_BYTES / std::max<int64_t>(K, 1) / 32 * 32));
+#pragma omp parallel
+  {
+    Scratch block_scratch(m_chunk * NC * 4 * (n_cols ? 2 : 1) + n_cols * NC * 4, 1);
+    int32_t* acc = block_scratch.take<int32_t>(m_chunk * NC);
+    float* outliers = block_scratch.take<float>(n_cols ? m_chunk * NC : 0);
+    float* w_o = block_scratch.take<float>(n_cols * NC);
+    for (int64_t m0 = 0; m0 < M; m0 += m_chunk) {
+      const int64_t mc = std::min(m_chunk, M - m0);
+      const int8_t* xq = x_q + m0 * K;
+      const uint8_t* xu = x_u8 ? x_u8 + m0 * K : nullptr;
+      const int8_t* tiles = b_tiles ? b_tiles + m0 / 16 * (K / 64) * 1024 : nullptr;
+#pragma omp for schedule(static)
+      for (int64_t b = 0; b < blocks; ++b) {
+        const int64_t n0 = b * NC, rows = std::min(N, n0 + NC) - n0;
+        const int8_t* w = a.w + n0 * K;
+        if (kernel == Kernel::Amx) {  // full 16-row groups over full 64-column tiles; the rest by VNNI
+          const int64_t k_main = K / 64 * 64;
+          const int64_t done = amx::gemm_block(tiles, w, acc, NC, mc, K, rows);
+          if (k_main < K && done) vnni::gemm_block(xu, w, acc, NC, mc, K, done, k_main, K, true);
+          if (done < rows) vnni::gemm_block(xu, w + done * K, acc + done, NC, mc, K, rows - done, 0, K, false);
+        } else if (kernel == Kernel::Avx512Vnni) {
+          vnni::gemm_block(xu, w, acc, NC, mc, K, rows, 0, K, false);
+        } else {
+          avx2::gemm_block(xq, w, acc, NC, mc, K, rows);
+        }
+        if (n_cols)
+          outlier_block(x_o.data() + m0 * n_cols, cols, n_cols, outlier_weight, n0, outliers, mc, K, rows, w_o);
+        float acc_scale[NC], outlier_scale[NC], b_n[NC];
+        for (int64_t n = 0; n < rows; ++n) {
+          acc_scale[n] = a.s_w[n0 + n] / (Q_MAX * Q_MAX);
+          outlier_scale[n] = a.outlier_weight ? 1.0f : a.s_w[n0 + n] / Q_MAX;
+          b_n[n] = a.bias ? load(a.bias, n0 + n, a.bias_dtype) : 0.0f;
+        }
+        for (int64_t n = rows; n < NC; ++n) acc_scale[n] = outlier_scale[n] = b_n[n] = 0.0f;
+        float product[NC] = {};
+        float value[NC];
+        for (int64_t m = 0; m < mc; ++m) {
+          if (n_cols)
+            for (int64_t n = 0; n < rows; ++n) product[n] = outliers[m * NC + n] * outlier_scale[n];
+          const __m256 s_x8 = _mm256_set1_ps(s_x[m0 + m]);
+          for (int64_t n = 0; n < NC; n += 8) {  // the reference's order: acc * (s_x * (s_w / 127^2)) + product + b
+            const __m256 acc8 = _mm256_cvtepi32_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(acc + m * NC + n)));
+            __m256 v = _mm256_add_ps(_mm256_mul_ps(acc8, _mm256_mul_ps(s_x8, _mm256_loadu_ps(acc_scale + n))),
+                                     _mm256_loadu_ps(product + n));
+            if (a.bias) v = _mm256_add_ps(v, _mm256_loadu_ps(b_n + n));
+            _mm256_storeu_ps(value + n, v);
+          }
+          const int64_t row = (m0 + m) * N + n0;
+          int64_t n = 0;
+          for (; n + 8 <= rows; n += 8) store8(a.y, row + n, _mm256_loadu_ps(value + n), a.x_dtype);
+          for (; n < rows; ++n) store(a.y, row + n, value[n], a.x_dtype);
+        }
+      }
+    }
+  }
+}
+
+}  // namespace int8pass

@@ -1,0 +1,197 @@
+"""llmint8::cpu_linear, the CPU linear in one C++ call, with each GEMM kernel this CPU has (AVX2, AVX512-VNNI, AMX):
+its int32 accumulator is the reference's bit for bit, and so is its output wherever the reference's fp32 steps are
+exact regardless of summation order."""
+
+import contextlib
+import os
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import int8pass
+from int8pass import reference
+from int8pass.lowering import cpu_linear
+from tests.helpers import outlier_activation, within_bound
+
+pytestmark = pytest.mark.skipif(not cpu_linear.available(), reason="needs an x86-64 CPU with AVX2 and a C++ compiler")
+DTYPES = [torch.float16, torch.bfloat16, torch.float32]
+ORDER = ["avx2", "avx512_vnni", "amx"]
+# every kernel up to the best this CPU has (INT8PASS_CPU_KERNEL caps the choice)
+KERNELS = ORDER[: ORDER.index(cpu_linear.kernel(512, 4096)) + 1] if cpu_linear.available() else []
+
+
+@contextlib.contextmanager
+def using(kernel):
+    previous = os.environ.get("INT8PASS_CPU_KERNEL")
+    os.environ["INT8PASS_CPU_KERNEL"] = kernel
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ["INT8PASS_CPU_KERNEL"]
+        else:
+            os.environ["INT8PASS_CPU_KERNEL"] = previous
+
+
+def accumulator(x_q, w_q):
+    """X_q . W_q^T as the kernel computes it, read through the op: x = X_q / 127 with a code of 127 in every row makes
+    s_x = 1 and gives back X_q exactly, s_w = 127^2 makes the epilogue multiply by exactly 1, and fp32 holds the int32
+    exactly below 2^24."""
+    x = x_q.float() / reference.Q_MAX
+    return torch.ops.llmint8.cpu_linear(x, w_q, torch.full((w_q.shape[0],), reference.Q_MAX**2), None, 6.0)
+
+
+def codes(m, k, n, seed, limit=127):
+    g = torch.Generator().manual_seed(seed)
+    x_q = torch.randint(-127, 128, (m, k), generator=g, dtype=torch.int8)
+    x_q[:, 0] = 127
+    w_q = torch.randint(-limit, limit + 1, (n, k), generator=g, dtype=torch.int8)
+    return x_q, w_q
+
+
+def test_kernel_choice_follows_the_rows_and_the_cap():
+    assert cpu_linear.kernel(512, 4096) == KERNELS[-1]
+    if "amx" in KERNELS:  # AMX tiles hold 16 rows: fewer run VNNI
+        assert cpu_linear.kernel(15, 4096) == "avx512_vnni" and cpu_linear.kernel(16, 4096) == "amx"
+    with using("avx2"):
+        assert cpu_linear.kernel(512, 4096) == "avx2"
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@settings(max_examples=40, deadline=None)
+@given(m=st.integers(1, 40), n=st.integers(1, 150), k=st.integers(1, 300), seed=st.integers(0, 2**16))
+def test_accumulator_is_the_reference_at_every_tile_edge(kernel, m, n, k, seed):
+    # m, n and k straddle every kernel's tiles (3 x 4 x 32, 4 x 4 x 64, AMX's 16 x 16 x 64) and the 64-row blocks
+    x_q, w_q = codes(m, k, n, seed)
+    with using(kernel):
+        assert torch.equal(accumulator(x_q, w_q), reference.exact_int_matmul(x_q, w_q).float())
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("m, n, k", [(1, 4096, 4096), (16, 130, 4160), (33, 64, 4096), (100, 70, 1000)])
+def test_accumulator_is_the_reference_at_model_sizes(kernel, m, n, k):
+    x_q, w_q = codes(m, k, n, seed=m, limit=31)  # |acc| < 2^24: exact in the fp32 output
+    with using(kernel):
+        assert torch.equal(accumulator(x_q, w_q), reference.exact_int_matmul(x_q, w_q).float())
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("m", [1, 7, 64])
+def test_extreme_codes_never_saturate(kernel, m):
+    # |x_q| = 127 against w_q = -128 and 127: every int16 pair of AVX2's vpmaddubsw at its largest magnitude, and
+    # VNNI's X_q + 128 at 255
+    k = 4096
+    x_q = torch.full((m, k), 127, dtype=torch.int8)
+    x_q[:, 1::2] = -127
+    w_q = torch.full((130, k), 127, dtype=torch.int8)
+    w_q[::2] = -128
+    w_q[1::3, ::2] = -127
+    want = reference.exact_int_matmul(x_q, w_q)
+    with using(kernel):
+        got = accumulator(x_q, w_q)
+    assert want.abs().max() > 2**24 and torch.equal(got, want.float())  # past 2^24: compared as fp32 rounds them
+
+
+def integer_valued(m, k, n, dtype, outlier_cols, seed):
+    """Activations, codes and scales for which every fp32 step of the reference is exact whatever the order of its
+    sums (integers, and outlier products far below 2**24), so the kernel must match it bit for bit."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(-5, 6, (m, k), generator=g).float()
+    x[:, outlier_cols] = torch.randint(-60, 61, (m, len(outlier_cols)), generator=g).float()
+    if m:
+        x[0, outlier_cols] = 40.0  # each listed column reaches the threshold
+    w_q = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+    return x.to(dtype), w_q, torch.full((n,), reference.Q_MAX)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@settings(max_examples=30, deadline=None)
+@given(m=st.integers(0, 40), n=st.integers(1, 140), k=st.integers(1, 300), dtype=st.sampled_from(DTYPES),
+       bias=st.booleans(), seed=st.integers(0, 2**16))
+def test_linear_is_the_reference_bit_for_bit(kernel, m, n, k, dtype, bias, seed):
+    outlier_cols = sorted({0, k // 2, k - 1})
+    x, w_q, s_w = integer_valued(m, k, n, dtype, outlier_cols, seed)
+    for cols in ([], outlier_cols):
+        xs = x.clone()
+        if not cols:
+            xs = xs.clamp(-5, 5)  # no outlier column at all
+        b = torch.randint(-3, 4, (n,)).to(dtype) if bias else None
+        with using(kernel):
+            got = torch.ops.llmint8.cpu_linear(xs, w_q, s_w, b, 6.0)
+        assert got.dtype == dtype and torch.equal(got, reference.linear(xs, w_q, s_w, b, 6.0))
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m", [1, 5, 130])
+def test_linear_within_the_bound_of_real_valued_inputs(kernel, dtype, m):
+    x = outlier_activation(m, 1000, dtype, outlier_cols=[3, 500, 999])
+    weight = (torch.randn(200, 1000) * 0.03).to(dtype)
+    bias = torch.randn(200).to(dtype)
+    w_q, s_w = reference.quantize_weight(weight)
+    with using(kernel):
+        y = torch.ops.llmint8.cpu_linear(x.reshape(m, 2, 500).reshape(m, 1000), w_q, s_w, bias, 6.0)
+        original = torch.ops.llmint8.cpu_linear(x, w_q, s_w, bias, 6.0, weight)  # outlier_weights="original"
+    within_bound(y, x, weight, bias, 6.0)
+    eps = torch.finfo(dtype).eps
+    torch.testing.assert_close(y, reference.linear(x, w_q, s_w, bias, 6.0), rtol=2 * eps, atol=1e-5)
+    torch.testing.assert_close(original, reference.linear(x, w_q, s_w, bias, 6.0, weight), rtol=2 * eps, atol=1e-5)
+
+
+def test_leading_dims_and_strided_inputs():
+    x = outlier_activation(24, 96, torch.bfloat16, outlier_cols=[5]).reshape(2, 3, 4, 96)
+    w_q, s_w = reference.quantize_weight(torch.randn(40, 96) * 0.1)
+    y = torch.ops.llmint8.cpu_linear(x.transpose(0, 1), w_q, s_w, None, 6.0)  # not contiguous
+    assert y.shape == (3, 2, 4, 40) and y.is_contiguous()
+    assert torch.equal(y, reference.linear(x.transpose(0, 1).contiguous(), w_q, s_w, None, 6.0))
+    empty = torch.ops.llmint8.cpu_linear(torch.zeros(0, 96, dtype=torch.bfloat16), w_q, s_w, None, 6.0)
+    assert empty.shape == (0, 40)
+
+
+def test_threshold_zero_and_non_finite_values_propagate():
+    x = outlier_activation(9, 300, torch.bfloat16, outlier_cols=list(range(0, 300, 3)))
+    x[4, 7] = float("nan")
+    x[6, 8] = float("inf")
+    w_q = torch.randint(1, 128, (70, 300), generator=torch.Generator().manual_seed(1), dtype=torch.int8)
+    s_w = torch.rand(70) + 0.5
+    for threshold in (6.0, 0.0):  # with threshold 0 only the non-finite columns are outliers
+        y = torch.ops.llmint8.cpu_linear(x, w_q, s_w, None, threshold)
+        want = reference.linear(x, w_q, s_w, None, threshold)
+        assert y[4].isnan().all() and y[6].isinf().all() and y[[0, 8]].isfinite().all()
+        torch.testing.assert_close(y, want, rtol=2 * torch.finfo(torch.bfloat16).eps, atol=1e-5, equal_nan=True)
+
+
+def test_rejects_what_it_cannot_run():
+    w_q = torch.zeros(8, 32, dtype=torch.int8)
+    with pytest.raises(RuntimeError, match="x must be float32, bfloat16 or float16"):
+        torch.ops.llmint8.cpu_linear(torch.zeros(2, 32, dtype=torch.float64), w_q, torch.ones(8), None, 6.0)
+    with pytest.raises(RuntimeError, match="last dim must be K = 32"):
+        torch.ops.llmint8.cpu_linear(torch.zeros(2, 31), w_q, torch.ones(8), None, 6.0)
+    with pytest.raises(RuntimeError, match="weight_scale must be float32 \\[8\\]"):
+        torch.ops.llmint8.cpu_linear(torch.zeros(2, 32), w_q, torch.ones(7), None, 6.0)
+    with pytest.raises(RuntimeError, match="weight_q must be int8"):
+        torch.ops.llmint8.cpu_linear(torch.zeros(2, 32), w_q.float(), torch.ones(8), None, 6.0)
+
+
+def test_opcheck():
+    x = outlier_activation(5, 64, torch.bfloat16, outlier_cols=[9])
+    w_q, s_w = reference.quantize_weight(torch.randn(16, 64) * 0.1)
+    torch.library.opcheck(torch.ops.llmint8.cpu_linear.default, (x, w_q, s_w, torch.randn(16).bfloat16(), 6.0))
+
+
+def test_compiled_linears_are_one_call_of_the_kernel(tmp_path):
+    linear = torch.nn.Linear(64, 48).to(torch.bfloat16)
+    weight = linear.weight.detach().clone()
+    x = outlier_activation(6, 64, torch.bfloat16, outlier_cols=[3])
+    linear.weight = torch.nn.Parameter(int8pass.Int8Weight.from_float(weight), requires_grad=False)
+    w_q, s_w = reference.quantize_weight(weight)
+    want = reference.linear(x, w_q, s_w, linear.bias, 6.0)
+    eps = torch.finfo(torch.bfloat16).eps
+    with torch.no_grad():
+        torch.testing.assert_close(linear(x), want, rtol=2 * eps, atol=1e-5)  # eager
+        compiled = torch.compile(linear, backend="llmint8", fullgraph=True, options={"dump_dir": str(tmp_path)})
+        torch.testing.assert_close(compiled(x), want, rtol=2 * eps, atol=1e-5)
+    (code,) = [path.read_text() for path in tmp_path.rglob("output_code.py")]
+    assert code.count("torch.ops.llmint8.cpu_linear.default(") == 1 and "cpp_fused" not in code
