@@ -34,6 +34,7 @@ def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     is bit-identical) so that no whole-weight fp32 temporary is ever allocated."""
     n, k = weight.shape
     codes = torch.empty((n, k), dtype=torch.int8, device=weight.device)
+    process_memory.prefer_huge_pages(codes)  # decode streams the codes once per token
     scale = torch.empty((n,), dtype=torch.float32, device=weight.device)
     rows = max(1, _QUANTIZE_BLOCK_ELEMENTS // max(1, k))
     with torch.no_grad():

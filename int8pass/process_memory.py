@@ -12,7 +12,10 @@ Two things keep freed weights in RSS on Linux:
 - a weight read from an mmap'd checkpoint (safetensors) is a view of a mapping that other tensors of the same file
   keep alive, so its pages stay resident after the weight is gone: `page_out` asks the kernel to reclaim them
   (MADV_PAGEOUT: clean file pages are dropped and re-read from the file if touched again; nothing is lost).
-Both are no-ops where the platform lacks them. And Inductor leaves each compile's state as reference cycles: `settle`
+Both are no-ops where the platform lacks them. And the other way: `prefer_huge_pages` asks for 2 MiB pages for a new int8
+weight's codes before they are written (MADV_HUGEPAGE; Linux's transparent huge pages are commonly on "madvise"):
+decode streams every weight once per token, and with 4 KiB pages the TLB misses cost ~7% of the read rate (measured
+on a 426 MB token's worth of weights: 22.5 GB/s with 4 KiB pages, 24 GB/s with 2 MiB pages). And Inductor leaves each compile's state as reference cycles: `settle`
 collects them, so that the next compile reuses that memory instead of growing the process (33 MiB less steady RSS on
 the 1.07 GiB checkpoint of benchmarks/memory.py).
 """
@@ -30,7 +33,9 @@ import torch
 log = logging.getLogger("int8pass")
 
 MADV_PAGEOUT = 21  # linux/mman.h, Linux >= 5.4
+MADV_HUGEPAGE = 14
 _PAGE = 4096
+_HUGE_PAGE = 2 << 20
 
 
 def _libc():
@@ -78,6 +83,18 @@ def _file_mappings() -> list[tuple[int, int]]:
                 start, end = (int(value, 16) for value in fields[0].split("-"))
                 ranges.append((start, end))
     return ranges
+
+
+def prefer_huge_pages(tensor: torch.Tensor) -> None:
+    """Advise 2 MiB pages for the whole 2 MiB pages inside a new CPU tensor's bytes (anonymous memory, not yet
+    written: the pages are made huge as they are first touched)."""
+    if _LIBC is None or tensor.device.type != "cpu" or tensor.numel() * tensor.element_size() < 2 * _HUGE_PAGE:
+        return
+    start = tensor.data_ptr()
+    end = start + tensor.numel() * tensor.element_size()
+    first, last = -(-start // _HUGE_PAGE) * _HUGE_PAGE, end // _HUGE_PAGE * _HUGE_PAGE
+    if last > first and _LIBC.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), MADV_HUGEPAGE) != 0:
+        log.debug("llmint8: madvise(MADV_HUGEPAGE) failed with errno %d", ctypes.get_errno())
 
 
 def page_out(tensor: torch.Tensor) -> int:

@@ -195,6 +195,7 @@ inline void tile(const int8_t* x, int64_t ldx, const int8_t* w, int64_t ldw, int
   for (int64_t k = k0; k < k1; k += 32) {
     for (int j = 0; j < NB; ++j) {
       const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + j * ldw + k));
+      if (MB == 1) _mm_prefetch(reinterpret_cast<const char*>(w + (j + NB) * ldw + k), _MM_HINT_T0);  // as in vnni::tile
       const __m256i wabs = _mm256_abs_epi8(wv);
       for (int i = 0; i < MB; ++i) {
         const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + i * ldx + k));
@@ -261,6 +262,9 @@ inline void tile(const uint8_t* x, int64_t ldx, const int8_t* w, int64_t ldw, in
     for (int i = 0; i < MB; ++i) xv[i] = _mm512_loadu_si512(x + i * ldx + k);
     for (int j = 0; j < NB; ++j) {
       const __m512i wv = _mm512_loadu_si512(w + j * ldw + k);
+      // decode streams the weight from memory: fetch the next tile's rows while this one computes (the hardware
+      // prefetchers alone reach ~60% of the bandwidth on rows of a few hundred bytes)
+      if (MB <= 2) _mm_prefetch(reinterpret_cast<const char*>(w + (j + NB) * ldw + k), _MM_HINT_T0);
       sums[j] = _mm512_dpbusd_epi32(sums[j], ones, wv);
       for (int i = 0; i < MB; ++i) acc[i][j] = _mm512_dpbusd_epi32(acc[i][j], xv[i], wv);
     }
