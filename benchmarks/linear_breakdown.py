@@ -1,5 +1,6 @@
-"""Where one compiled llmint8 linear's time goes on CPU (the AVX2 kernel): the compiled call, the custom op called
-directly, the C++ call alone, and the int8 GEMM alone, for a bf16 4096 x 4096 linear at M = 1 and 512 (0.5% outlier
+"""Where one compiled llmint8 linear's time goes on CPU: the compiled call (Dynamo's guards, Inductor's wrapper and the
+kernel), llmint8::cpu_linear called directly (the dispatcher and the kernel), and the same call with threshold 0 (no
+outlier product), with every GEMM kernel this CPU has, for a bf16 4096 x 4096 linear at M = 1 and 512 (0.5% outlier
 columns, threshold 6). Prints a table and writes benchmarks/results/cpu_linear_breakdown.json.
 
     .venv/bin/python benchmarks/linear_breakdown.py
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -20,31 +22,37 @@ from machine import describe  # noqa: E402
 
 import int8pass  # noqa: E402, F401  (registers the backend's ops)
 from int8pass import reference  # noqa: E402
-from int8pass.lowering import avx2_linear  # noqa: E402
+from int8pass.lowering import cpu_linear  # noqa: E402
+
+ORDER = ["avx2", "avx512_vnni", "amx"]
 
 
 def main():
-    if not avx2_linear.available():
-        raise SystemExit("this CPU does not run the AVX2 kernel")
+    if not cpu_linear.available():
+        raise SystemExit("this CPU does not run the int8pass CPU kernel")
     n = k = 4096
     linear = torch.nn.Linear(k, n).eval().to(torch.bfloat16)
     compiled = torch.compile(copy.deepcopy(linear), backend="llmint8", dynamic=False)
     w_q, s_w = reference.quantize_weight(linear.weight)
+    kernels = ORDER[: ORDER.index(cpu_linear.kernel(512, k)) + 1]
     rows = []
     with torch.no_grad():
-        for m in (1, 512):
-            x = activations(m, k, torch.bfloat16, 0.005)
-            x_q = reference.quantize_activation(x, 6.0)[0]
-            row = {"M": m}
-            for name, fn, arg in (
-                ("compiled", compiled, x),
-                ("custom op", lambda x: torch.ops.llmint8.avx2_linear(x, w_q, s_w, linear.bias, 6.0), x),
-                ("C++ call", lambda x: avx2_linear.linear(x, w_q, s_w, linear.bias, 6.0), x),
-                ("int8 GEMM alone", lambda x_q: avx2_linear.int8_mm(x_q, w_q), x_q),
-            ):
-                row[name] = time_stats(fn, arg, 1.0)
-            rows.append(row)
-            print(f"M={m}: " + ", ".join(f"{name} {stats['median']:.3f} ms" for name, stats in list(row.items())[1:]))
+        for kernel in kernels:
+            os.environ["INT8PASS_CPU_KERNEL"] = kernel  # read by the kernel at every call
+            for m in (1, 512):
+                x = activations(m, k, torch.bfloat16, 0.005)
+                row = {"kernel": cpu_linear.kernel(m, k), "M": m}
+                for name, fn in (
+                    ("compiled", compiled),
+                    ("op", lambda x: torch.ops.llmint8.cpu_linear(x, w_q, s_w, linear.bias, 6.0)),
+                    ("op, threshold 0", lambda x: torch.ops.llmint8.cpu_linear(x, w_q, s_w, linear.bias, 0.0)),
+                ):
+                    row[name] = time_stats(fn, x, 1.0)
+                rows.append(row)
+                print(f"{row['kernel']} M={m}: "
+                      + ", ".join(f"{name} {row[name]['median']:.3f} ms" for name in ("compiled", "op", "op, threshold 0")),
+                      flush=True)
+    del os.environ["INT8PASS_CPU_KERNEL"]
     out = Path(__file__).parent / "results" / "cpu_linear_breakdown.json"
     out.write_text(json.dumps({"machine": describe(), "shape": [n, k], "rows": rows}, indent=2) + "\n")
     print(f"wrote {out}")

@@ -9,10 +9,10 @@ import re
 
 import torch
 
-# VNNI/AMX give x86 exact int8 dot products (oneDNN's GEMM); AVX512-BF16/AMX-BF16 give bf16 its native dot product.
-# Names as torch.cpu.get_capabilities() gives them (what onednn_int8_mm reads too).
+# AVX512-VNNI and AMX-INT8 give llmint8's CPU kernel its faster GEMMs (AVX2 otherwise); AVX512-BF16/AMX-BF16 give bf16
+# its native dot product. Names as torch.cpu.get_capabilities() gives them.
 FLAGS = ["avx2", "f16c", "avx512_f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8"]
-PEERS = ["transformers", "torchao", "bitsandbytes", "triton"]
+PEERS = ["transformers", "torchao", "bitsandbytes", "triton", "onnxruntime"]
 
 
 def describe() -> dict:
@@ -32,7 +32,7 @@ def describe() -> dict:
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "threads": torch.get_num_threads(),
         "versions": versions,
-        "llmint8_cpu_int8_gemm": lowering.cpu_gemm(),
+        "llmint8_cpu_path": lowering.cpu_path(),
     }
 
 
@@ -40,7 +40,7 @@ def summary(machine: dict) -> str:
     """One line for a table's caption."""
     flags = ", ".join(flag for flag, present in machine["flags"].items() if present) or "none known"
     return (f"{machine['cpu']} ({flags}); {machine['threads']} threads; torch {machine['versions']['torch']}, "
-            f"oneDNN {machine['versions']['oneDNN']}; llmint8 GEMM: {machine['llmint8_cpu_int8_gemm']}")
+            f"oneDNN {machine['versions']['oneDNN']}; llmint8: {machine['llmint8_cpu_path']}")
 
 
 if __name__ == "__main__":

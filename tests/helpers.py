@@ -73,3 +73,13 @@ def assert_close_to_reference(y, x, w_q, s_w, bias, threshold, outlier_weight=No
     atol = (count + 2) * 2.0**-24 * float(magnitude.max()) + 1e-7 if magnitude.numel() else 0.0
     eps = torch.finfo(x.dtype).eps
     torch.testing.assert_close(y, want, rtol=2 * eps, atol=atol, equal_nan=True)
+
+
+def tiny_llama(vocab: int, ffn: int = 128):
+    """A 2-layer d=64 Hugging Face Llama from a config, seeded, in eval mode (needs transformers)."""
+    import transformers
+
+    config = transformers.LlamaConfig(num_hidden_layers=2, hidden_size=64, intermediate_size=ffn, num_attention_heads=4,
+                                      num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=64)
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(config).eval()

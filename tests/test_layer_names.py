@@ -6,17 +6,11 @@ import torch
 import torch.nn.functional as F
 
 import int8pass
+from tests.helpers import tiny_llama
 
 transformers = pytest.importorskip("transformers")
 
 VOCAB = 256
-
-
-def llama():
-    config = transformers.LlamaConfig(num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4,
-                                      num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=64)
-    torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(config).eval()
 
 
 class Wrapper(torch.nn.Module):
@@ -49,7 +43,7 @@ FORMS = {"torch.compile(model)": compiled_module, "torch.compile(model.forward)"
 def run(form, options):
     """The layers the compile reported, and {name: module} of the module whose tree names them."""
     int8pass.clear_reports()
-    callable_, root = FORMS[form](llama(), options)
+    callable_, root = FORMS[form](tiny_llama(VOCAB), options)
     with torch.no_grad():
         callable_(torch.randint(0, VOCAB, (1, 6)))
     layers = [layer for report in int8pass.reports() for layer in report.layers]

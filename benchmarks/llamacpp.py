@@ -1,0 +1,257 @@
+"""Model level against llama.cpp, on the same checkpoint and threads: prefill and decode tokens/s of llmint8
+(int8pass.from_pretrained, then torch.compile(model.forward, backend="llmint8")) beside llama.cpp's Q8_0 and BF16.
+
+Two Llama-architecture checkpoints with random weights (benchmarks/llama_checkpoint.py: RMSNorm gains of 25 in 3
+dims, so every projection's input has the emergent-feature columns LLM.int8() splits off), written to disk as a
+transformers checkpoint and converted by llama.cpp's own convert_hf_to_gguf.py (--outtype q8_0, bf16), so both sides
+run the same weights:
+- "llama": d=2048, 8 layers, ffn 5632, vocab 32000;
+- "small linears, large vocabulary": d=640, 18 layers, ffn 2048, vocab 262144 (the shape of a 270M model whose output
+  head is as large as all its linears).
+The checkpoints carry Llama 2's SentencePiece vocabulary (from llama.cpp's models/ggml-vocab-llama-spm.gguf, padded
+to the vocabulary size), which the converter needs; neither side tokenizes text here.
+
+llama.cpp: `llama-bench -p PROMPT -n 0` (prefill of PROMPT tokens) and `-p 0 -n STEPS` (STEPS tokens generated from
+an empty context), `-t THREADS -r 3`, with its default weight repacking (its AMX and VNNI layouts) and with
+`--repack 0`; a run that fails is reported as failed. llmint8 and bf16 eager (HF transformers): a PROMPT-token prefill (logits of the last token only, as llama.cpp
+computes), then STEPS decode steps with a KV cache after it (so each attends to PROMPT more tokens than
+llama.cpp's), timing the forward passes (the greedy choice of the next token between them is not timed: llama-bench
+samples nothing), best of 3, each variant in its own process with a fresh Inductor cache. llmint8 runs with the output head in bf16 (the default) and in int8 (skip_modules=[]).
+
+llama.cpp is built from the llama-cpp-python sdist on PyPI (vendor/llama.cpp, cmake, about 20 minutes on 2 cores)
+into ~/.cache/int8pass/llama.cpp unless --llama-cpp names a built tree. Prints a table, writes
+benchmarks/results/llamacpp.{json,md}.
+
+    bash tools/dev.sh bench-llamacpp
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import llama_checkpoint  # noqa: E402
+from machine import describe, summary  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results"
+MODELS = {
+    "llama": dict(layers=8, hidden=2048, ffn=5632, vocab=32000),
+    "small linears, large vocabulary": dict(layers=18, hidden=640, ffn=2048, vocab=262144),
+}
+VARIANTS = ["llmint8", "llmint8, int8 head", "bf16 eager"]
+
+
+def cache_root() -> Path:
+    from int8pass.lowering.cpu_linear import cache_dir
+
+    return cache_dir()
+
+
+def build_llama_cpp() -> Path:
+    """llama.cpp's tree with build/bin/llama-bench, built from the llama-cpp-python sdist if not there yet."""
+    root = cache_root() / "llama.cpp"
+    tree = next(root.glob("llama_cpp_python-*/vendor/llama.cpp"), None) if root.exists() else None
+    if tree is not None and (tree / "build" / "bin" / "llama-bench").exists():
+        return tree
+    root.mkdir(parents=True, exist_ok=True)
+    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-d", str(root),
+                    "llama-cpp-python"], check=True)
+    sdist = sorted(root.glob("llama_cpp_python-*.tar.gz"))[-1]
+    subprocess.run(["tar", "xzf", str(sdist), "-C", str(root)], check=True)
+    tree = next(root.glob("llama_cpp_python-*/vendor/llama.cpp"))
+    subprocess.run(["cmake", "-S", str(tree), "-B", str(tree / "build"), "-DCMAKE_BUILD_TYPE=Release",
+                    "-DLLAMA_BUILD_TOOLS=ON", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_TESTS=OFF",
+                    "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_CURL=OFF", "-DGGML_NATIVE=ON"], check=True)
+    subprocess.run(["cmake", "--build", str(tree / "build"), "-j", str(os.cpu_count()), "--target", "llama-bench"],
+                   check=True)
+    return tree
+
+
+def write_tokenizer(checkpoint: Path, tree: Path, vocab: int) -> None:
+    """tokenizer.model: Llama 2's SentencePiece vocabulary from llama.cpp's vocab-only GGUF, padded to `vocab`."""
+    sys.path.insert(0, str(tree / "gguf-py"))
+    from gguf import GGUFReader
+    from sentencepiece import sentencepiece_model_pb2 as spm
+
+    reader = GGUFReader(tree / "models" / "ggml-vocab-llama-spm.gguf")
+
+    def array(name):
+        field = reader.fields[name]
+        return [field.parts[index] for index in field.data]
+
+    tokens = [bytes(part).decode("utf-8") for part in array("tokenizer.ggml.tokens")]
+    scores = [float(part[0]) for part in array("tokenizer.ggml.scores")]
+    types = [int(part[0]) for part in array("tokenizer.ggml.token_type")]
+    model = spm.ModelProto()
+    model.trainer_spec.model_type = spm.TrainerSpec.BPE
+    model.trainer_spec.vocab_size = vocab
+    model.trainer_spec.byte_fallback = True
+    model.normalizer_spec.name = "identity"
+    model.normalizer_spec.add_dummy_prefix = True
+    for i in range(vocab):
+        piece = model.pieces.add()
+        if i < len(tokens):
+            piece.piece, piece.score, piece.type = tokens[i], scores[i], types[i]
+        else:
+            piece.piece, piece.score, piece.type = f"<extra_{i}>", -1e4, spm.ModelProto.SentencePiece.USER_DEFINED
+    (checkpoint / "tokenizer.model").write_bytes(model.SerializeToString())
+
+
+def prepare_model(name: str, tree: Path, work: Path) -> tuple[Path, dict[str, Path]]:
+    shape = MODELS[name]
+    checkpoint = llama_checkpoint.write(work / name.replace(" ", "_").replace(",", ""), **shape)
+    if not (checkpoint / "tokenizer.model").exists():
+        write_tokenizer(checkpoint, tree, shape["vocab"])
+    ggufs = {}
+    for outtype in ("q8_0", "bf16"):
+        gguf = checkpoint / f"model-{outtype}.gguf"
+        if not gguf.exists():
+            subprocess.run([sys.executable, str(tree / "convert_hf_to_gguf.py"), str(checkpoint), "--outtype", outtype,
+                            "--outfile", str(gguf)], check=True, capture_output=True, text=True,
+                           env={**os.environ, "PYTHONPATH": str(tree / "gguf-py")})
+        ggufs[outtype] = gguf
+    return checkpoint, ggufs
+
+
+def llama_bench(tree: Path, gguf: Path, test: list[str], threads: int, repack: bool) -> dict | str:
+    """One llama-bench test (["-p", "64", "-n", "0"] or ["-p", "0", "-n", "16"]), 3 repetitions: its JSON record, or
+    why it failed (llama.cpp's AMX repacking crashed prefill with SIGILL on the AMX machine measured)."""
+    out = subprocess.run([str(tree / "build" / "bin" / "llama-bench"), "-m", str(gguf), *test, "-t", str(threads),
+                          "-r", "3", "--repack", str(int(repack)), "-o", "json"], capture_output=True, text=True)
+    if out.returncode != 0:
+        return f"exit {out.returncode}" + (" (SIGILL)" if out.returncode in (-4, 132) else "")
+    return json.loads(out.stdout)[0]
+
+
+def llama_cpp_rows(tree: Path, name: str, ggufs: dict[str, Path], prompt: int, steps: int, threads: int) -> list[dict]:
+    rows = []
+    for outtype, gguf in ggufs.items():
+        for repack in (True, False):  # repacking: llama.cpp's AMX / VNNI weight layouts (its default)
+            row = {"model": name, "variant": f"llama.cpp {outtype.upper()}" + ("" if repack else ", --repack 0")}
+            for metric, test, tokens in (("prefill_tokens_per_s", ["-p", str(prompt), "-n", "0"], prompt),
+                                         ("decode_tokens_per_s", ["-p", "0", "-n", str(steps)], steps)):
+                result = llama_bench(tree, gguf, test, threads, repack)
+                if isinstance(result, str):
+                    row[metric] = None
+                    row.setdefault("failed", []).append(f"{metric.split('_')[0]}: {result}")
+                else:
+                    row[metric] = round(result["avg_ts"], 2)
+                    row.update(build=result.get("build_commit"), backends=result.get("backends"))
+            rows.append(row)
+            print(row, flush=True)
+    return rows
+
+
+def run_variant(variant: str, checkpoint: Path, prompt: int, steps: int) -> dict:
+    """One variant in this process: load, compile, then PROMPT-token prefills and STEPS decode steps."""
+    import transformers
+    from transformers import DynamicCache
+
+    import int8pass
+
+    start = time.perf_counter()
+    if variant == "bf16 eager":
+        model = transformers.AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.bfloat16)
+        forward = model.forward
+    else:
+        options = {"skip_modules": []} if variant == "llmint8, int8 head" else {}
+        model = int8pass.from_pretrained(checkpoint, dtype=torch.bfloat16, **options)
+        forward = torch.compile(model.forward, backend="llmint8")
+    load_s = time.perf_counter() - start
+    vocab = model.config.vocab_size
+
+    def generate():
+        ids = torch.randint(0, vocab, (1, prompt), generator=torch.Generator().manual_seed(0))
+        cache = DynamicCache()
+        start = time.perf_counter()
+        logits = forward(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+        prefill = time.perf_counter() - start
+        token = logits[:, -1:].argmax(-1)
+        decode = 0.0
+        for _ in range(steps):  # the forward passes, as llama-bench times them (it samples nothing)
+            start = time.perf_counter()
+            logits = forward(input_ids=token, past_key_values=cache, use_cache=True).logits
+            decode += time.perf_counter() - start
+            token = logits[:, -1:].argmax(-1)
+        return prefill, decode
+
+    with torch.no_grad():
+        start = time.perf_counter()
+        generate()  # compiles: the prefill, the first decode step, then the dynamic decode graph
+        first_s = time.perf_counter() - start
+        generate()
+        runs = [generate() for _ in range(3)]
+    prefill, decode = min(run[0] for run in runs), min(run[1] for run in runs)
+    return {"variant": variant, "prefill_tokens_per_s": round(prompt / prefill, 1),
+            "decode_tokens_per_s": round(steps / decode, 2), "load_s": round(load_s, 1),
+            "first_generate_s": round(first_s, 1)}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--variant", choices=VARIANTS, help="run one variant in this process and print its JSON")
+    parser.add_argument("--checkpoint", type=Path)
+    parser.add_argument("--llama-cpp", type=Path, help="a llama.cpp source tree with build/bin/llama-bench")
+    parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
+    parser.add_argument("--prompt", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=64)
+    parser.add_argument("--work", type=Path, default=None, help="where checkpoints are written (default: the cache)")
+    args = parser.parse_args()
+    threads = torch.get_num_threads()
+    if args.variant:
+        print(json.dumps(run_variant(args.variant, args.checkpoint, args.prompt, args.steps)))
+        return
+    tree = args.llama_cpp or build_llama_cpp()
+    work = args.work or cache_root() / "llamacpp-checkpoints"
+    rows = []
+    for name in args.models:
+        checkpoint, ggufs = prepare_model(name, tree, work)
+        rows += llama_cpp_rows(tree, name, ggufs, args.prompt, args.steps, threads)
+        for variant in VARIANTS:
+            with tempfile.TemporaryDirectory() as cache:  # compiles are cold: a fresh Inductor cache per variant
+                out = subprocess.run([sys.executable, __file__, "--variant", variant, "--checkpoint", str(checkpoint),
+                                      "--prompt", str(args.prompt), "--steps", str(args.steps)],
+                                     capture_output=True, text=True, env={**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache})
+            if out.returncode != 0:
+                print(f"{variant} on {name} failed:\n{out.stderr[-2000:]}", file=sys.stderr)
+                continue
+            rows.append({"model": name, **json.loads(out.stdout.strip().splitlines()[-1])})
+            print(rows[-1], flush=True)
+    lines = ["| model | variant | prefill tokens/s | decode tokens/s | prefill vs best llama.cpp Q8_0 | "
+             "decode vs best llama.cpp Q8_0 | first generate s |", "|---|---|---|---|---|---|---|"]
+    for row in rows:
+        q8 = [r for r in rows if r["model"] == row["model"] and r["variant"].startswith("llama.cpp Q8_0")]
+        cells = []
+        for metric in ("prefill_tokens_per_s", "decode_tokens_per_s"):
+            best = max((r[metric] for r in q8 if r[metric]), default=None)
+            cells.append(f"{row[metric] / best:.2f}x" if row[metric] and best else "n/a")
+        shown = [str(row[m]) if row[m] is not None else "failed" for m in ("prefill_tokens_per_s", "decode_tokens_per_s")]
+        lines.append(f"| {row['model']} | {row['variant']} | {shown[0]} | {shown[1]} | {cells[0]} | {cells[1]} | "
+                     f"{row.get('first_generate_s', '')} |")
+    machine = describe()
+    caption = (f"Prefill of {args.prompt} tokens, {args.steps} decode steps, batch 1, {threads} threads on both sides. "
+               + "; ".join(f"{name}: d={s['hidden']}, {s['layers']} layers, ffn {s['ffn']}, vocab {s['vocab']}"
+                           for name, s in MODELS.items() if name in args.models)
+               + f". llama.cpp {rows[0].get('build')} ({rows[0].get('backends')}), with its default weight repacking "
+               "and with --repack 0; failures: "
+               + ("; ".join(f"{r['variant']} on {r['model']}: {', '.join(r['failed'])}" for r in rows if r.get("failed"))
+                  or "none") + f". {summary(machine)}")
+    table = caption + "\n\n" + "\n".join(lines)
+    print("\n" + table)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "llamacpp.md").write_text(table + "\n")
+    (RESULTS / "llamacpp.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
+                                                       "machine": machine, "rows": rows}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
