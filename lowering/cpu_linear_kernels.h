@@ -103,8 +103,9 @@ inline Kernel kernel_cap() {
   return name == "avx2" ? Kernel::Avx2 : name == "avx512_vnni" ? Kernel::Avx512Vnni : Kernel::Amx;
 }
 
-// AMX tiles hold 16 activation rows: below that, the VNNI kernel reads the weight as fast and wastes nothing.
-constexpr int64_t AMX_MIN_ROWS = 16;
+// AMX tiles hold 16 activation rows, and from 4 rows up they beat the VNNI kernel even when mostly padding; below
+// that, the VNNI kernel reads the weight faster (measured: benchmarks/linear.py).
+constexpr int64_t AMX_MIN_ROWS = 4;
 
 inline Kernel kernel_for(int64_t M, int64_t K) {
   Kernel kernel = std::min(best_supported_kernel(), kernel_cap());
@@ -526,13 +527,36 @@ struct OutlierWeight {
   }
 };
 
+// w_o[i * NC + j] = w[n0 + j, cols[i]] for the `rows` weight rows from n0. The codes go 8 rows at a time by vpgatherdd,
+// which is what makes the outlier split cheap at decode: each load is 4 bytes that hold the code and stay inside its
+// row (ending at the code, or at the row's start beginning with it).
+inline void gather_columns(const OutlierWeight& weight, const int32_t* cols, int64_t n_cols, int64_t n0, int64_t rows,
+                           int64_t K, float* w_o) {
+  int64_t vector_rows = 0;
+  if (weight.values == nullptr && K >= 4) {
+    vector_rows = rows / 8 * 8;
+    const __m256i row_offsets = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(int32_t(K)));
+    for (int64_t i = 0; i < n_cols; ++i) {
+      const int64_t c = cols[i];
+      const int8_t* start = weight.codes + n0 * K + (c >= 3 ? c - 3 : c);
+      const __m128i shift = _mm_cvtsi32_si128(c >= 3 ? 0 : 24);  // the code to the top byte, then sign-extended
+      for (int64_t n = 0; n < vector_rows; n += 8) {
+        const __m256i words = _mm256_i32gather_epi32(reinterpret_cast<const int*>(start + n * K), row_offsets, 1);
+        const __m256i codes = _mm256_srai_epi32(_mm256_sll_epi32(words, shift), 24);
+        _mm256_storeu_ps(w_o + i * NC + n, _mm256_cvtepi32_ps(codes));
+      }
+    }
+  }
+  for (int64_t n = vector_rows; n < rows; ++n)
+    for (int64_t i = 0; i < n_cols; ++i) w_o[i * NC + n] = weight.at(n0 + n, K, cols[i]);
+}
+
 // out[m, j] = sum over i of x_o[m, i] * w[n0 + j, cols[i]] in fp32 for the `rows` (at most NC) weight rows from n0,
 // x_o being X[:, O] ([M, |O|]). The columns are gathered once, while those rows are still in cache from the GEMM; each
 // output row is then a sum of |O| scaled copies of them, vectorized over n, adding the columns in ascending order.
 inline void outlier_block(const float* x_o, const int32_t* cols, int64_t n_cols, const OutlierWeight& weight,
                           int64_t n0, float* out, int64_t M, int64_t K, int64_t rows, float* w_o) {
-  for (int64_t n = 0; n < rows; ++n)
-    for (int64_t i = 0; i < n_cols; ++i) w_o[i * NC + n] = weight.at(n0 + n, K, cols[i]);
+  gather_columns(weight, cols, n_cols, n0, rows, K, w_o);
   for (int64_t m = 0; m < M; ++m) {
     float* row = out + m * NC;
     const float* x_m = x_o + m * n_cols;
@@ -582,16 +606,27 @@ inline void linear(const Linear& a, Kernel kernel) {
   quantize(a.x, a.x_dtype, M, K, limit, is_outlier, s_x, x_q, scratch.take<uint32_t>(K));
   uint8_t* x_u8 = unsigned_codes ? scratch.take<uint8_t>(M * K) : nullptr;
   if (unsigned_codes) {
-#pragma omp parallel for schedule(static) if (M * K >= PARALLEL_MIN_ELEMENTS)
-    for (int64_t m = 0; m < M; ++m)
-      for (int64_t k = 0; k < K; ++k) x_u8[m * K + k] = uint8_t(x_q[m * K + k]) ^ 0x80;
+    const int64_t count = M * K, vector_count = count / 32 * 32;
+    const __m256i top_bits = _mm256_set1_epi8(char(0x80));
+#pragma omp parallel for schedule(static) if (count >= PARALLEL_MIN_ELEMENTS)
+    for (int64_t i = 0; i < vector_count; i += 32) {
+      const __m256i codes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x_q + i));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(x_u8 + i), _mm256_xor_si256(codes, top_bits));
+    }
+    for (int64_t i = vector_count; i < count; ++i) x_u8[i] = uint8_t(x_q[i]) ^ 0x80;
   }
   int8_t* b_tiles = tile_bytes ? scratch.take<int8_t>(tile_bytes) : nullptr;
   if (b_tiles) pack_b_tiles(x_q, M, K, b_tiles);
   int32_t* cols = scratch.take<int32_t>(K);
   int64_t n_cols = 0;
-  for (int64_t k = 0; k < K; ++k)
-    if (is_outlier[k]) cols[n_cols++] = int32_t(k);
+  for (int64_t k0 = 0; k0 < K; k0 += 32) {  // 32 flags at a time: most are 0
+    const int64_t k1 = std::min(K, k0 + 32);
+    if (k1 - k0 == 32 && _mm256_testz_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(is_outlier + k0)),
+                                            _mm256_set1_epi8(1)))
+      continue;
+    for (int64_t k = k0; k < k1; ++k)
+      if (is_outlier[k]) cols[n_cols++] = int32_t(k);
+  }
   std::vector<float> x_o(M * n_cols);  // small: outlier columns are few
   for (int64_t m = 0; m < M; ++m)
     for (int64_t i = 0; i < n_cols; ++i) x_o[m * n_cols + i] = load(a.x, m * K + cols[i], a.x_dtype);
