@@ -13,10 +13,11 @@ to the vocabulary size), which the converter needs; neither side tokenizes text 
 
 llama.cpp: `llama-bench -p PROMPT -n 0` (prefill of PROMPT tokens) and `-p 0 -n STEPS` (STEPS tokens generated from
 an empty context), `-t THREADS -r 3`, with its default weight repacking (its AMX and VNNI layouts) and with
-`--repack 0`; a run that fails is reported as failed. llmint8 and bf16 eager (HF transformers): a PROMPT-token prefill (logits of the last token only, as llama.cpp
-computes), then STEPS decode steps with a KV cache after it (so each attends to PROMPT more tokens than
-llama.cpp's), timing the forward passes (the greedy choice of the next token between them is not timed: llama-bench
-samples nothing), best of 3, each variant in its own process with a fresh Inductor cache. llmint8 runs with the output head in bf16 (the default) and in int8 (skip_modules=[]).
+`--repack 0`; a run that fails is reported as failed. llmint8 and bf16 eager (HF transformers): a PROMPT-token
+prefill (logits of the last token only, as llama.cpp computes), then STEPS decode steps with a KV cache after it (so
+each attends to PROMPT more tokens than llama.cpp's), timing the forward passes (the greedy choice of the next token
+between them is not timed: llama-bench samples nothing), best of 3, each variant in its own process with a fresh
+Inductor cache. llmint8 runs with the output head in bf16 (the default) and in int8 (skip_modules=[]).
 
 llama.cpp is built from the llama-cpp-python sdist on PyPI (vendor/llama.cpp, cmake, about 20 minutes on 2 cores)
 into ~/.cache/int8pass/llama.cpp unless --llama-cpp names a built tree. Prints a table, writes
