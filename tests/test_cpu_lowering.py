@@ -53,3 +53,17 @@ def test_int_mm_fallback_without_the_kernel(monkeypatch):
     w_q, s_w = reference.quantize_weight(weight)
     y = linear.linear_on_cpu(x, w_q, s_w, None, 6.0)
     torch.testing.assert_close(y, reference.linear(x, w_q, s_w, None, 6.0), rtol=1e-6, atol=1e-6)
+
+
+def test_reference_steps_compiled_on_a_decode_shaped_input(monkeypatch):
+    # Inductor can view a [1, 1, K] activation as [1, K] with a zero row stride, and torch._int_mm on the CPU (2.13)
+    # returns wrong sums for such a view (it made torchao's compiled decode wrong): the fallback must still be exact
+    monkeypatch.setattr(cpu_linear, "available", lambda: False)
+    x = outlier_activation(1, 2048, torch.float32, outlier_cols=[5]).reshape(1, 1, 2048)
+    weight = torch.randn(512, 2048) * 0.05
+    w_q, s_w = reference.quantize_weight(weight)
+    torch._dynamo.reset()
+    with torch._inductor.config.patch(fx_graph_cache=False):
+        compiled = torch.compile(lambda *args: torch.ops.llmint8.linear(*args), backend="inductor", fullgraph=True)
+        y = compiled(x, w_q, s_w, None, 6.0)
+    torch.testing.assert_close(y, reference.linear(x, w_q, s_w, None, 6.0), rtol=1e-6, atol=1e-5)
