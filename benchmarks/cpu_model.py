@@ -11,7 +11,10 @@ fresh Inductor cache, so its compiles are cold.
 Variants: bf16 eager, bf16 torch.compile, llmint8, bitsandbytes Linear8bitLt (threshold 6), torchao int8
 dynamic + torch.compile; output heads stay bf16 in every int8 variant. Each variant runs in its own process
 so that its memory is its own: steady RSS (held after the runs, freed heap returned) and peak RSS (which
-for the int8 variants includes the transient of quantizing while the bf16 weights still exist). Prints a markdown table, writes benchmarks/results/cpu_model.{json,md}.
+for the int8 variants includes the transient of quantizing while the bf16 weights still exist). Each variant's last-token logits (a 32-token
+prefill and 2 decode steps) are compared with bf16 eager's on the same model: a variant that computes something else
+shows a large error there, and its speed is not a valid comparison.
+Prints a markdown table, writes benchmarks/results/cpu_model.{json,md}.
 
     bash tools/dev.sh bench-model
 """
@@ -83,10 +86,25 @@ def prepare(model, variant: str):
     raise ValueError(variant)
 
 
+def checked_logits(forward, prompt: int = 32, steps: int = 2):
+    """Last-token logits of a prefill and of `steps` decode steps after it (fp32): what every variant must compute."""
+    from transformers import DynamicCache
+
+    ids = torch.randint(0, 8000, (1, prompt), generator=torch.Generator().manual_seed(1))
+    cache = DynamicCache()
+    logits = [forward(input_ids=ids, past_key_values=cache, use_cache=True).logits[:, -1].float()]
+    for step in range(steps):
+        token = torch.tensor([[7 + step]])
+        logits.append(forward(input_ids=token, past_key_values=cache, use_cache=True).logits[:, -1].float())
+    return torch.cat(logits)
+
+
 def run_variant(variant: str, layers: int, prompt: int, steps: int, outliers: str) -> dict:
     from transformers import DynamicCache
 
     model = build_model(layers, outliers)
+    with torch.no_grad():
+        expected = checked_logits(model)  # bf16 eager's, before the variant changes the model
     forward = prepare(model, variant)
 
     def generate(length=prompt):
@@ -107,6 +125,7 @@ def run_variant(variant: str, layers: int, prompt: int, steps: int, outliers: st
         runs = [generate() for _ in range(3)]
         new_length = generate(prompt + 7)[0]
         new_length_warm = min(generate(prompt + 7)[0] for _ in range(2))
+        got = checked_logits(forward)
     prefill, decode = min(run[0] for run in runs), min(run[1] for run in runs)
     return {
         "variant": variant,
@@ -115,6 +134,8 @@ def run_variant(variant: str, layers: int, prompt: int, steps: int, outliers: st
         "decode_tokens_per_s": round(steps / decode, 2),
         "prefill_s": {"min": round(prefill, 4), "median": round(sorted(r[0] for r in runs)[1], 4), "max": round(max(r[0] for r in runs), 4)},
         "decode_s": {"min": round(decode, 4), "median": round(sorted(r[1] for r in runs)[1], 4), "max": round(max(r[1] for r in runs), 4)},
+        # a variant whose compiled model computes something else is not a speed to compare
+        "logits_rel_error_vs_bf16": round(((got - expected).norm() / expected.norm()).item(), 4),
         "compile_s": round(first - prefill - decode, 2),
         "new_length_compile_s": round(new_length - new_length_warm, 2),
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
@@ -145,11 +166,13 @@ def main():
             continue
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
         print(rows[-1], flush=True)
-    lines = ["| outliers | variant | prefill tokens/s | decode tokens/s | compile s | new length s | steady RSS MiB | "
-             "peak RSS MiB | prefill vs bf16 eager | decode vs bf16 eager |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| outliers | variant | prefill tokens/s | decode tokens/s | logits rel. error vs bf16 | compile s | "
+             "new length s | steady RSS MiB | peak RSS MiB | prefill vs bf16 eager | decode vs bf16 eager |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         base = next(b for b in rows if b["variant"] == "bf16 eager" and b["outliers"] == row["outliers"])
         lines.append(f"| {row['outliers']} | {row['variant']} | {row['prefill_tokens_per_s']} | {row['decode_tokens_per_s']} | "
+                     f"{row['logits_rel_error_vs_bf16']} | "
                      f"{row['compile_s']} | {row['new_length_compile_s']} | {row['steady_rss_mib']} | {row['peak_rss_mib']} | "
                      f"{row['prefill_tokens_per_s'] / base['prefill_tokens_per_s']:.2f}x | "
                      f"{row['decode_tokens_per_s'] / base['decode_tokens_per_s']:.2f}x |")
