@@ -8,7 +8,8 @@ B. A causal LM with emergent features (examples/demo.py's transformer, |x| ~ 40 
 
 Variants: fp32, bf16, llmint8 (threshold 6), vector-wise int8 without decomposition (llmint8 threshold 0),
 naive per-tensor int8: each quantizes every linear, the output head included; and llmint8 as it runs by default,
-with the output head in floating point (the int8 head's cost in accuracy; MiniLM has no head). Prints tables and writes benchmarks/results/accuracy.json.
+with the output head in floating point (the int8 head's cost in accuracy; MiniLM has no head). Prints tables and
+writes benchmarks/results/accuracy.json.
 
     bash tools/dev.sh accuracy
 """

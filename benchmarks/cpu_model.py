@@ -11,9 +11,9 @@ fresh Inductor cache, so its compiles are cold.
 Variants: bf16 eager, bf16 torch.compile, llmint8, bitsandbytes Linear8bitLt (threshold 6), torchao int8
 dynamic + torch.compile; output heads stay bf16 in every int8 variant. Each variant runs in its own process
 so that its memory is its own: steady RSS (held after the runs, freed heap returned) and peak RSS (which
-for the int8 variants includes the transient of quantizing while the bf16 weights still exist). Each variant's last-token logits (a 32-token
-prefill and 2 decode steps) are compared with bf16 eager's on the same model: a variant that computes something else
-shows a large error there, and its speed is not a valid comparison.
+for the int8 variants includes the transient of quantizing while the bf16 weights still exist). Each variant's
+last-token logits (a 32-token prefill and 2 decode steps) are compared with bf16 eager's on the same model: a variant
+that computes something else shows a large error there, and its speed is not a valid comparison.
 Prints a markdown table, writes benchmarks/results/cpu_model.{json,md}.
 
     bash tools/dev.sh bench-model

@@ -200,8 +200,8 @@ def main():
         with torch.no_grad():
             variants = {
                 "llmint8": torch.compile(copy.deepcopy(linear), backend="llmint8", dynamic=False),
-                # the same op called eagerly, without the ~50 us of Dynamo guards and wrappers a one-linear graph pays
-                # per call (a model's graph pays them once per forward, not per linear)
+                # the same op through the Int8Weight's eager dispatch, without the Dynamo guards and wrappers a
+                # one-linear graph pays per call (a model's graph pays them once per forward, not per linear)
                 "llmint8 eager (quantize_)": int8pass.quantize_(torch.nn.Sequential(copy.deepcopy(linear)),
                                                                 skip_modules=[]),
                 **peers(linear),

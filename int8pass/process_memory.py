@@ -12,12 +12,13 @@ Two things keep freed weights in RSS on Linux:
 - a weight read from an mmap'd checkpoint (safetensors) is a view of a mapping that other tensors of the same file
   keep alive, so its pages stay resident after the weight is gone: `page_out` asks the kernel to reclaim them
   (MADV_PAGEOUT: clean file pages are dropped and re-read from the file if touched again; nothing is lost).
-Both are no-ops where the platform lacks them. And the other way: `prefer_huge_pages` asks for 2 MiB pages for a new int8
-weight's codes before they are written (MADV_HUGEPAGE; Linux's transparent huge pages are commonly on "madvise"):
-decode streams every weight once per token, and with 4 KiB pages the TLB misses cost ~7% of the read rate (measured
-on a 426 MB token's worth of weights: 22.5 GB/s with 4 KiB pages, 24 GB/s with 2 MiB pages). And Inductor leaves each compile's state as reference cycles: `settle`
-collects them, so that the next compile reuses that memory instead of growing the process (33 MiB less steady RSS on
-the 1.07 GiB checkpoint of benchmarks/memory.py).
+Both are no-ops where the platform lacks them. And the other way: `prefer_huge_pages` asks for 2 MiB pages for a new
+int8 weight's codes before they are written (MADV_HUGEPAGE; Linux's transparent huge pages are commonly on
+"madvise"): decode streams every weight once per token, and with 4 KiB pages the TLB misses cost ~7% of the read
+rate (measured on a 426 MB token's worth of weights: 22.5 GB/s with 4 KiB pages, 24 GB/s with 2 MiB pages). And
+Inductor leaves each compile's state as reference cycles: `settle` collects them, so that the next compile reuses
+that memory instead of growing the process (33 MiB less steady RSS on the 1.07 GiB checkpoint of
+benchmarks/memory.py).
 """
 
 from __future__ import annotations

@@ -104,7 +104,8 @@ inline Kernel kernel_cap() {
 }
 
 // AMX tiles hold 16 activation rows, and from 4 rows up they beat the VNNI kernel even when mostly padding; below
-// that, the VNNI kernel reads the weight faster (measured: benchmarks/linear.py).
+// that, the VNNI kernel reads the weight faster (measured kernel against kernel on an Emerald Rapids Xeon: at 4 rows
+// AMX took 0.77-0.95x VNNI's time, at 1-3 rows 1.04-1.55x).
 constexpr int64_t AMX_MIN_ROWS = 4;
 
 inline Kernel kernel_for(int64_t M, int64_t K) {
