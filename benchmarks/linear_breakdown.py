@@ -24,8 +24,6 @@ import int8pass  # noqa: E402, F401  (registers the backend's ops)
 from int8pass import reference  # noqa: E402
 from int8pass.lowering import cpu_linear  # noqa: E402
 
-ORDER = ["avx2", "avx512_vnni", "amx"]
-
 
 def main():
     if not cpu_linear.available():
@@ -34,10 +32,9 @@ def main():
     linear = torch.nn.Linear(k, n).eval().to(torch.bfloat16)
     compiled = torch.compile(copy.deepcopy(linear), backend="llmint8", dynamic=False)
     w_q, s_w = reference.quantize_weight(linear.weight)
-    kernels = ORDER[: ORDER.index(cpu_linear.kernel(512, k)) + 1]
     rows = []
     with torch.no_grad():
-        for kernel in kernels:
+        for kernel in cpu_linear.kernels():
             os.environ["INT8PASS_CPU_KERNEL"] = kernel  # read by the kernel at every call
             for m in (1, 512):
                 x = activations(m, k, torch.bfloat16, 0.005)

@@ -104,3 +104,11 @@ def runs(x: torch.Tensor, weight_q: torch.Tensor) -> bool:
 def kernel(rows: int, in_features: int) -> str:
     """The GEMM a call with this many activation rows runs here: "amx", "avx512_vnni" or "avx2"."""
     return torch.ops.llmint8.cpu_linear_kernel(rows, in_features)
+
+
+KERNELS = ("avx2", "avx512_vnni", "amx")  # the GEMMs, slowest first
+
+
+def kernels() -> list[str]:
+    """Every GEMM this CPU runs (up to the INT8PASS_CPU_KERNEL cap), slowest first; each is a value the cap takes."""
+    return list(KERNELS[: KERNELS.index(kernel(512, 4096)) + 1]) if available() else []

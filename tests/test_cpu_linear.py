@@ -17,9 +17,7 @@ from tests.helpers import outlier_activation, within_bound
 
 pytestmark = pytest.mark.skipif(not cpu_linear.available(), reason="needs an x86-64 CPU with AVX2 and a C++ compiler")
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
-ORDER = ["avx2", "avx512_vnni", "amx"]
-# every kernel up to the best this CPU has (INT8PASS_CPU_KERNEL caps the choice)
-KERNELS = ORDER[: ORDER.index(cpu_linear.kernel(512, 4096)) + 1] if cpu_linear.available() else []
+KERNELS = cpu_linear.kernels()
 
 
 @contextlib.contextmanager
