@@ -248,11 +248,28 @@ inline void gemm_block(const int8_t* x_q, const int8_t* w, int32_t* out, int64_t
 
 namespace vnni {
 
-// out[i, j] += sum over k in [k0, k1) of x_q[i, k] * w[j, k] for MB rows of x_u8 = x_q + 128 and NB rows of w
+// offsets[j] = 128 * sum over k in [k0, k1) of w[j, k] for the `rows` weight rows at w: what multiplying x_u8 =
+// x_q + 128 instead of x_q adds to row j's products, taken off at the end (int32 arithmetic modulo 2^32)
+inline void code_offsets(const int8_t* w, int64_t ldw, int64_t rows, int64_t k0, int64_t k1, uint32_t* offsets) {
+  const __m512i ones = _mm512_set1_epi8(1);
+  for (int64_t j = 0; j < rows; ++j) {
+    __m512i sums = _mm512_setzero_si512();
+    int64_t k = k0;
+    for (; k + 64 <= k1; k += 64) sums = _mm512_dpbusd_epi32(sums, ones, _mm512_loadu_si512(w + j * ldw + k));
+    if (k < k1)
+      sums = _mm512_dpbusd_epi32(sums, ones, _mm512_maskz_loadu_epi8((__mmask64(1) << (k1 - k)) - 1, w + j * ldw + k));
+    offsets[j] = 128u * uint32_t(_mm512_reduce_add_epi32(sums));
+  }
+}
+
+// out[i, j] += sum over k in [k0, k1) of x_q[i, k] * w[j, k] for MB rows of x_u8 = x_q + 128 and NB rows of w, as dot
+// products along k. With offsets, those of code_offsets for these NB rows; without (nullptr), the tile sums each weight
+// vector itself, by the same instruction on a vector of ones (cheaper than a second pass when MB is 1 or 2).
 template <int MB, int NB>
 inline void tile(const uint8_t* x, int64_t ldx, const int8_t* w, int64_t ldw, int32_t* out, int64_t ldo,
-                 int64_t k0, int64_t k1) {
+                 int64_t k0, int64_t k1, const uint32_t* offsets) {
   const __m512i ones = _mm512_set1_epi8(1);
+  const bool sum_here = offsets == nullptr;
   __m512i acc[MB][NB], sums[NB];
   for (int j = 0; j < NB; ++j) {
     sums[j] = _mm512_setzero_si512();
@@ -267,7 +284,7 @@ inline void tile(const uint8_t* x, int64_t ldx, const int8_t* w, int64_t ldw, in
       // decode streams the weight from memory: fetch the next tile's rows while this one computes (the hardware
       // prefetchers alone reach ~60% of the bandwidth on rows of a few hundred bytes)
       if (MB <= 2) _mm_prefetch(reinterpret_cast<const char*>(w + (j + NB) * ldw + k), _MM_HINT_T0);
-      sums[j] = _mm512_dpbusd_epi32(sums[j], ones, wv);
+      if (sum_here) sums[j] = _mm512_dpbusd_epi32(sums[j], ones, wv);
       for (int i = 0; i < MB; ++i) acc[i][j] = _mm512_dpbusd_epi32(acc[i][j], xv[i], wv);
     }
   }
@@ -277,12 +294,12 @@ inline void tile(const uint8_t* x, int64_t ldx, const int8_t* w, int64_t ldw, in
     for (int i = 0; i < MB; ++i) xv[i] = _mm512_maskz_loadu_epi8(mask, x + i * ldx + k);
     for (int j = 0; j < NB; ++j) {
       const __m512i wv = _mm512_maskz_loadu_epi8(mask, w + j * ldw + k);
-      sums[j] = _mm512_dpbusd_epi32(sums[j], ones, wv);
+      if (sum_here) sums[j] = _mm512_dpbusd_epi32(sums[j], ones, wv);
       for (int i = 0; i < MB; ++i) acc[i][j] = _mm512_dpbusd_epi32(acc[i][j], xv[i], wv);
     }
   }
   for (int j = 0; j < NB; ++j) {
-    const uint32_t offset = 128u * uint32_t(_mm512_reduce_add_epi32(sums[j]));
+    const uint32_t offset = sum_here ? 128u * uint32_t(_mm512_reduce_add_epi32(sums[j])) : offsets[j];
     for (int i = 0; i < MB; ++i)
       out[i * ldo + j] += int32_t(uint32_t(_mm512_reduce_add_epi32(acc[i][j])) - offset);
   }
@@ -290,34 +307,163 @@ inline void tile(const uint8_t* x, int64_t ldx, const int8_t* w, int64_t ldw, in
 
 template <int MB, int NB>
 void row_block(const uint8_t* x, const int8_t* w, int32_t* out, int64_t ldo, int64_t K, int64_t rows, int64_t k0,
-               int64_t k1) {
+               int64_t k1, const uint32_t* offsets) {
   int64_t n = 0;
-  for (; n + NB <= rows; n += NB) tile<MB, NB>(x, K, w + n * K, K, out + n, ldo, k0, k1);
-  for (; n < rows; ++n) tile<MB, 1>(x, K, w + n * K, K, out + n, ldo, k0, k1);
+  for (; n + NB <= rows; n += NB)
+    tile<MB, NB>(x, K, w + n * K, K, out + n, ldo, k0, k1, offsets ? offsets + n : nullptr);
+  for (; n < rows; ++n) tile<MB, 1>(x, K, w + n * K, K, out + n, ldo, k0, k1, offsets ? offsets + n : nullptr);
 }
 
-// out[m, j] (+)= sum over k in [k0, k1) of X_q[m, k] * w[j, k] for the `rows` weight rows at w; `add` keeps what out
-// holds (the AMX kernel's part).
+// out[m, j] (+)= sum over k in [k0, k1) of X_q[m, k] * w[j, k] for the `rows` (at most NC) weight rows at w, from
+// x_u8 = X_q + 128 [M, K]; `add` keeps what out holds (the AMX kernel's part). For few rows (decode, and AMX's tails).
 __attribute__((noinline)) inline void gemm_block(const uint8_t* x_u8, const int8_t* w, int32_t* out, int64_t ldo,
                                                  int64_t M, int64_t K, int64_t rows, int64_t k0, int64_t k1,
                                                  bool add) {
   if (!add)
     for (int64_t m = 0; m < M; ++m) std::fill(out + m * ldo, out + m * ldo + rows, 0);
+  uint32_t offsets[NC];
   for (int64_t kc = k0; kc < k1; kc += KC) {
     const int64_t kc_end = std::min(kc + KC, k1);
-    int64_t m = 0;
-    if (M == 1) {
-      row_block<1, 8>(x_u8, w, out, ldo, K, rows, kc, kc_end);
+    if (M <= 2) {  // the weight is streamed once; each tile sums its own weight vectors
+      if (M == 1) row_block<1, 8>(x_u8, w, out, ldo, K, rows, kc, kc_end, nullptr);
+      else row_block<2, 6>(x_u8, w, out, ldo, K, rows, kc, kc_end, nullptr);
       continue;
     }
-    for (; m + 4 <= M; m += 4) row_block<4, 4>(x_u8 + m * K, w, out + m * ldo, ldo, K, rows, kc, kc_end);
+    code_offsets(w, K, rows, kc, kc_end, offsets);  // once for all rows' tiles
+    int64_t m = 0;
+    for (; m + 4 <= M; m += 4) row_block<4, 4>(x_u8 + m * K, w, out + m * ldo, ldo, K, rows, kc, kc_end, offsets);
     switch (M - m) {
-      case 3: row_block<3, 4>(x_u8 + m * K, w, out + m * ldo, ldo, K, rows, kc, kc_end); break;
-      case 2: row_block<2, 6>(x_u8 + m * K, w, out + m * ldo, ldo, K, rows, kc, kc_end); break;
-      case 1: row_block<1, 8>(x_u8 + m * K, w, out + m * ldo, ldo, K, rows, kc, kc_end); break;
+      case 3: row_block<3, 4>(x_u8 + m * K, w, out + m * ldo, ldo, K, rows, kc, kc_end, offsets); break;
+      case 2: row_block<2, 6>(x_u8 + m * K, w, out + m * ldo, ldo, K, rows, kc, kc_end, offsets); break;
+      case 1: row_block<1, 8>(x_u8 + m * K, w, out + m * ldo, ldo, K, rows, kc, kc_end, offsets); break;
       default: break;
     }
   }
+}
+
+// ---- the same GEMM from 16 activation rows at a time, for prefill (PACKED_MIN_ROWS rows and more) ------------------
+// Each zmm holds 4 consecutive codes of 16 activation rows (X_q + 128, packed once per call by pack_rows), and one
+// vpdpbusd multiplies it by 4 codes of one weight row broadcast to every lane: 16 outputs per instruction with no
+// horizontal sums, and the weight read as it is stored. (The dot products above spend a reduction per output and
+// reach about a third of the instruction's throughput at these sizes.)
+
+// From two tiles: a single tile broadcasts one weight quad per instruction, which the loads cannot keep up with, and
+// the dot products are as fast there
+constexpr int64_t PACKED_MIN_ROWS = 17;
+constexpr int64_t PACKED_KC = 2048;
+#ifndef PF_LINES
+#define PF_LINES 4
+#endif  // columns per pass: 32 packed rows of them stay in L1/L2 while 64 weight rows pass
+
+// X_q [M, K] as 16-row tiles of the first K / 4 * 4 columns: tile t holds, for each group of 4 columns, row 16t + r's
+// 4 codes + 128 at dword r (rows past M hold code 0)
+inline void pack_rows(const int8_t* x_q, int64_t M, int64_t K, uint8_t* packed) {
+  const int64_t tiles = (M + 15) / 16, groups = K / 4;
+#pragma omp parallel for schedule(static) if (M * K >= PARALLEL_MIN_ELEMENTS)
+  for (int64_t t = 0; t < tiles; ++t)
+    for (int64_t r = 0; r < 16; ++r) {
+      const int64_t m = t * 16 + r;
+      uint32_t* dst = reinterpret_cast<uint32_t*>(packed + t * groups * 64) + r;
+      for (int64_t g = 0; g < groups; ++g) {
+        uint32_t quad = 0;
+        if (m < M) std::memcpy(&quad, x_q + m * K + 4 * g, 4);
+        dst[g * 16] = quad ^ 0x80808080u;
+      }
+    }
+}
+
+// c[j][16v + l] (+)= products of V packed tiles' rows with NB weight rows over columns [k0, k1) (multiples of 4)
+template <int V, int NB>
+inline void packed_tile(const uint8_t* x, int64_t tile_bytes, const int8_t* w, int64_t K, int64_t k0, int64_t k1,
+                        int32_t* c, int64_t ldc, bool add) {
+  __m512i acc[NB][V];
+  for (int j = 0; j < NB; ++j)
+    for (int v = 0; v < V; ++v) acc[j][v] = add ? _mm512_loadu_si512(c + j * ldc + 16 * v) : _mm512_setzero_si512();
+  for (int64_t k = k0; k < k1;) {
+    const int64_t stop = std::min(k + 64, k1);
+    // NB weight rows are read 4 bytes at a time: fetch each row's line PF_LINES ahead, which the hardware
+    // prefetchers do not track across so many streams
+    for (int j = 0; j < NB; ++j) _mm_prefetch(reinterpret_cast<const char*>(w + j * K + k + 64 * PF_LINES), _MM_HINT_T0);
+    for (; k < stop; k += 4) {
+      __m512i xv[V];
+      for (int v = 0; v < V; ++v) xv[v] = _mm512_loadu_si512(x + v * tile_bytes + k * 16);
+      for (int j = 0; j < NB; ++j) {
+        int32_t quad;
+        std::memcpy(&quad, w + j * K + k, 4);
+        const __m512i wv = _mm512_set1_epi32(quad);
+        for (int v = 0; v < V; ++v) acc[j][v] = _mm512_dpbusd_epi32(acc[j][v], xv[v], wv);
+      }
+    }
+  }
+  for (int j = 0; j < NB; ++j)
+    for (int v = 0; v < V; ++v) _mm512_storeu_si512(c + j * ldc + 16 * v, acc[j][v]);
+}
+
+// the 16 x 16 int32 block at rows[i] (stride ld_in) minus offsets[i], transposed into out (stride ld_out)
+inline void transpose_minus(const int32_t* in, int64_t ld_in, const uint32_t* offsets, int32_t* out, int64_t ld_out) {
+  __m512i r[16], t[16];
+  for (int i = 0; i < 16; ++i)
+    r[i] = _mm512_sub_epi32(_mm512_loadu_si512(in + i * ld_in), _mm512_set1_epi32(int32_t(offsets[i])));
+  for (int i = 0; i < 16; i += 2) {  // 32-bit pairs, 64-bit quads, then 128-bit lanes twice
+    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+    r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+    r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+    r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    t[i] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0x88);
+    t[i + 4] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0xDD);
+    t[i + 8] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0x88);
+    t[i + 12] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0xDD);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[i] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0x88);
+    r[i + 8] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0xDD);
+    r[i + 4] = _mm512_shuffle_i32x4(t[i + 4], t[i + 12], 0x88);
+    r[i + 12] = _mm512_shuffle_i32x4(t[i + 4], t[i + 12], 0xDD);
+  }
+  for (int i = 0; i < 16; ++i) _mm512_storeu_si512(out + i * ld_out, r[i]);
+}
+
+// out[m, j] = X_q[m, :] . w[j, :] for the M rows of `packed` (pack_rows) and the `rows` (at most NC) weight rows at w;
+// out has room for M rounded up to 16 rows and NC columns. `c` is scratch of NC x (M rounded up to 16) int32.
+__attribute__((noinline)) inline void packed_gemm_block(const uint8_t* packed, const int8_t* x_q, const int8_t* w,
+                                                        int32_t* out, int64_t ldo, int64_t M, int64_t K, int64_t rows,
+                                                        int32_t* c) {
+  constexpr int NB = 8;  // 2 x 8 accumulators (3 x 8 for an odd tile out); 2 x 8 and 4 x 6 measured alike, within 5%
+  const int64_t tiles = (M + 15) / 16, ldc = tiles * 16, k4 = K / 4 * 4, tile_bytes = K / 4 * 64;
+  const int64_t rows16 = (rows + 15) / 16 * 16;
+  uint32_t offsets[NC] = {};
+  code_offsets(w, K, rows, 0, k4, offsets);
+  if (rows < rows16) std::fill(c + rows * ldc, c + rows16 * ldc, 0);
+  for (int64_t kc = 0; kc < k4; kc += PACKED_KC) {
+    const int64_t kc_end = std::min(kc + PACKED_KC, k4);
+    for (int64_t t = 0; t < tiles;) {  // 2 tiles at a time, the last 3 together when their number is odd
+      const uint8_t* x = packed + t * tile_bytes;
+      int32_t* ct = c + t * 16;
+      const bool three = tiles - t == 3;
+      int64_t j = 0;
+      for (; j + NB <= rows; j += NB) {
+        if (three) packed_tile<3, NB>(x, tile_bytes, w + j * K, K, kc, kc_end, ct + j * ldc, ldc, kc > 0);
+        else packed_tile<2, NB>(x, tile_bytes, w + j * K, K, kc, kc_end, ct + j * ldc, ldc, kc > 0);
+      }
+      for (; j < rows; ++j) {
+        if (three) packed_tile<3, 1>(x, tile_bytes, w + j * K, K, kc, kc_end, ct + j * ldc, ldc, kc > 0);
+        else packed_tile<2, 1>(x, tile_bytes, w + j * K, K, kc, kc_end, ct + j * ldc, ldc, kc > 0);
+      }
+      t += three ? 3 : 2;
+    }
+  }
+  if (k4 == 0) std::fill(c, c + rows16 * ldc, 0);
+  for (int64_t j = 0; j < rows16; j += 16)
+    for (int64_t t = 0; t < tiles; ++t) transpose_minus(c + j * ldc + t * 16, ldc, offsets + j, out + t * 16 * ldo + j, ldo);
+  for (int64_t m = 0; m < M; ++m)  // the last K % 4 columns
+    for (int64_t j = 0; j < rows; ++j)
+      for (int64_t k = k4; k < K; ++k) out[m * ldo + j] += int32_t(x_q[m * K + k]) * int32_t(w[j * K + k]);
 }
 
 }  // namespace vnni
@@ -597,9 +743,13 @@ struct Linear {
 inline void linear(const Linear& a, Kernel kernel) {
   const int64_t M = a.M, K = a.K, N = a.N;
   const float limit = a.threshold > 0 ? a.threshold : INFINITY;
-  // X_q + 128 (u8), what vpdpbusd multiplies: the VNNI kernel's operand, and the AMX kernel's for its tails
-  const bool unsigned_codes = kernel == Kernel::Avx512Vnni || (kernel == Kernel::Amx && (K % 64 || N % 16));
-  const int64_t tile_bytes = kernel == Kernel::Amx ? (M + 15) / 16 * (K / 64) * 1024 : 0;
+  // X_q + 128 (u8), what vpdpbusd multiplies: as rows for the VNNI kernel's dot products (and the AMX kernel's
+  // tails), or packed in 16-row tiles from PACKED_MIN_ROWS rows
+  const bool packed_rows = kernel == Kernel::Avx512Vnni && M >= vnni::PACKED_MIN_ROWS;
+  const bool unsigned_codes = (kernel == Kernel::Avx512Vnni && !packed_rows) || (kernel == Kernel::Amx && (K % 64 || N % 16));
+  const int64_t tile_bytes = kernel == Kernel::Amx ? (M + 15) / 16 * (K / 64) * 1024
+                             : packed_rows         ? (M + 15) / 16 * 16 * (K / 4 * 4)
+                                                   : 0;
   Scratch scratch(K * (1 + 4 + 4) + M * 4 + M * K * (unsigned_codes ? 2 : 1) + tile_bytes, 0);
   uint8_t* is_outlier = scratch.take<uint8_t>(K);
   float* s_x = scratch.take<float>(M);
@@ -616,8 +766,10 @@ inline void linear(const Linear& a, Kernel kernel) {
     }
     for (int64_t i = vector_count; i < count; ++i) x_u8[i] = uint8_t(x_q[i]) ^ 0x80;
   }
-  int8_t* b_tiles = tile_bytes ? scratch.take<int8_t>(tile_bytes) : nullptr;
+  int8_t* b_tiles = kernel == Kernel::Amx ? scratch.take<int8_t>(tile_bytes) : nullptr;
   if (b_tiles) pack_b_tiles(x_q, M, K, b_tiles);
+  uint8_t* x_packed = packed_rows ? scratch.take<uint8_t>(tile_bytes) : nullptr;
+  if (x_packed) vnni::pack_rows(x_q, M, K, x_packed);
   int32_t* cols = scratch.take<int32_t>(K);
   int64_t n_cols = 0;
   for (int64_t k0 = 0; k0 < K; k0 += 32) {  // 32 flags at a time: most are 0
@@ -638,8 +790,10 @@ inline void linear(const Linear& a, Kernel kernel) {
   const int64_t m_chunk = std::min(M, std::max<int64_t>(32, CHUNK_BYTES / std::max<int64_t>(K, 1) / 32 * 32));
 #pragma omp parallel
   {
-    Scratch block_scratch(m_chunk * NC * 4 * (n_cols ? 2 : 1) + n_cols * NC * 4, 1);
-    int32_t* acc = block_scratch.take<int32_t>(m_chunk * NC);
+    const int64_t m_chunk16 = (m_chunk + 15) / 16 * 16;  // the packed GEMM writes whole 16-row tiles
+    Scratch block_scratch(m_chunk16 * NC * 4 * (x_packed ? 2 : 1) + m_chunk * NC * 4 * (n_cols ? 1 : 0) + n_cols * NC * 4, 1);
+    int32_t* acc = block_scratch.take<int32_t>(m_chunk16 * NC);
+    int32_t* transposed = block_scratch.take<int32_t>(x_packed ? m_chunk16 * NC : 0);
     float* outliers = block_scratch.take<float>(n_cols ? m_chunk * NC : 0);
     float* w_o = block_scratch.take<float>(n_cols * NC);
     for (int64_t m0 = 0; m0 < M; m0 += m_chunk) {
@@ -647,6 +801,7 @@ inline void linear(const Linear& a, Kernel kernel) {
       const int8_t* xq = x_q + m0 * K;
       const uint8_t* xu = x_u8 ? x_u8 + m0 * K : nullptr;
       const int8_t* tiles = b_tiles ? b_tiles + m0 / 16 * (K / 64) * 1024 : nullptr;
+      const uint8_t* xp = x_packed ? x_packed + m0 * (K / 4 * 4) : nullptr;  // m0 is a multiple of 16
 #pragma omp for schedule(static)
       for (int64_t b = 0; b < blocks; ++b) {
         const int64_t n0 = b * NC, rows = std::min(N, n0 + NC) - n0;
@@ -656,6 +811,8 @@ inline void linear(const Linear& a, Kernel kernel) {
           const int64_t done = amx::gemm_block(tiles, w, acc, NC, mc, K, rows);
           if (k_main < K && done) vnni::gemm_block(xu, w, acc, NC, mc, K, done, k_main, K, true);
           if (done < rows) vnni::gemm_block(xu, w + done * K, acc + done, NC, mc, K, rows - done, 0, K, false);
+        } else if (xp) {
+          vnni::packed_gemm_block(xp, xq, w, acc, NC, mc, K, rows, transposed);
         } else if (kernel == Kernel::Avx512Vnni) {
           vnni::gemm_block(xu, w, acc, NC, mc, K, rows, 0, K, false);
         } else {
