@@ -112,7 +112,7 @@ def integer_valued(m, k, n, dtype, outlier_cols, seed):
 @given(m=st.integers(0, 40), n=st.integers(1, 140), k=st.integers(1, 300), dtype=st.sampled_from(DTYPES),
        bias=st.booleans(), seed=st.integers(0, 2**16))
 def test_linear_is_the_reference_bit_for_bit(kernel, m, n, k, dtype, bias, seed):
-    # the first three columns and the last take the gather's two ways of loading a code without leaving its row
+    # outlier columns at both ends of the rows and in the middle
     outlier_cols = sorted({c for c in (0, 1, 2, k // 2, k - 1) if c < k})
     x, w_q, s_w = integer_valued(m, k, n, dtype, outlier_cols, seed)
     for cols in ([], outlier_cols):
