@@ -324,14 +324,14 @@ __attribute__((noinline)) inline void gemm_block(const uint8_t* x_u8, const int8
                                                  bool add) {
   if (!add)
     for (int64_t m = 0; m < M; ++m) std::fill(out + m * ldo, out + m * ldo + rows, 0);
+  if (M <= 2) {  // the weight is streamed once, a row at a time over all of k; each tile sums its own weight vectors
+    if (M == 1) row_block<1, 4>(x_u8, w, out, ldo, K, rows, k0, k1, nullptr);
+    else row_block<2, 6>(x_u8, w, out, ldo, K, rows, k0, k1, nullptr);
+    return;
+  }
   uint32_t offsets[NC];
   for (int64_t kc = k0; kc < k1; kc += KC) {
     const int64_t kc_end = std::min(kc + KC, k1);
-    if (M <= 2) {  // the weight is streamed once; each tile sums its own weight vectors
-      if (M == 1) row_block<1, 4>(x_u8, w, out, ldo, K, rows, kc, kc_end, nullptr);
-      else row_block<2, 6>(x_u8, w, out, ldo, K, rows, kc, kc_end, nullptr);
-      continue;
-    }
     code_offsets(w, K, rows, kc, kc_end, offsets);  // once for all rows' tiles
     int64_t m = 0;
     for (; m + 4 <= M; m += 4) row_block<4, 4>(x_u8 + m * K, w, out + m * ldo, ldo, K, rows, kc, kc_end, offsets);
