@@ -20,8 +20,9 @@ from __future__ import annotations
 import torch
 
 from int8pass import process_memory, reference
+from int8pass.lowering.linear import linear_on_cpu
 from int8pass.options import DEFAULT_THRESHOLD
-from int8pass.subclass_api import disabled_torch_function, tree_map_only
+from int8pass.subclass_api import disabled_torch_function, no_dispatch_mode, tree_map_only
 
 aten = torch.ops.aten
 
@@ -150,6 +151,10 @@ class Int8Weight(torch.Tensor):
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """x W^T (+ bias) by the llmint8 math, for a weight whose codes' rows are the output channels."""
+        if type(x) is torch.Tensor and x.device.type == "cpu" and not x.requires_grad and no_dispatch_mode():
+            # an eager call on real CPU tensors, nothing tracing it: llmint8::linear's CPU kernel itself, without the
+            # custom op's Python layers around it (~15 us a call)
+            return linear_on_cpu(x, self.codes, self.scale, bias, self.threshold)
         return torch.ops.llmint8.linear(x, self.codes, self.scale, bias, self.threshold)
 
     def __repr__(self, *, tensor_contents=None) -> str:

@@ -46,6 +46,18 @@ def test_eager_linear_runs_the_llmint8_math(shape):
     assert_close_to_reference(torch.addmm(bias, x.reshape(-1, 40), conv), x.reshape(-1, 40), w_q, s_w, bias, 6.0)
 
 
+def test_eager_cpu_calls_are_the_custom_op_and_fake_tensors_still_trace():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    weight, w = make()
+    x = outlier_activation(5, 40, torch.bfloat16, outlier_cols=[3])
+    # eagerly on CPU, F.linear calls llmint8::linear's CPU kernel itself (skipping the custom op's Python layers)
+    assert torch.equal(F.linear(x, w), torch.ops.llmint8.linear(x, w.codes, w.scale, None, w.threshold))
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:  # tracing: the op (and its fake), not the kernel
+        y = F.linear(mode.from_tensor(x), w)
+    assert y.shape == (5, 24) and y.dtype == torch.bfloat16
+
+
 def test_reads_see_dequantized_values_or_the_kept_original():
     weight, w = make()
     dequantized = w.dequantize()
