@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -157,6 +158,8 @@ def peers(linear: torch.nn.Linear) -> dict:
     try:
         import bitsandbytes as bnb
 
+        # it warns on every call that bf16 inputs are cast to fp16 (which is part of what it is timed doing)
+        logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
         module = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=True,
                                      has_fp16_weights=False, threshold=6.0)
         module.load_state_dict(linear.state_dict())
