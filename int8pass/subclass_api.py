@@ -12,7 +12,6 @@ from torch.utils._pytree import tree_map_only
 disabled_torch_function = torch._C._disabled_torch_function_impl
 
 
-
 def no_dispatch_mode() -> bool:
     """Whether no TorchDispatchMode (fake tensors, proxy tracing, a counter) is on the stack: what an op called now
     reaches is its kernel."""
