@@ -18,9 +18,9 @@
 //                never saturates; vpmaddwd widens to int32. Tiles of 3 activation rows x 4 weight rows.
 //   AVX512-VNNI: vpdpbusd adds four u8 x s8 products into int32 without saturating. Fed X_q + 128 (u8) and W_q,
 //                it sums X_q . w + 128 * sum(w); sum(w) comes from the same instruction on a vector of ones and is
-//                taken off at the end (int32 arithmetic modulo 2^32, exact since the result fits). Up to 16 rows,
+//                taken off at the end (int32 arithmetic modulo 2^32, exact since the result fits). Up to 11 rows,
 //                dot products along K: tiles of up to 4 activation rows x 4 weight rows (1 x 4 for decode, where it
-//                is the weight stream that counts), masked loads for the K tail. From 17 rows, X_q is packed in
+//                is the weight stream that counts), masked loads for the K tail. From 12 rows, X_q is packed in
 //                16-row tiles and each instruction takes 4 codes of one weight row broadcast: 16 outputs at once,
 //                no horizontal sums, the weight still read as it is stored.
 //   AMX:         tdpbssd multiplies s8 x s8 tiles into int32 tiles. The weight is tile A as it is stored (16 rows of
@@ -273,6 +273,10 @@ inline void code_offsets(const int8_t* w, int64_t ldw, int64_t rows, int64_t k0,
 // fetched 15 KB ahead rather than 2.5. On a Zen 5 EPYC, 1 x 4 tiles read a weight in L3 at 150-165 GB/s, 1 x 8 at
 // 80-105.
 constexpr int64_t PREFETCH_BYTES = 16384;
+// Up to this many rows one tile covers them all, so the weight is streamed once (fetched ahead as above) and each tile
+// sums its own weight vectors; beyond, code_offsets does that once per block for several tiles. (Zen 4, 4096 x 14336 at
+// 4 rows: 2.1-2.3 ms streamed, 3.7-4.3 blocked.)
+constexpr int64_t STREAM_MAX_ROWS = 4;
 
 template <int MB, int NB>
 inline void tile(const uint8_t* x, int64_t ldx, const int8_t* w, int64_t ldw, int32_t* out, int64_t ldo,
@@ -291,7 +295,7 @@ inline void tile(const uint8_t* x, int64_t ldx, const int8_t* w, int64_t ldw, in
     for (int i = 0; i < MB; ++i) xv[i] = _mm512_loadu_si512(x + i * ldx + k);
     for (int j = 0; j < NB; ++j) {
       const __m512i wv = _mm512_loadu_si512(w + j * ldw + k);
-      if (MB <= 2) _mm_prefetch(reinterpret_cast<const char*>(w + j * ldw + ahead + k), _MM_HINT_T1);
+      if (MB <= STREAM_MAX_ROWS) _mm_prefetch(reinterpret_cast<const char*>(w + j * ldw + ahead + k), _MM_HINT_T1);
       if (sum_here) sums[j] = _mm512_dpbusd_epi32(sums[j], ones, wv);
       for (int i = 0; i < MB; ++i) acc[i][j] = _mm512_dpbusd_epi32(acc[i][j], xv[i], wv);
     }
@@ -329,9 +333,11 @@ __attribute__((noinline)) inline void gemm_block(const uint8_t* x_u8, const int8
                                                  bool add) {
   if (!add)
     for (int64_t m = 0; m < M; ++m) std::fill(out + m * ldo, out + m * ldo + rows, 0);
-  if (M <= 2) {  // the weight is streamed once, a row at a time over all of k; each tile sums its own weight vectors
+  if (M <= STREAM_MAX_ROWS) {  // the weight streamed once over all of k; each tile sums its own weight vectors
     if (M == 1) row_block<1, 4>(x_u8, w, out, ldo, K, rows, k0, k1, nullptr);
-    else row_block<2, 6>(x_u8, w, out, ldo, K, rows, k0, k1, nullptr);
+    else if (M == 2) row_block<2, 6>(x_u8, w, out, ldo, K, rows, k0, k1, nullptr);
+    else if (M == 3) row_block<3, 4>(x_u8, w, out, ldo, K, rows, k0, k1, nullptr);
+    else row_block<4, 4>(x_u8, w, out, ldo, K, rows, k0, k1, nullptr);
     return;
   }
   uint32_t offsets[NC];
@@ -355,9 +361,10 @@ __attribute__((noinline)) inline void gemm_block(const uint8_t* x_u8, const int8
 // horizontal sums, and the weight read as it is stored. (The dot products above spend a reduction per output and
 // reach about a third of the instruction's throughput at these sizes.)
 
-// From two tiles: a single tile broadcasts one weight quad per instruction, which the loads cannot keep up with, and
-// the dot products are as fast there
-constexpr int64_t PACKED_MIN_ROWS = 17;
+// From 12 rows: one tile then does as much as the dot products at 12 rows and more from there (Zen 4, 4096 x 4096 at
+// 16 rows: 1.12 ms against 1.44; 4096 x 14336: 3.6 against 5.9), although a single tile takes one broadcast load per
+// instruction and pads the rows to 16
+constexpr int64_t PACKED_MIN_ROWS = 12;
 constexpr int64_t PACKED_KC = 2048;  // columns per pass: 32 packed rows of them stay in L1/L2 while 64 weight rows pass
 constexpr int64_t PACKED_PREFETCH_LINES = 4;  // how far ahead each weight row is fetched
 
@@ -452,6 +459,13 @@ __attribute__((noinline)) inline void packed_gemm_block(const uint8_t* packed, c
     for (int64_t t = 0; t < tiles;) {  // 2 tiles at a time, the last 3 together when their number is odd
       const uint8_t* x = packed + t * tile_bytes;
       int32_t* ct = c + t * 16;
+      if (tiles - t == 1) {  // a single tile (PACKED_MIN_ROWS ... 16 rows)
+        int64_t j = 0;
+        for (; j + NB <= rows; j += NB) packed_tile<1, NB>(x, tile_bytes, w + j * K, K, kc, kc_end, ct + j * ldc, ldc, kc > 0);
+        for (; j < rows; ++j) packed_tile<1, 1>(x, tile_bytes, w + j * K, K, kc, kc_end, ct + j * ldc, ldc, kc > 0);
+        ++t;
+        continue;
+      }
       const bool three = tiles - t == 3;
       int64_t j = 0;
       for (; j + NB <= rows; j += NB) {

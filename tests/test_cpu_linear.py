@@ -61,17 +61,18 @@ def test_kernel_choice_follows_the_rows_and_the_cap():
 @settings(max_examples=40, deadline=None)
 @given(m=st.integers(1, 40), n=st.integers(1, 150), k=st.integers(1, 300), seed=st.integers(0, 2**16))
 def test_accumulator_is_the_reference_at_every_tile_edge(kernel, m, n, k, seed):
-    # m, n and k straddle every kernel's tiles (3 x 4 x 32, 4 x 4 x 64, VNNI's packed 16-row tiles in twos and threes
-    # from 17 rows, AMX's 16 x 16 x 64) and the 64-row blocks
+    # m, n and k straddle every kernel's tiles (3 x 4 x 32, 4 x 4 x 64, VNNI's packed 16-row tiles: one alone from 12
+    # rows, in twos and threes from 17; AMX's 16 x 16 x 64) and the 64-row blocks
     x_q, w_q = codes(m, k, n, seed)
     with using(kernel):
         assert torch.equal(accumulator(x_q, w_q), reference.exact_int_matmul(x_q, w_q).float())
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
-# (600, ...): three chunks of activation rows; (48, ...): the VNNI kernel's packed tiles, three of them, and K % 4 = 2
-@pytest.mark.parametrize("m, n, k", [(1, 4096, 4096), (16, 130, 4160), (33, 64, 4096), (100, 70, 1000), (600, 70, 4096),
-                                     (48, 100, 4102)])
+# (600, ...): three chunks of activation rows; (48, ...): the VNNI kernel's packed tiles, three of them, and K % 4 = 2;
+# (4, ...): VNNI's 4 x 4 tiles streaming a long K; (16, ...): one packed tile
+@pytest.mark.parametrize("m, n, k", [(1, 4096, 4096), (4, 300, 14336), (16, 130, 4160), (33, 64, 4096), (100, 70, 1000),
+                                     (600, 70, 4096), (48, 100, 4102)])
 def test_accumulator_is_the_reference_at_model_sizes(kernel, m, n, k):
     x_q, w_q = codes(m, k, n, seed=m, limit=31)  # |acc| < 2^24: exact in the fp32 output
     with using(kernel):
