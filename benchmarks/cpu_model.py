@@ -59,6 +59,20 @@ def build_model(layers: int, outliers: str = "few"):
     return model.to(torch.bfloat16)
 
 
+def bitsandbytes_int8(model, names: list[str], threshold: float = 6.0):
+    """`model` with its linears `names` replaced by bitsandbytes' Linear8bitLt (LLM.int8(), eval) of their weights."""
+    import bitsandbytes as bnb
+
+    for name in names:
+        linear = model.get_submodule(name)
+        replacement = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                                          has_fp16_weights=False, threshold=threshold)
+        replacement.load_state_dict(linear.state_dict())
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, replacement.eval())
+    return model
+
+
 def prepare(model, variant: str):
     """The model as the variant runs it (the forward to call)."""
     int8_linears = [(name, m) for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and name != "lm_head"]
@@ -69,15 +83,7 @@ def prepare(model, variant: str):
     if variant == "llmint8":
         return torch.compile(model, backend="llmint8")
     if variant == "bitsandbytes int8 (t=6)":
-        import bitsandbytes as bnb
-
-        for name, linear in int8_linears:
-            replacement = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                                              has_fp16_weights=False, threshold=6.0)
-            replacement.load_state_dict(linear.state_dict())
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, replacement.eval())
-        return model
+        return bitsandbytes_int8(model, [name for name, _ in int8_linears])
     if variant == "torchao int8 dyn + compile":
         from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
 

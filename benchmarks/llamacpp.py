@@ -59,11 +59,15 @@ def cache_root() -> Path:
     return cache_dir()
 
 
-def build_llama_cpp() -> Path:
-    """llama.cpp's tree with build/bin/llama-bench, built from the llama-cpp-python sdist if not there yet."""
+def build_llama_cpp(targets: tuple[str, ...] = ("llama-bench",)) -> Path:
+    """llama.cpp's tree with build/bin/<each target>, built from the llama-cpp-python sdist if not there yet."""
     root = cache_root() / "llama.cpp"
     tree = next(root.glob("llama_cpp_python-*/vendor/llama.cpp"), None) if root.exists() else None
-    if tree is not None and (tree / "build" / "bin" / "llama-bench").exists():
+    if tree is not None and all((tree / "build" / "bin" / target).exists() for target in targets):
+        return tree
+    if tree is not None:
+        subprocess.run(["cmake", "--build", str(tree / "build"), "-j", str(os.cpu_count()), "--target", *targets],
+                       check=True)
         return tree
     root.mkdir(parents=True, exist_ok=True)
     subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-d", str(root),
@@ -74,7 +78,7 @@ def build_llama_cpp() -> Path:
     subprocess.run(["cmake", "-S", str(tree), "-B", str(tree / "build"), "-DCMAKE_BUILD_TYPE=Release",
                     "-DLLAMA_BUILD_TOOLS=ON", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_TESTS=OFF",
                     "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_CURL=OFF", "-DGGML_NATIVE=ON"], check=True)
-    subprocess.run(["cmake", "--build", str(tree / "build"), "-j", str(os.cpu_count()), "--target", "llama-bench"],
+    subprocess.run(["cmake", "--build", str(tree / "build"), "-j", str(os.cpu_count()), "--target", *targets],
                    check=True)
     return tree
 

