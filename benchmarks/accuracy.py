@@ -12,7 +12,7 @@ B. A real pretrained causal LM shipped by pip packages (Google's Gemma 3 270M, Q
    alone (the Int8Weight's dequantized codes in an fp32 model), activations alone (reference.quantize_activation's
    codes and row scales, outlier columns exact, fp32 weights); bitsandbytes' Linear8bitLt (threshold 6) on the same
    linears; the outlier columns per layer and by rows per call, and what the outlier split costs in time (a
-   compiled forward at threshold 6 against threshold 0). With --llama-cpp (or a llama.cpp build already in the
+   compiled forward at threshold 6 against threshold 0, taking turns). With --llama-cpp (or a llama.cpp build already in the
    cache), llama.cpp's llama-perplexity on the same text and chunks: the GGUF requantized to F32 and to Q8_0 by
    llama-quantize, Q8_0 against its own F32.
 C. A causal LM with emergent features (examples/demo.py's transformer, |x| ~ 40 in 3 hidden dims, a sharpened
@@ -50,6 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import llamacpp  # noqa: E402
 from cpu_model import bitsandbytes_int8  # noqa: E402
 from llamacpp import cache_root  # noqa: E402
+from machine import describe  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "accuracy.json"
 
@@ -199,16 +200,19 @@ def llama_cpp_perplexity(tree: Path) -> dict:
             "llama.cpp Q8_0": {"perplexity": rows["Q8_0"], "ratio": round(rows["Q8_0"] / rows["F32"], 5)}}
 
 
-def forward_seconds(forward, batch: torch.Tensor, repeats: int = 3) -> float:
-    """Best of `repeats` timed forwards of one batch (after the one that compiled)."""
+def forward_seconds(forwards: dict, batch: torch.Tensor, rounds: int = 5) -> dict:
+    """Each forward's best time on one batch, the forwards taking turns `rounds` times (after one call each that
+    compiles), so a burst of this host's noise hits every one of them alike."""
+    times = {name: [] for name in forwards}
     with torch.no_grad():
-        forward(input_ids=batch, logits_to_keep=1)
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
+        for forward in forwards.values():
             forward(input_ids=batch, logits_to_keep=1)
-            times.append(time.perf_counter() - start)
-    return min(times)
+        for _ in range(rounds):
+            for name, forward in forwards.items():
+                start = time.perf_counter()
+                forward(input_ids=batch, logits_to_keep=1)
+                times[name].append(time.perf_counter() - start)
+    return {name: min(values) for name, values in times.items()}
 
 
 def real_lm_perplexity(llama_cpp: Path | None) -> dict:
@@ -263,8 +267,10 @@ def real_lm_perplexity(llama_cpp: Path | None) -> dict:
           + ", ".join(f"{rows_}: {100 * share:.1f}%" for rows_, share in by_rows.items()))
     outliers["fraction_by_rows_per_call"] = by_rows
     batch = chunks[:BATCH]
-    seconds = {threshold: forward_seconds(compiled_llmint8(copy.deepcopy(model), threshold=threshold), batch)
-               for threshold in (6.0, 0.0)}
+    torch._dynamo.reset()
+    seconds = forward_seconds({threshold: torch.compile(copy.deepcopy(model), backend="llmint8",
+                                                        options={"threshold": threshold})
+                               for threshold in (6.0, 0.0)}, batch)
     print(f"  a compiled forward of {BATCH} x {N_CTX} tokens: {1e3 * seconds[6.0]:.0f} ms at threshold 6, "
           f"{1e3 * seconds[0.0]:.0f} ms at threshold 0 ({torch.get_num_threads()} threads)")
     return {"model": "Gemma 3 270M (Q4_K_M GGUF, dequantized to fp32)", "n_ctx": N_CTX, "chunks": CHUNKS,
@@ -316,7 +322,7 @@ def main():
     args = parser.parse_args()
     result = {"minilm": minilm_embeddings(), "gemma3_270m": real_lm_perplexity(llama_cpp_tree(args.llama_cpp)),
               "tiny_lm": tiny_lm_perplexity(),
-              "torch": torch.__version__, "threads": torch.get_num_threads()}
+              "machine": describe()}
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")
     print(f"\nwrote {RESULTS}")

@@ -61,8 +61,11 @@ def build_model(layers: int, outliers: str = "few"):
 
 def bitsandbytes_int8(model, names: list[str], threshold: float = 6.0):
     """`model` with its linears `names` replaced by bitsandbytes' Linear8bitLt (LLM.int8(), eval) of their weights."""
+    import logging
+
     import bitsandbytes as bnb
 
+    logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)  # its cast warning, once a call
     for name in names:
         linear = model.get_submodule(name)
         replacement = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=linear.bias is not None,
