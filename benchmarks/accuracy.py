@@ -153,7 +153,7 @@ def activations_alone(model, names, threshold: float = 6.0):
 
 
 def compiled_llmint8(model, **options):
-    torch._dynamo.reset()
+    torch._dynamo.reset()  # compiling is lazy: models built one after another all compile at their first call
     return torch.compile(model, backend="llmint8", options=options)
 
 
@@ -267,9 +267,7 @@ def real_lm_perplexity(llama_cpp: Path | None) -> dict:
           + ", ".join(f"{rows_}: {100 * share:.1f}%" for rows_, share in by_rows.items()))
     outliers["fraction_by_rows_per_call"] = by_rows
     batch = chunks[:BATCH]
-    torch._dynamo.reset()
-    seconds = forward_seconds({threshold: torch.compile(copy.deepcopy(model), backend="llmint8",
-                                                        options={"threshold": threshold})
+    seconds = forward_seconds({threshold: compiled_llmint8(copy.deepcopy(model), threshold=threshold)
                                for threshold in (6.0, 0.0)}, batch)
     print(f"  a compiled forward of {BATCH} x {N_CTX} tokens: {1e3 * seconds[6.0]:.0f} ms at threshold 6, "
           f"{1e3 * seconds[0.0]:.0f} ms at threshold 0 ({torch.get_num_threads()} threads)")
@@ -307,9 +305,8 @@ def llama_cpp_tree(build: bool) -> Path | None:
     targets = ("llama-perplexity", "llama-quantize")
     if build:
         return llamacpp.build_llama_cpp(targets)
-    root = cache_root() / "llama.cpp"
-    tree = next(root.glob("llama_cpp_python-*/vendor/llama.cpp"), None) if root.exists() else None
-    if tree is None or not all((tree / "build" / "bin" / target).exists() for target in targets):
+    tree = llamacpp.llama_cpp_source()
+    if not llamacpp.has_built(tree, targets):
         print("\n(llama.cpp's perplexity is left out: --llama-cpp builds llama.cpp, ~5-20 minutes)")
         return None
     return tree

@@ -59,11 +59,21 @@ def cache_root() -> Path:
     return cache_dir()
 
 
+def llama_cpp_source() -> Path | None:
+    """The llama.cpp tree unpacked from the llama-cpp-python sdist in the cache, if there is one."""
+    root = cache_root() / "llama.cpp"
+    return next(root.glob("llama_cpp_python-*/vendor/llama.cpp"), None) if root.exists() else None
+
+
+def has_built(tree: Path | None, targets: tuple[str, ...]) -> bool:
+    return tree is not None and all((tree / "build" / "bin" / target).exists() for target in targets)
+
+
 def build_llama_cpp(targets: tuple[str, ...] = ("llama-bench",)) -> Path:
     """llama.cpp's tree with build/bin/<each target>, built from the llama-cpp-python sdist if not there yet."""
     root = cache_root() / "llama.cpp"
-    tree = next(root.glob("llama_cpp_python-*/vendor/llama.cpp"), None) if root.exists() else None
-    if tree is not None and all((tree / "build" / "bin" / target).exists() for target in targets):
+    tree = llama_cpp_source()
+    if has_built(tree, targets):
         return tree
     if tree is not None:
         subprocess.run(["cmake", "--build", str(tree / "build"), "-j", str(os.cpu_count()), "--target", *targets],

@@ -266,8 +266,8 @@ inline void code_offsets(const int8_t* w, int64_t ldw, int64_t rows, int64_t k0,
 
 // out[i, j] += sum over k in [k0, k1) of x_q[i, k] * w[j, k] for MB rows of x_u8 = x_q + 128 and NB rows of w, as dot
 // products along k. With offsets, those of code_offsets for these NB rows; without (nullptr), the tile sums each weight
-// vector itself, by the same instruction on a vector of ones (cheaper than a second pass when MB is 1 or 2).
-// Decode streams the weight: each 1 x 4 or 2 x 6 tile fetches the rows a tile or more ahead (PREFETCH_BYTES at
+// vector itself, by the same instruction on a vector of ones (cheaper than a second pass up to STREAM_MAX_ROWS).
+// Decode streams the weight: each tile of up to STREAM_MAX_ROWS rows fetches the rows a tile or more ahead (PREFETCH_BYTES at
 // least) into L2 at the columns it reads. Measured on a Zen 4 EPYC from memory, one core: 13-14 GB/s fetching into L1
 // (T0), 20-22 into L2 (T1 or T2); 2 cores, 22-24 against 25-39, and on a 640-column weight 24 against 27 once it
 // fetched 15 KB ahead rather than 2.5. On a Zen 5 EPYC, 1 x 4 tiles read a weight in L3 at 150-165 GB/s, 1 x 8 at
