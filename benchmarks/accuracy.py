@@ -12,14 +12,17 @@ B. A real pretrained causal LM shipped by pip packages (Google's Gemma 3 270M, Q
    alone (the Int8Weight's dequantized codes in an fp32 model), activations alone (reference.quantize_activation's
    codes and row scales, outlier columns exact, fp32 weights); bitsandbytes' Linear8bitLt (threshold 6) on the same
    linears; the outlier columns per layer and by rows per call, and what the outlier split costs in time (a
-   compiled forward at threshold 6 against threshold 0, taking turns). With --llama-cpp (or a llama.cpp build already in the
+   compiled forward at threshold 6 against threshold 0 and block mode, taking turns). Block mode (block_size 32,
+   64, 128; docs/design.md §1b) with and without the outlier split, and its own split into weights and activations
+   alone. With --llama-cpp (or a llama.cpp build already in the
    cache), llama.cpp's llama-perplexity on the same text and chunks: the GGUF requantized to F32 and to Q8_0 by
    llama-quantize, Q8_0 against its own F32.
 C. A causal LM with emergent features (examples/demo.py's transformer, |x| ~ 40 in 3 hidden dims, a sharpened
    output head so its predictions are confident): perplexity on text sampled from its fp32 self.
 
 Variants: fp32, bf16, llmint8 (threshold 6), vector-wise int8 without decomposition (llmint8 threshold 0),
-naive per-tensor int8: each quantizes every linear, the output head included; and llmint8 as it runs by default,
+block mode (block_size 32, no outlier split), naive per-tensor int8: each quantizes every linear, the output head
+included; and llmint8 as it runs by default,
 with the output head in floating point (the int8 head's cost in accuracy; MiniLM has no head). Prints tables and
 writes benchmarks/results/accuracy.json.
 
@@ -65,6 +68,9 @@ def variants(model: torch.nn.Module):
                                   options={"threshold": threshold, "stats": threshold > 0, "skip_modules": []})
     torch._dynamo.reset()  # llmint8's default: the output head (lm_head) stays in floating point
     yield "llmint8 (threshold 6), head fp", torch.compile(copy.deepcopy(model), backend="llmint8")
+    torch._dynamo.reset()
+    yield "block mode (32 per scale)", torch.compile(copy.deepcopy(model), backend="llmint8",
+                                                     options={"block_size": 32, "skip_modules": []})
     yield "naive per-tensor int8", naive_int8(copy.deepcopy(model), skip=())
 
 
@@ -125,25 +131,31 @@ def int8_linear_names(model) -> list[str]:
     return [name for name, module in quantized.named_modules() if isinstance(getattr(module, "weight", None), Int8Weight)]
 
 
-def weights_alone(model, names):
-    """fp32 model whose int8 linears hold llmint8's dequantized weight codes W_q * s_w / 127, activations exact."""
-    int8pass.quantize_(model)
+def weights_alone(model, names, block_size: int = 0):
+    """fp32 model whose int8 linears hold llmint8's dequantized weight codes W_q * s_w / 127 (block mode: W_q * d_w),
+    activations exact."""
+    int8pass.quantize_(model, block_size=block_size)
     for name in names:
         module = model.get_submodule(name)
         module.weight = torch.nn.Parameter(module.weight.dequantize(), requires_grad=False)
     return model
 
 
-def activations_alone(model, names, threshold: float = 6.0):
-    """fp32 model whose int8 linears see llmint8's activation codes X_q * s_x / 127 (row scales, outlier columns at
-    `threshold` exact), fp32 weights."""
+def activations_alone(model, names, threshold: float = 6.0, block_size: int = 0):
+    """fp32 model whose int8 linears see llmint8's activation codes X_q * s_x / 127 (row scales; block mode: X_q * d_x,
+    block scales), outlier columns at `threshold` exact, fp32 weights."""
 
     def quantized_input(module, args):
         x = args[0]
         x2d = x.reshape(-1, x.shape[-1]).float()
-        x_q, s_x, indices, count = reference.quantize_activation(x2d, threshold)
-        outliers = indices[: int(count)].long()
-        x_hat = x_q.float() * (s_x / reference.Q_MAX)[:, None]
+        if block_size:
+            x_q, d_x, is_outlier = reference.quantize_activation_blocks(x2d, block_size, threshold)
+            x_hat = reference.dequantize_blocks(x_q, d_x, block_size)
+            outliers = is_outlier.nonzero().flatten()
+        else:
+            x_q, s_x, indices, count = reference.quantize_activation(x2d, threshold)
+            outliers = indices[: int(count)].long()
+            x_hat = x_q.float() * (s_x / reference.Q_MAX)[:, None]
         x_hat[:, outliers] = x2d[:, outliers]
         return (x_hat.reshape(x.shape).to(x.dtype), *args[1:])
 
@@ -235,6 +247,11 @@ def real_lm_perplexity(llama_cpp: Path | None) -> dict:
         "llmint8 weights alone (activations fp32)": lambda m: weights_alone(m, names),
         "llmint8 activations alone (weights fp32)": lambda m: activations_alone(m, names),
         "bitsandbytes Linear8bitLt (threshold 6)": lambda m: bitsandbytes_int8(m, names),
+        **{f"block mode, {size} columns per scale (threshold 0)": (lambda m, size=size: compiled_llmint8(m, block_size=size))
+           for size in reference.BLOCK_SIZES},
+        "block mode, 32 columns per scale, threshold 6": lambda m: compiled_llmint8(m, block_size=32, threshold=6.0),
+        "block mode 32: weights alone": lambda m: weights_alone(m, names, block_size=32),
+        "block mode 32: activations alone": lambda m: activations_alone(m, names, threshold=0.0, block_size=32),
     }
     rows, reference_nll = {}, None
     for name, build in builders.items():
@@ -266,14 +283,16 @@ def real_lm_perplexity(llama_cpp: Path | None) -> dict:
     print("  outlier columns by rows per call (mean over the int8 linears): "
           + ", ".join(f"{rows_}: {100 * share:.1f}%" for rows_, share in by_rows.items()))
     outliers["fraction_by_rows_per_call"] = by_rows
-    batch = chunks[:BATCH]
-    seconds = forward_seconds({threshold: compiled_llmint8(copy.deepcopy(model), threshold=threshold)
-                               for threshold in (6.0, 0.0)}, batch)
-    print(f"  a compiled forward of {BATCH} x {N_CTX} tokens: {1e3 * seconds[6.0]:.0f} ms at threshold 6, "
-          f"{1e3 * seconds[0.0]:.0f} ms at threshold 0 ({torch.get_num_threads()} threads)")
+    forwards = {"threshold 6": {"threshold": 6.0}, "threshold 0": {"threshold": 0.0},
+                **{f"block mode {size}": {"block_size": size} for size in reference.BLOCK_SIZES},
+                "block mode 32, threshold 6": {"block_size": 32, "threshold": 6.0}}
+    seconds = forward_seconds({name: compiled_llmint8(copy.deepcopy(model), **options)
+                               for name, options in forwards.items()}, chunks[:BATCH])
+    print(f"  a compiled forward of {BATCH} x {N_CTX} tokens ({torch.get_num_threads()} threads), taking turns: "
+          + ", ".join(f"{name} {1e3 * value:.0f} ms" for name, value in seconds.items()))
     return {"model": "Gemma 3 270M (Q4_K_M GGUF, dequantized to fp32)", "n_ctx": N_CTX, "chunks": CHUNKS,
             "scored_tokens": chunks.shape[0] * (N_CTX // 2 - 1), "perplexity": rows, "outliers": outliers,
-            "forward_ms": {"threshold 6": round(1e3 * seconds[6.0], 1), "threshold 0": round(1e3 * seconds[0.0], 1)}}
+            "forward_ms": {name: round(1e3 * value, 1) for name, value in seconds.items()}}
 
 
 def tiny_lm_perplexity(tokens: int = 128, sequences: int = 8) -> dict:

@@ -236,7 +236,8 @@ def _read_in_floating_point(candidates: list[Candidate]) -> set[int]:
 def _quantize_in_place(node: fx.Node, weight: torch.Tensor, transposed: bool, keep: bool, options: Options) -> int:
     """Turn the floating-point parameter `weight` into an Int8Weight, keeping the object; returns the fp bytes the
     model no longer holds (0 when the original is kept)."""
-    int8 = Int8Weight.from_float(weight, threshold=rules.new_weight_threshold(options), transposed=transposed, keep_original=keep)
+    int8 = Int8Weight.from_float(weight, threshold=rules.new_weight_threshold(options), transposed=transposed,
+                                 keep_original=keep, block_size=rules.new_weight_block_size(options))
     replacement = torch.nn.Parameter(int8, requires_grad=False) if isinstance(weight, torch.nn.Parameter) else int8
     freed = 0 if keep else weight.numel() * weight.element_size()
     dynamo_api.swap_into(weight, replacement)
@@ -298,9 +299,15 @@ def _replace(gm, match: LinearMatch, weight: Int8Weight, options: Options, layer
         threshold = options.threshold if options.threshold is not None else weight.threshold
         if options.stats:
             graph.call_function(torch.ops.llmint8.record_outliers.default, (match.x, threshold, layer))
-        new = graph.call_function(
-            torch.ops.llmint8.linear.default, (match.x, codes, scale, match.bias, threshold, outlier_weight),
-        )
+        if weight.block_size:
+            new = graph.call_function(
+                torch.ops.llmint8.block_linear.default,
+                (match.x, codes, scale, match.bias, weight.block_size, threshold),
+            )
+        else:
+            new = graph.call_function(
+                torch.ops.llmint8.linear.default, (match.x, codes, scale, match.bias, threshold, outlier_weight),
+            )
     new.meta.update(node.meta)
     node.replace_all_uses_with(new)
     graph.erase_node(node)

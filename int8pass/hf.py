@@ -5,7 +5,9 @@
   weight quantized as it arrives (the floating-point model never exists in memory). A bitsandbytes LLM.int8()
   checkpoint (`weight` int8 + `SCB` + `weight_format`) loads as it is.
 - `int8pass.save_pretrained(model, path)`: that bitsandbytes layout, with a config.json whose quantization_config a
-  transformers + bitsandbytes user can load (`load_in_8bit`), so models move both ways.
+  transformers + bitsandbytes user can load (`load_in_8bit`), so models move both ways. Block-mode weights
+  (block_size, docs/design.md §1b) have no bitsandbytes equivalent: they are saved as `weight` int8 + `weight_block_scale`
+  bf16 [N, ceil(K / block_size)] under quant_method "int8pass", which int8pass.from_pretrained loads.
 - transformers' own convention: `AutoModelForCausalLM.from_pretrained(path, quantization_config=Int8PassConfig())`
   (registered under quant_method "int8pass" when this module is imported).
 """
@@ -40,20 +42,20 @@ ROW_MAJOR = 0
 class Int8PassConfig(QuantizationConfigMixin):
     """quantization_config for transformers' `from_pretrained`: LLM.int8() weights as int8pass.Int8Weight.
 
-    The options of `int8pass.quantize_`: threshold, skip_modules (module names: exact, a prefix ending in '.', or
-    fnmatch patterns; they are saved in config.json, so no predicates), min_features, dtypes, keep_fp_weights,
-    outlier_weights.
+    The options of `int8pass.quantize_`: threshold (None: the mode's default), skip_modules (module names: exact, a
+    prefix ending in '.', or fnmatch patterns; they are saved in config.json, so no predicates), min_features, dtypes,
+    keep_fp_weights, outlier_weights, block_size.
     """
 
-    def __init__(self, threshold: float = DEFAULT_THRESHOLD, skip_modules: list[str] | None = None,
+    def __init__(self, threshold: float | None = None, skip_modules: list[str] | None = None,
                  min_features: int = 0, dtypes=None, keep_fp_weights: bool = False,
-                 outlier_weights: str = "dequantized", **kwargs):
+                 outlier_weights: str = "dequantized", block_size: int = 0, **kwargs):
         skip_modules = list(OUTPUT_HEADS if skip_modules is None else skip_modules)
         if not all(isinstance(rule, str) for rule in skip_modules):
             raise ValueError("int8pass.from_pretrained: skip_modules takes module names or patterns (they are saved "
                              "in config.json); for a predicate, load the model, then call int8pass.quantize_")
         options = {"threshold": threshold, "skip_modules": skip_modules, "min_features": min_features,
-                   "keep_fp_weights": keep_fp_weights, "outlier_weights": outlier_weights}
+                   "keep_fp_weights": keep_fp_weights, "outlier_weights": outlier_weights, "block_size": block_size}
         if dtypes is not None:
             options["dtypes"] = dtypes
         self.options = load_options(options)
@@ -64,11 +66,12 @@ class Int8PassConfig(QuantizationConfigMixin):
         self.dtypes = [str(dtype).replace("torch.", "") for dtype in self.options.dtypes]
         self.keep_fp_weights = keep_fp_weights
         self.outlier_weights = outlier_weights
+        self.block_size = rules.new_weight_block_size(self.options)
 
     def to_dict(self) -> dict[str, Any]:
         return {"quant_method": QUANT_METHOD, "threshold": self.threshold, "skip_modules": self.skip_modules,
                 "min_features": self.min_features, "dtypes": self.dtypes, "keep_fp_weights": self.keep_fp_weights,
-                "outlier_weights": self.outlier_weights}
+                "outlier_weights": self.outlier_weights, "block_size": self.block_size}
 
     @classmethod
     def from_bitsandbytes(cls, config: dict[str, Any]) -> "Int8PassConfig":
@@ -81,12 +84,21 @@ class Int8PassConfig(QuantizationConfigMixin):
                    skip_modules=list(OUTPUT_HEADS) if skip is None else skip)
 
 
-def bitsandbytes_config(model: torch.nn.Module) -> dict[str, Any]:
-    """The quantization_config transformers + bitsandbytes read (BitsAndBytesConfig(load_in_8bit=True)) for a model's
-    int8 weights as they are: their threshold, and the linear layers left in floating point."""
-    thresholds = {value.threshold for value in model.state_dict().values() if isinstance(value, Int8Weight)}
+def checkpoint_config(model: torch.nn.Module) -> dict[str, Any]:
+    """The quantization_config saved with a model's int8 weights as they are: their threshold and the linear layers
+    left in floating point, as transformers + bitsandbytes read it (BitsAndBytesConfig(load_in_8bit=True)); for
+    block-mode weights, int8pass's own (Int8PassConfig), with their block_size."""
+    weights = [value for value in model.state_dict().values() if isinstance(value, Int8Weight)]
+    thresholds = {weight.threshold for weight in weights}
+    block_sizes = {weight.block_size for weight in weights}
     skipped = sorted({name for name, module in model.named_modules()
                       if rules.linear_weight_orientation(module) is not None and not isinstance(module.weight, Int8Weight)})
+    if block_sizes - {0}:
+        if len(block_sizes) > 1:
+            raise ValueError(f"int8pass: the model's int8 weights mix block sizes {sorted(block_sizes)} (0: one scale "
+                             "per row); a checkpoint records one")
+        threshold = thresholds.pop() if len(thresholds) == 1 else None
+        return Int8PassConfig(threshold=threshold, skip_modules=skipped, block_size=block_sizes.pop()).to_dict()
     return {"quant_method": "bitsandbytes", "load_in_8bit": True, "load_in_4bit": False,
             "llm_int8_threshold": thresholds.pop() if len(thresholds) == 1 else DEFAULT_THRESHOLD,
             "llm_int8_skip_modules": skipped, "llm_int8_has_fp16_weight": False,
@@ -113,14 +125,16 @@ class QuantizeWeight(ConversionOps):
                 continue
             # a view of the mmap'd file when no cast was needed: read, never written
             int8 = Int8Weight.from_float(value, threshold=rules.new_weight_threshold(options), transposed=transposed,
-                                         keep_original=rules.keeps_original(options, False))
+                                         keep_original=rules.keeps_original(options, False),
+                                         block_size=rules.new_weight_block_size(options))
             result[name] = torch.nn.Parameter(int8, requires_grad=False)
         process_memory.return_freed_heap()  # the quantization's temporaries: the next weight must not add to them
         return result
 
 
 class LoadBitsAndBytesWeight(ConversionOps):
-    """transformers' loader calls this with a bitsandbytes int8 weight's tensors: weight (CB), SCB, weight_format."""
+    """transformers' loader calls this with a bitsandbytes int8 weight's tensors: weight (CB), SCB, weight_format; or
+    with a block-mode weight's: weight and weight_block_scale."""
 
     def __init__(self, hf_quantizer: "Int8PassQuantizer"):
         self.hf_quantizer = hf_quantizer
@@ -135,9 +149,15 @@ class LoadBitsAndBytesWeight(ConversionOps):
                              "only row-major int8 checkpoints load")
         module = model.get_submodule(full_layer_name.rpartition(".")[0])
         placeholder = model.get_parameter_or_buffer(full_layer_name)  # on the meta device, in the load dtype
-        int8 = Int8Weight.from_codes(values["weight"], values["SCB"], dtype=self.hf_quantizer.dtype or placeholder.dtype,
+        config = self.hf_quantizer.quantization_config
+        block_scale = values.get("weight_block_scale")
+        if block_scale is not None and not config.block_size:
+            raise ValueError(f"{full_layer_name}: the checkpoint holds block scales but its quantization_config has no "
+                             "block_size")
+        int8 = Int8Weight.from_codes(values["weight"], values["SCB"] if block_scale is None else block_scale,
+                                     dtype=self.hf_quantizer.dtype or placeholder.dtype,
                                      transposed=bool(rules.linear_weight_orientation(module)),
-                                     threshold=self.hf_quantizer.quantization_config.threshold)
+                                     threshold=config.threshold, block_size=0 if block_scale is None else config.block_size)
         return {"weight": torch.nn.Parameter(int8, requires_grad=False)}
 
     @property
@@ -158,7 +178,7 @@ class Int8PassQuantizer(HfQuantizer):
     are from bitsandbytes int8 ones. Saves the bitsandbytes layout."""
 
     requires_calibration = False
-    serialized_names = {"weight": ["weight", "SCB", "weight_format"]}
+    serialized_names = {"weight": ["weight", "SCB", "weight_format", "weight_block_scale"]}
 
     def __init__(self, quantization_config, **kwargs):
         super().__init__(quantization_config, **kwargs)
@@ -185,13 +205,13 @@ class Int8PassQuantizer(HfQuantizer):
         return {"deserialize": LoadBitsAndBytesWeight}
 
     def _process_model_after_weight_loading(self, model, **kwargs):
-        # what save_pretrained writes: the bitsandbytes layout and config
-        model.config.quantization_config = bitsandbytes_config(model)
+        # what save_pretrained writes: the bitsandbytes layout and config (block mode: int8pass's)
+        model.config.quantization_config = checkpoint_config(model)
         process_memory.settle()  # weights cast to the load dtype, then quantized and freed
         return model
 
     def get_state_dict_and_metadata(self, model):
-        return bitsandbytes_state_dict(model), {}
+        return checkpoint_state_dict(model), {}
 
     def is_serializable(self, safe_serialization=None):
         return True
@@ -201,14 +221,17 @@ class Int8PassQuantizer(HfQuantizer):
         return False
 
 
-def bitsandbytes_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+def checkpoint_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """model.state_dict() with each Int8Weight as bitsandbytes writes it: `weight` int8 [N, K], `SCB` fp32 [N],
-    `weight_format` uint8 0 (row-major)."""
+    `weight_format` uint8 0 (row-major); a block-mode one as `weight` and `weight_block_scale` bf16 [N, blocks]."""
     state = {}
     for key, value in model.state_dict().items():
         if isinstance(value, Int8Weight):
             prefix = key[: -len("weight")]  # "model.layers.0.mlp.up_proj." (or "" for a bare linear)
             state[key] = value.codes
+            if value.block_size:
+                state[prefix + "weight_block_scale"] = value.scale
+                continue
             state[prefix + "SCB"] = value.scale
             state[prefix + "weight_format"] = torch.tensor(ROW_MAJOR, dtype=torch.uint8)
         else:
@@ -224,12 +247,14 @@ if QUANT_METHOD not in AUTO_QUANTIZER_MAPPING:  # registration is global and ref
 def from_pretrained(path: str | os.PathLike, dtype: torch.dtype = torch.bfloat16, **options):
     """A transformers model from a checkpoint folder, with its eligible linear weights as Int8Weights.
 
-    Options: threshold, skip_modules, min_features, dtypes, keep_fp_weights, outlier_weights (as quantize_'s).
+    Options: threshold, skip_modules, min_features, dtypes, keep_fp_weights, outlier_weights, block_size (as
+    quantize_'s).
     Other keyword arguments go to transformers' from_pretrained (e.g. `revision`, `attn_implementation`).
     """
     import transformers
 
-    option_names = ("threshold", "skip_modules", "min_features", "dtypes", "keep_fp_weights", "outlier_weights")
+    option_names = ("threshold", "skip_modules", "min_features", "dtypes", "keep_fp_weights", "outlier_weights",
+                    "block_size")
     quantization = {name: options.pop(name) for name in option_names if name in options}
     config = AutoConfig.from_pretrained(path)
     saved = getattr(config, "quantization_config", None)
@@ -256,14 +281,14 @@ def from_pretrained(path: str | os.PathLike, dtype: torch.dtype = torch.bfloat16
 
 def save_pretrained(model, path: str | os.PathLike, **kwargs) -> None:
     """Save a transformers model whose linear weights are Int8Weights (loaded by from_pretrained, or converted by
-    torch.compile(model, backend="llmint8")) in the bitsandbytes LLM.int8() layout. Keyword arguments go to
-    transformers' save_pretrained (e.g. `max_shard_size`)."""
+    torch.compile(model, backend="llmint8")) in the bitsandbytes LLM.int8() layout (block mode: int8pass's, see the
+    module docstring). Keyword arguments go to transformers' save_pretrained (e.g. `max_shard_size`)."""
     if not any(isinstance(value, Int8Weight) for value in model.state_dict().values()):
         raise ValueError("int8pass.save_pretrained: the model has no int8 weights; use model.save_pretrained")
     previous = getattr(model.config, "quantization_config", None)
-    model.config.quantization_config = bitsandbytes_config(model)
+    model.config.quantization_config = checkpoint_config(model)
     try:
-        model.save_pretrained(path, state_dict=bitsandbytes_state_dict(model), **kwargs)
+        model.save_pretrained(path, state_dict=checkpoint_state_dict(model), **kwargs)
     finally:
         if previous is None:
             del model.config.quantization_config

@@ -1,9 +1,10 @@
 """Int8Weight: a linear layer's weight as LLM.int8() keeps it, owned by the model like any parameter.
 
 It holds the int8 codes W_q [N, K] (row-major, output channels as rows: bitsandbytes' CB) and the fp32 row absmax
-s_w [N] (bitsandbytes' SCB), and keeps the original weight's shape, dtype and device as its face, so a module whose
+s_w [N] (bitsandbytes' SCB), or, in block mode (`block_size`, docs/design.md §1b), one bf16 scale d_w per block of
+block_size columns of each row ([N, ceil(K / block_size)]), and keeps the original weight's shape, dtype and device as its face, so a module whose
 weight is an Int8Weight still works as that module:
-- `F.linear` (and the `mm`/`addmm` it becomes) runs the llmint8 math (`llmint8::linear`);
+- `F.linear` (and the `mm`/`addmm` it becomes) runs the llmint8 math (`llmint8::linear`, or `llmint8::block_linear`);
 - any other read (print, `.sum()`, indexing, an embedding lookup of a tied weight) sees the dequantized values
   W_q * s_w / 127 in the face dtype, or the original values when they are kept (`original`);
 - in-place writes (`copy_` from `load_state_dict`, `mul_`, ...) re-quantize from the written values, into the same
@@ -20,6 +21,7 @@ from __future__ import annotations
 import torch
 
 from int8pass import process_memory, reference
+from int8pass.lowering.block_linear import block_linear_on_cpu
 from int8pass.lowering.linear import linear_on_cpu
 from int8pass.options import DEFAULT_THRESHOLD
 from int8pass.subclass_api import disabled_torch_function, no_dispatch_mode, tree_map_only
@@ -30,17 +32,23 @@ aten = torch.ops.aten
 _QUANTIZE_BLOCK_ELEMENTS = 1 << 20
 
 
-def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """reference.quantize_weight of a [N, K] weight, a block of rows at a time (rows are independent, so the result
-    is bit-identical) so that no whole-weight fp32 temporary is ever allocated."""
+def quantize_rows(weight: torch.Tensor, block_size: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """reference.quantize_weight (block_size 0) or reference.quantize_weight_blocks of a [N, K] weight, a block of
+    rows at a time (rows are independent, so the result is bit-identical) so that no whole-weight fp32 temporary is
+    ever allocated."""
     n, k = weight.shape
     codes = torch.empty((n, k), dtype=torch.int8, device=weight.device)
     process_memory.prefer_huge_pages(codes)  # decode streams the codes once per token
-    scale = torch.empty((n,), dtype=torch.float32, device=weight.device)
+    if block_size:
+        scale = torch.empty((n, reference.block_count(k, block_size)), dtype=torch.bfloat16, device=weight.device)
+    else:
+        scale = torch.empty((n,), dtype=torch.float32, device=weight.device)
     rows = max(1, _QUANTIZE_BLOCK_ELEMENTS // max(1, k))
     with torch.no_grad():
         for start in range(0, n, rows):
-            codes[start:start + rows], scale[start:start + rows] = reference.quantize_weight(weight[start:start + rows])
+            block = weight[start:start + rows]
+            codes[start:start + rows], scale[start:start + rows] = (
+                reference.quantize_weight_blocks(block, block_size) if block_size else reference.quantize_weight(block))
     return codes, scale
 
 
@@ -54,7 +62,8 @@ class Int8Weight(torch.Tensor):
     """The int8 form of a linear weight; see the module docstring.
 
     codes: int8 [N, K], row-major
-    scale: fp32 [N], the row absmax s_w
+    scale: fp32 [N], the row absmax s_w; in block mode bf16 [N, ceil(K / block_size)], the block scales d_w
+    block_size: 0 (LLM.int8(): one scale per row), or the columns per scale of block mode (32, 64 or 128)
     original: the floating-point weight, in the face's shape, when kept (`keep_fp_weights`, a weight also read in
         floating point, `outlier_weights="original"`); None otherwise
     transposed: the face is W^T [K, N] (GPT-2's Conv1D stores [in, out]); the codes are [N, K] either way
@@ -66,58 +75,73 @@ class Int8Weight(torch.Tensor):
     original: torch.Tensor | None
     transposed: bool
     threshold: float
+    block_size: int
 
     @staticmethod
-    def __new__(cls, codes, scale, *, dtype, shape, transposed=False, threshold=DEFAULT_THRESHOLD, original=None):
+    def __new__(cls, codes, scale, *, dtype, shape, transposed=False, threshold=DEFAULT_THRESHOLD, original=None,
+                block_size=0):
         # contiguous face strides: what the floating-point weight it replaces had (Dynamo guards compare them)
         return torch.Tensor._make_wrapper_subclass(
             cls, shape, dtype=dtype, device=scale.device, requires_grad=False
         )
 
-    def __init__(self, codes, scale, *, dtype, shape, transposed=False, threshold=DEFAULT_THRESHOLD, original=None):
+    def __init__(self, codes, scale, *, dtype, shape, transposed=False, threshold=DEFAULT_THRESHOLD, original=None,
+                 block_size=0):
         self.codes = codes
         self.scale = scale
         self.original = original
         self.transposed = transposed
         self.threshold = float(threshold)
+        self.block_size = int(block_size)
 
     # ---- construction -------------------------------------------------------------------------------------------
 
     @classmethod
     def from_float(cls, weight: torch.Tensor, *, threshold: float = DEFAULT_THRESHOLD, transposed: bool = False,
-                   keep_original: bool = False) -> "Int8Weight":
-        """Quantize a floating-point weight ([N, K], or [K, N] with transposed=True) row block by row block."""
+                   keep_original: bool = False, block_size: int = 0) -> "Int8Weight":
+        """Quantize a floating-point weight ([N, K], or [K, N] with transposed=True) row block by row block; with
+        block_size, one scale per block of that many columns (docs/design.md §1b)."""
         if not weight.dtype.is_floating_point or weight.dim() != 2:
             raise ValueError(f"Int8Weight.from_float expects a 2-D floating-point weight, got {weight.dtype} {tuple(weight.shape)}")
+        _check_block_size(block_size)
         weight = weight.detach()
-        codes, scale = quantize_rows(weight.t() if transposed else weight)
+        codes, scale = quantize_rows(weight.t() if transposed else weight, block_size)
         if not keep_original:  # read from an mmap'd checkpoint, its pages would stay resident: reclaim them
             process_memory.page_out(weight)
         return cls.from_codes(codes, scale, dtype=weight.dtype, transposed=transposed, threshold=threshold,
-                              original=weight if keep_original else None)
+                              original=weight if keep_original else None, block_size=block_size)
 
     @classmethod
     def from_codes(cls, codes: torch.Tensor, scale: torch.Tensor, *, dtype: torch.dtype, transposed: bool = False,
-                   threshold: float = DEFAULT_THRESHOLD, original: torch.Tensor | None = None) -> "Int8Weight":
-        """An Int8Weight from int8 codes [N, K] and fp32 row absmax [N] (bitsandbytes' CB and SCB)."""
+                   threshold: float = DEFAULT_THRESHOLD, original: torch.Tensor | None = None,
+                   block_size: int = 0) -> "Int8Weight":
+        """An Int8Weight from int8 codes [N, K] and fp32 row absmax [N] (bitsandbytes' CB and SCB), or with
+        block_size, bf16 block scales [N, ceil(K / block_size)]."""
         if codes.dtype != torch.int8 or codes.dim() != 2:
             raise ValueError(f"Int8Weight codes must be int8 [N, K], got {codes.dtype} {tuple(codes.shape)}")
+        _check_block_size(block_size)
         n, k = codes.shape
-        if scale.shape != (n,):
+        if block_size:
+            blocks = reference.block_count(k, block_size)
+            if scale.shape != (n, blocks) or scale.dtype != torch.bfloat16:
+                raise ValueError(f"Int8Weight block scales (block_size {block_size}) must be bfloat16 [{n}, {blocks}], "
+                                 f"got {scale.dtype} {tuple(scale.shape)}")
+        elif scale.shape != (n,):
             raise ValueError(f"Int8Weight scale must have shape ({n},), got {tuple(scale.shape)}")
         if not dtype.is_floating_point:
             raise ValueError(f"Int8Weight's dtype must be floating point, got {dtype}")
-        scale = scale.to(torch.float32)
+        if not block_size:
+            scale = scale.to(torch.float32)
         shape = (k, n) if transposed else (n, k)
         if original is not None and tuple(original.shape) != shape:
             raise ValueError(f"Int8Weight original must have shape {shape}, got {tuple(original.shape)}")
-        return cls(codes.contiguous(), scale, dtype=dtype, shape=shape, transposed=transposed, threshold=threshold,
-                   original=original)
+        return cls(codes.contiguous(), scale.contiguous(), dtype=dtype, shape=shape, transposed=transposed,
+                   threshold=threshold, original=original, block_size=block_size)
 
     def _like(self, **changes) -> "Int8Weight":
         """A new wrapper over the same inner tensors (views, detach), with some attributes changed."""
         fields = dict(codes=self.codes, scale=self.scale, dtype=self.dtype, transposed=self.transposed,
-                      threshold=self.threshold, original=self.original)
+                      threshold=self.threshold, original=self.original, block_size=self.block_size)
         fields.update(changes)
         n, k = self.out_features, self.in_features
         shape = (k, n) if fields["transposed"] else (n, k)
@@ -138,11 +162,14 @@ class Int8Weight(torch.Tensor):
     def int8_nbytes(self) -> int:
         """Bytes of the codes and scales, plus the original when kept."""
         kept = self.original.numel() * self.original.element_size() if self.original is not None else 0
-        return self.out_features * self.in_features + self.scale.numel() * 4 + kept
+        return self.out_features * self.in_features + self.scale.numel() * self.scale.element_size() + kept
 
     def dequantize(self) -> torch.Tensor:
-        """W^ = W_q * s_w / 127 as a plain tensor of the face's shape and dtype."""
-        w = (self.codes.float() * (self.scale / reference.Q_MAX)[:, None]).to(self.dtype)
+        """W^ = W_q * s_w / 127 (block mode: W_q * d_w) as a plain tensor of the face's shape and dtype."""
+        if self.block_size:
+            w = reference.dequantize_blocks(self.codes, self.scale, self.block_size).to(self.dtype)
+        else:
+            w = (self.codes.float() * (self.scale / reference.Q_MAX)[:, None]).to(self.dtype)
         return w.t() if self.transposed else w
 
     def values(self) -> torch.Tensor:
@@ -151,16 +178,20 @@ class Int8Weight(torch.Tensor):
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """x W^T (+ bias) by the llmint8 math, for a weight whose codes' rows are the output channels."""
-        if type(x) is torch.Tensor and x.device.type == "cpu" and not x.requires_grad and no_dispatch_mode():
-            # an eager call on real CPU tensors, nothing tracing it: llmint8::linear's CPU kernel itself, without the
-            # custom op's Python layers around it (~15 us a call)
-            return linear_on_cpu(x, self.codes, self.scale, bias, self.threshold)
-        return torch.ops.llmint8.linear(x, self.codes, self.scale, bias, self.threshold)
+        eager_cpu = type(x) is torch.Tensor and x.device.type == "cpu" and not x.requires_grad and no_dispatch_mode()
+        # an eager call on real CPU tensors, nothing tracing it: the op's CPU kernel itself, without the custom op's
+        # Python layers around it (~15 us a call)
+        if self.block_size:
+            run = block_linear_on_cpu if eager_cpu else torch.ops.llmint8.block_linear
+            return run(x, self.codes, self.scale, bias, self.block_size, self.threshold)
+        run = linear_on_cpu if eager_cpu else torch.ops.llmint8.linear
+        return run(x, self.codes, self.scale, bias, self.threshold)
 
     def __repr__(self, *, tensor_contents=None) -> str:
         kept = ", original kept" if self.original is not None else ""
+        blocks = f", block_size={self.block_size}" if self.block_size else ""
         return (f"Int8Weight(shape={tuple(self.shape)}, dtype={self.dtype}, device={self.device}, "
-                f"threshold={self.threshold}{kept}, values:\n{self.values()!r})")
+                f"threshold={self.threshold}{blocks}{kept}, values:\n{self.values()!r})")
 
     # ---- tracing: the inner tensors and what is static -----------------------------------------------------------
 
@@ -168,18 +199,19 @@ class Int8Weight(torch.Tensor):
         names = ["codes", "scale"]
         if self.original is not None:
             names.append("original")
-        return names, (self.dtype, self.transposed, self.threshold)
+        return names, (self.dtype, self.transposed, self.threshold, self.block_size)
 
     @staticmethod
     def __tensor_unflatten__(inner, meta, outer_size, outer_stride):
-        dtype, transposed, threshold = meta
+        dtype, transposed, threshold, block_size = meta
         return Int8Weight(inner["codes"], inner["scale"], dtype=dtype, shape=outer_size, transposed=transposed,
-                          threshold=threshold, original=inner.get("original"))
+                          threshold=threshold, original=inner.get("original"), block_size=block_size)
 
     # ---- serialization ------------------------------------------------------------------------------------------
 
     def __reduce_ex__(self, protocol):
-        return (_rebuild, (self.codes, self.scale, self.dtype, self.transposed, self.threshold, self.original))
+        return (_rebuild, (self.codes, self.scale, self.dtype, self.transposed, self.threshold, self.original,
+                           self.block_size))
 
     def __deepcopy__(self, memo):
         return _copy(self)
@@ -226,7 +258,7 @@ class Int8Weight(torch.Tensor):
         values = values.detach()
         if tuple(values.shape) != tuple(self.shape):
             raise RuntimeError(f"cannot write a {tuple(values.shape)} tensor into an Int8Weight of shape {tuple(self.shape)}")
-        codes, scale = quantize_rows(values.t() if self.transposed else values)
+        codes, scale = quantize_rows(values.t() if self.transposed else values, self.block_size)
         self._store(codes, scale, values)
         return self
 
@@ -237,9 +269,15 @@ class Int8Weight(torch.Tensor):
             self.original.copy_(values if values is not None else self.dequantize())
 
 
-def _rebuild(codes, scale, dtype, transposed, threshold, original):
+def _rebuild(codes, scale, dtype, transposed, threshold, original, block_size=0):
     return Int8Weight.from_codes(codes, scale, dtype=dtype, transposed=transposed, threshold=threshold,
-                                 original=original)
+                                 original=original, block_size=block_size)
+
+
+def _check_block_size(block_size: int) -> None:
+    if block_size != 0 and block_size not in reference.BLOCK_SIZES:
+        raise ValueError(f"Int8Weight block_size must be 0 (one scale per row) or one of {reference.BLOCK_SIZES}, "
+                         f"got {block_size!r}")
 
 
 # torch.load(weights_only=True), the default, accepts only allow-listed globals
@@ -287,7 +325,8 @@ def _copy(self, device: torch.device | None = None, dtype: torch.dtype | None = 
     dtype = dtype or self.dtype
     original = None if self.original is None else self.original.to(device=device, dtype=dtype, copy=True)
     return Int8Weight.from_codes(self.codes.to(device, copy=True), self.scale.to(device, copy=True), dtype=dtype,
-                                 transposed=self.transposed, threshold=self.threshold, original=original)
+                                 transposed=self.transposed, threshold=self.threshold, original=original,
+                                 block_size=self.block_size)
 
 
 def _to_copy(self, *, dtype=None, device=None, layout=None, pin_memory=None, non_blocking=False, memory_format=None):
@@ -303,7 +342,8 @@ def _clone(self, *, memory_format=None):
 def _copy_(self, src, non_blocking=False):
     if not isinstance(self, Int8Weight):
         return NotImplemented
-    if isinstance(src, Int8Weight) and src.transposed == self.transposed and tuple(src.shape) == tuple(self.shape):
+    if (isinstance(src, Int8Weight) and src.transposed == self.transposed and src.block_size == self.block_size
+            and tuple(src.shape) == tuple(self.shape)):
         # int8 into int8 (load_state_dict of an int8 checkpoint): the codes as they are
         values = src.original.to(self.dtype) if self.original is not None and src.original is not None else None
         self._store(src.codes.to(self.scale.device), src.scale.to(self.scale.device), values)

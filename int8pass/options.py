@@ -9,10 +9,14 @@ from typing import Any, Callable
 
 import torch
 
+from int8pass.reference import BLOCK_SIZES
+
 # Output projections to the vocabulary stay in floating point by default, as bitsandbytes and transformers do:
 # their logits feed a softmax over the whole vocabulary and are the most sensitive to quantization noise.
 OUTPUT_HEADS = ("lm_head", "*.lm_head", "embed_out", "*.embed_out")
 DEFAULT_THRESHOLD = 6.0
+# Block mode (docs/design.md §1b) needs no outlier split: an outlier column costs only its own blocks' resolution
+BLOCK_DEFAULT_THRESHOLD = 0.0
 DTYPE_NAMES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 OUTLIER_WEIGHTS = ("dequantized", "original")
 
@@ -35,6 +39,9 @@ class Options:
         weight for the outlier columns; costs the fp weight's memory).
     keep_fp_weights: keep each rewritten weight's floating-point tensor inside its Int8Weight (`original`), at
         its memory cost; floating-point reads of the weight then see the exact original values.
+    block_size: 0 (the default: LLM.int8(), one scale per row of W and of X), or 32, 64 or 128: block mode
+        (docs/design.md §1b), one scale per block of that many consecutive input features of each weight row and of
+        each activation row, calibrate-free; its threshold defaults to BLOCK_DEFAULT_THRESHOLD (no outlier split).
     stats: collect runtime outlier statistics per layer (int8pass.outlier_stats(); cost in int8pass/stats.py).
     dump_dir: directory for graph/report dumps (default: $INT8PASS_DUMP_DIR if set).
     inductor: extra Inductor config patches, passed through to compile_fx.
@@ -46,6 +53,7 @@ class Options:
     dtypes: tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16, torch.float32)
     outlier_weights: str = "dequantized"
     keep_fp_weights: bool = False
+    block_size: int = 0
     stats: bool = False
     dump_dir: str | None = None
     inductor: dict[str, Any] = field(default_factory=dict)
@@ -68,10 +76,14 @@ class Options:
             dtypes=_dtypes(values.get("dtypes", cls.dtypes)),
             outlier_weights=_choice("outlier_weights", values.get("outlier_weights", "dequantized"), OUTLIER_WEIGHTS),
             keep_fp_weights=_bool("keep_fp_weights", values.get("keep_fp_weights", False)),
+            block_size=_choice("block_size", values.get("block_size", 0), (0, *BLOCK_SIZES)),
             stats=_bool("stats", values.get("stats", False)),
             dump_dir=_dump_dir(values.get("dump_dir", os.environ.get("INT8PASS_DUMP_DIR"))),
             inductor=_inductor(values.get("inductor", {})),
         )
+        if parsed.block_size and parsed.outlier_weights == "original":
+            raise ValueError("llmint8 option outlier_weights='original' applies to LLM.int8()'s row scales, not to "
+                             "block_size: block mode multiplies its outlier columns by the dequantized weight")
         return parsed
 
     def skip_reason(self, module_path: str) -> str:
@@ -110,7 +122,7 @@ def _bool(name: str, value: Any) -> bool:
     return value
 
 
-def _choice(name: str, value: Any, accepted: tuple[str, ...]) -> str:
+def _choice(name: str, value: Any, accepted: tuple) -> Any:
     if value not in accepted:
         raise ValueError(f"llmint8 option {name!r} must be one of {', '.join(map(repr, accepted))}, got {value!r}")
     return value

@@ -37,15 +37,16 @@ def quantize_(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor] | N
     """Give `model`'s linear layers Int8Weights, in place; returns `model`. See the module docstring.
 
     Options as for the backend: threshold (default 6.0), skip_modules (default: the output heads), min_features,
-    dtypes, keep_fp_weights, outlier_weights.
+    dtypes, keep_fp_weights, outlier_weights, block_size.
     """
     opts = load_options(options)
-    threshold = rules.new_weight_threshold(opts)
+    threshold, block_size = rules.new_weight_threshold(opts), rules.new_weight_block_size(opts)
     targets = _targets(model, opts, state_dict)
 
     def int8(weight, target):
         _, transposed, keep = target
-        return Int8Weight.from_float(weight, threshold=threshold, transposed=transposed, keep_original=keep)
+        return Int8Weight.from_float(weight, threshold=threshold, transposed=transposed, keep_original=keep,
+                                     block_size=block_size)
 
     if state_dict is not None:
         _assign_from(model, state_dict, lambda old, value: int8(value, targets[id(old)]) if id(old) in targets else value)

@@ -185,6 +185,134 @@ def error_bound(
     return bound.reshape(*x.shape[:-1], weight.shape[0])
 
 
+# ---- block mode (docs/design.md §1b): one scale per block of `block_size` consecutive columns of each row --------
+
+BLOCK_SIZES = (32, 64, 128)
+
+
+def block_count(k: int, block_size: int) -> int:
+    return -(-k // block_size)
+
+
+def _block_absmax(values: torch.Tensor, block_size: int) -> torch.Tensor:
+    """max |v| over each block of columns of a 2-D tensor -> fp32 [rows, blocks] (the last block may be shorter)."""
+    rows, k = values.shape
+    blocks = block_count(k, block_size)
+    padded = values.float().new_zeros(rows, blocks * block_size)
+    padded[:, :k] = values.float().abs()
+    return padded.reshape(rows, blocks, block_size).amax(dim=2) if blocks else padded.new_zeros(rows, 0)
+
+
+def _per_column(scale: torch.Tensor, k: int, block_size: int) -> torch.Tensor:
+    """A [rows, blocks] scale expanded to [rows, k], each column getting its block's."""
+    return scale.float().repeat_interleave(block_size, dim=1)[:, :k]
+
+
+def _block_codes(values: torch.Tensor, d: torch.Tensor, block_size: int) -> torch.Tensor:
+    """clamp(round(v / d), -127, 127) as int8 with each column's block scale d (d = 0 divides by 1). The clamp only
+    acts where d is subnormal and so coarser than absmax / 127."""
+    d = _per_column(d, values.shape[1], block_size)
+    safe = torch.where(d == 0, torch.ones_like(d), d)
+    return torch.round(values.float() / safe).clamp(-Q_MAX, Q_MAX).to(torch.int8)
+
+
+def quantize_weight_blocks(weight: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block-wise int8 quantization of a [N, K] weight -> (W_q int8 [N, K], d_w bf16 [N, blocks]).
+
+    d_w = absmax / 127 rounded to bf16 (its range is fp32's, so no weight is out of range), and the codes are taken
+    with that stored d_w, so W_q * d_w is what the kernels multiply by.
+    """
+    d_w = (_block_absmax(weight, block_size) / Q_MAX).to(torch.bfloat16)
+    return _block_codes(weight, d_w, block_size), d_w
+
+
+def dequantize_blocks(w_q: torch.Tensor, d_w: torch.Tensor, block_size: int) -> torch.Tensor:
+    """W_q * d_w in fp32 [N, K]."""
+    return w_q.float() * _per_column(d_w, w_q.shape[1], block_size)
+
+
+def quantize_activation_blocks(
+    x2d: torch.Tensor, block_size: int, threshold: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """X [M, K] -> (X_q int8 [M, K], d_x fp32 [M, blocks], outlier mask bool [K]): the outlier columns (as
+    LLM.int8()'s, outlier_columns) are zeroed, then each block of each row gets d_x = its absmax / 127 in fp32."""
+    is_outlier = outlier_columns(x2d, threshold)
+    x_inliers = torch.where(is_outlier, 0.0, x2d.float())
+    d_x = _block_absmax(x_inliers, block_size) / Q_MAX
+    return _block_codes(x_inliers, d_x, block_size), d_x, is_outlier
+
+
+def block_linear(
+    x: torch.Tensor,
+    w_q: torch.Tensor,
+    d_w: torch.Tensor,
+    bias: torch.Tensor | None,
+    block_size: int,
+    threshold: float,
+) -> torch.Tensor:
+    """Y = sum over blocks b of (X_q . W_q^T over b)_int32 * d_x[:, b] d_w[:, b] + X[:, O] . W^[:, O]^T + b, in fp32,
+    rounded once to X's dtype; W^ = W_q * d_w. x may have any leading dims.
+
+    The blocks' int32 products are exact (computed in fp64, |sums| < 2**53); their scaled fp32 values are added in
+    block order here, in another order by the kernels (the bound of docs/design.md §1b covers any order).
+    """
+    k = w_q.shape[1]
+    x2d = x.reshape(-1, k)
+    x_q, d_x, is_outlier = quantize_activation_blocks(x2d, block_size, threshold)
+    y = x2d.new_zeros(x2d.shape[0], w_q.shape[0], dtype=torch.float32)
+    for b, start in enumerate(range(0, k, block_size)):
+        cols = slice(start, start + block_size)
+        dots = exact_int_matmul(x_q[:, cols], w_q[:, cols]).float()
+        y = y + dots * (d_x[:, b, None] * d_w[None, :, b].float())
+    cols = is_outlier.nonzero().flatten()
+    if cols.numel():
+        y = y + x2d[:, cols].float() @ dequantize_blocks(w_q, d_w, block_size)[:, cols].t()
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype).reshape(*x.shape[:-1], w_q.shape[0])
+
+
+def block_error_bound(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, block_size: int, threshold: float
+) -> torch.Tensor:
+    """docs/design.md §1b bound on |block_linear(x) - (x W^T + b)| for each output element, in fp64.
+
+    Per block, |E_x| <= d_x / 2 and |E_w| <= d_w / 2 elementwise, so the block's product is off by at most
+    d_x/2 sum|W| + d_w/2 sum|X| + n_b d_x d_w / 4; plus 127 * 2**-149 per element where a scale underflowed to 0 (a
+    block of values below 2**-140), the fp32 slack and one rounding to X's dtype, as in error_bound.
+    """
+    k = weight.shape[1]
+    x2d = x.reshape(-1, k)
+    _, d_x, _ = quantize_activation_blocks(x2d, block_size, threshold)
+    _, d_w = quantize_weight_blocks(weight, block_size)
+    d_x, d_w = d_x.double(), d_w.double()
+    xd, w = x2d.double(), weight.double()
+    blocks = block_count(k, block_size)
+    sizes = torch.tensor([min(block_size, k - b * block_size) for b in range(blocks)], dtype=torch.float64)
+    abs_x_blocks = _block_sums(xd.abs(), block_size)
+    abs_w_blocks = _block_sums(w.abs(), block_size)
+    quantization = d_x / 2 @ abs_w_blocks.t() + abs_x_blocks @ (d_w / 2).t() + (d_x * sizes) @ d_w.t() / 4
+    underflow = 127 * 2.0**-149 * (xd.abs().sum(dim=1)[:, None] + w.abs().sum(dim=1)[None, :] + k)
+    magnitude = xd.abs() @ w.abs().t()
+    exact = xd @ w.t()
+    if bias is not None:
+        magnitude = magnitude + bias.double().abs()
+        exact = exact + bias.double()
+    bound = quantization + underflow
+    bound = bound + (k + 4) * 2.0**-24 * (magnitude + bound)
+    out_eps = torch.finfo(x.dtype).eps if x.dtype.is_floating_point else 2.0**-23
+    bound = bound + out_eps * (exact.abs() + bound)
+    return bound.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def _block_sums(values: torch.Tensor, block_size: int) -> torch.Tensor:
+    rows, k = values.shape
+    blocks = block_count(k, block_size)
+    padded = values.new_zeros(rows, blocks * block_size)
+    padded[:, :k] = values
+    return padded.reshape(rows, blocks, block_size).sum(dim=2)
+
+
 def per_tensor_int8_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """Naive W8A8 baseline: one absmax scale for all of X and one for all of W, no outlier split.
 

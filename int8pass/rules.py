@@ -4,7 +4,8 @@ The FX pass (torch.compile), `quantize_` and `from_pretrained` each call these f
 - `linear_weight_orientation`: which modules are linear layers, and how their weight is stored;
 - `weight_skip_reason`: whether a linear's weight stays in floating point, and why;
 - `keeps_original`: whether an Int8Weight keeps the floating-point weight beside its codes;
-- `new_weight_threshold`: the outlier threshold a newly quantized weight carries.
+- `new_weight_threshold`, `new_weight_block_size`: the outlier threshold and the scale granularity a newly quantized
+  weight carries.
 Checks that only a graph can make (is the weight a constant, does grad mode need it, do the activation's dtype and
 the bias fit) stay in the FX pass, which applies these rules too.
 """
@@ -14,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from int8pass.int8_weight import Int8Weight, all_finite
-from int8pass.options import DEFAULT_THRESHOLD, Options
+from int8pass.options import BLOCK_DEFAULT_THRESHOLD, DEFAULT_THRESHOLD, Options
 from int8pass.reference import MAX_EXACT_K
 
 
@@ -58,4 +59,11 @@ def keeps_original(options: Options, read_in_floating_point: bool) -> bool:
 
 def new_weight_threshold(options: Options) -> float:
     """The outlier threshold a weight quantized under these options carries (eager calls use it)."""
-    return options.threshold if options.threshold is not None else DEFAULT_THRESHOLD
+    if options.threshold is not None:
+        return options.threshold
+    return BLOCK_DEFAULT_THRESHOLD if options.block_size else DEFAULT_THRESHOLD
+
+
+def new_weight_block_size(options: Options) -> int:
+    """The columns per scale of a weight quantized under these options: 0 (one per row, LLM.int8()) or block mode's."""
+    return options.block_size

@@ -2,6 +2,8 @@
 device kernels and Inductor lowering.
 
     linear.py               llmint8::linear, what the FX pass writes; decomposed by device while AOT autograd traces
+    block_linear.py         llmint8::block_linear          (block mode, docs/design.md §1b: the CPU kernel's
+                                                            llmint8::cpu_block_linear, else the reference math)
     cpu_linear.py           llmint8::cpu_linear            (the CPU linear in one C++ call: cpu_linear.cpp, registered
                                                             with TORCH_LIBRARY, and its kernels, cpu_linear_kernels.h)
     quantize_activation.py  llmint8::quantize_activation   (Triton devices: the two-step linear's first step)
@@ -21,6 +23,7 @@ from __future__ import annotations
 import torch
 
 from int8pass.lowering import (  # noqa: F401  (each import registers its op)
+    block_linear,
     cpu_linear,
     fused_linear,
     int8_mm_dequant,
@@ -45,5 +48,6 @@ def cpu_path() -> str:
 # (not passed to compile_fx), so that its FX graph cache can key and reuse llmint8 graphs: a table passed in is part
 # of the key and cannot be pickled. The op appears only in graphs of int8 weights.
 inductor_api.register_decomposition(torch.ops.llmint8.linear.default)(linear.decompose)
+inductor_api.register_decomposition(torch.ops.llmint8.block_linear.default)(block_linear.decompose)
 
 __all__ = ["cpu_path"]

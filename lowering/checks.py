@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import torch
 
+from int8pass.reference import BLOCK_SIZES, block_count
+
 
 def check_2d(op: str, x: torch.Tensor) -> None:
     if x.dim() != 2:
@@ -24,3 +26,22 @@ def check_linear_args(x, weight_q, weight_scale, bias) -> None:
         raise ValueError(f"llmint8::linear expects an fp32 [{n}] weight scale, got {weight_scale.dtype} {tuple(weight_scale.shape)}")
     if bias is not None and bias.shape != (n,):
         raise ValueError(f"llmint8::linear expects a bias of shape ({n},), got {tuple(bias.shape)}")
+
+
+def check_block_linear_args(x, weight_q, weight_scale, bias, block_size) -> None:
+    """Clear errors for llmint8::block_linear arguments; every implementation of the op calls this."""
+    if block_size not in BLOCK_SIZES:
+        raise ValueError(f"llmint8::block_linear: block_size must be one of {BLOCK_SIZES}, got {block_size}")
+    if weight_q.dtype != torch.int8 or weight_q.dim() != 2:
+        raise ValueError(f"llmint8::block_linear expects an int8 [N, K] weight, got {weight_q.dtype} {tuple(weight_q.shape)}")
+    n, k = weight_q.shape
+    if x.dim() < 1 or x.shape[-1] != k:
+        raise ValueError(f"llmint8::block_linear: activation shape {tuple(x.shape)} does not end in K={k}")
+    if not x.dtype.is_floating_point:
+        raise ValueError(f"llmint8::block_linear expects a floating-point activation, got {x.dtype}")
+    blocks = block_count(k, block_size)
+    if weight_scale.shape != (n, blocks) or weight_scale.dtype != torch.bfloat16:
+        raise ValueError(f"llmint8::block_linear expects bf16 [{n}, {blocks}] block scales, got {weight_scale.dtype} "
+                         f"{tuple(weight_scale.shape)}")
+    if bias is not None and bias.shape != (n,):
+        raise ValueError(f"llmint8::block_linear expects a bias of shape ({n},), got {tuple(bias.shape)}")

@@ -1,4 +1,5 @@
-// llmint8::cpu_linear: the LLM.int8() linear on x86-64 CPUs in one call (the kernels: cpu_linear_kernels.h).
+// llmint8::cpu_linear: the LLM.int8() linear on x86-64 CPUs in one call (the kernels: cpu_linear_kernels.h), and
+// llmint8::cpu_block_linear, the block-scaled linear of docs/design.md §1b (cpu_block_linear_kernels.h).
 // Registered with PyTorch's dispatcher here, in C++, so that a compiled graph calls it with no Python in between and
 // an AOTInductor package runs it by loading this library alone. Built by torch.utils.cpp_extension (cpu_linear.py).
 #include <ATen/core/Tensor.h>
@@ -8,16 +9,16 @@
 #include <optional>
 #include <string>
 
-#include "cpu_linear_kernels.h"
+#include "cpu_block_linear_kernels.h"
 
 namespace {
 
-int dtype_code(const at::Tensor& t, const char* what) {
+int dtype_code(const at::Tensor& t, const char* what, const char* op = "llmint8::cpu_linear") {
   switch (t.scalar_type()) {
     case at::kFloat: return int8pass::F32;
     case at::kBFloat16: return int8pass::BF16;
     case at::kHalf: return int8pass::F16;
-    default: TORCH_CHECK(false, "llmint8::cpu_linear: ", what, " must be float32, bfloat16 or float16, got ", t.scalar_type());
+    default: TORCH_CHECK(false, op, ": ", what, " must be float32, bfloat16 or float16, got ", t.scalar_type());
   }
 }
 
@@ -66,6 +67,47 @@ at::Tensor cpu_linear(const at::Tensor& x, const at::Tensor& weight_q, const at:
   return y;
 }
 
+constexpr const char* OP = "llmint8::cpu_block_linear";
+
+// y [..., N] from x [..., K], codes weight_q [N, K] and bf16 block scales weight_scale [N, ceil(K / block_size)]
+at::Tensor cpu_block_linear(const at::Tensor& x, const at::Tensor& weight_q, const at::Tensor& weight_scale,
+                            const std::optional<at::Tensor>& bias, int64_t block_size, double threshold) {
+  TORCH_CHECK(x.device().is_cpu() && weight_q.device().is_cpu() && weight_scale.device().is_cpu(),
+              "llmint8::cpu_block_linear: all tensors must be on the CPU");
+  TORCH_CHECK(weight_q.scalar_type() == at::kChar && weight_q.dim() == 2,
+              "llmint8::cpu_block_linear: weight_q must be int8 [N, K], got ", weight_q.scalar_type(), " ",
+              weight_q.sizes());
+  TORCH_CHECK(block_size > 0 && block_size % 32 == 0,
+              "llmint8::cpu_block_linear: block_size must be a positive multiple of 32, got ", block_size);
+  const int64_t N = weight_q.size(0), K = weight_q.size(1), blocks = int8pass::blocks::block_count(K, block_size);
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == K, "llmint8::cpu_block_linear: x's last dim must be K = ", K, ", got ",
+              x.sizes());
+  TORCH_CHECK(weight_scale.scalar_type() == at::kBFloat16 && weight_scale.dim() == 2 && weight_scale.size(0) == N &&
+                  weight_scale.size(1) == blocks,
+              "llmint8::cpu_block_linear: weight_scale must be bfloat16 [", N, ", ", blocks, "], got ",
+              weight_scale.scalar_type(), " ", weight_scale.sizes());
+  const int x_dtype = dtype_code(x, "x", OP);
+  if (bias) {
+    TORCH_CHECK(bias->device().is_cpu() && bias->dim() == 1 && bias->size(0) == N,
+                "llmint8::cpu_block_linear: bias must be a CPU vector of N = ", N, ", got ", bias->sizes());
+    dtype_code(*bias, "bias", OP);
+  }
+  const at::Tensor x_c = x.contiguous(), w_c = weight_q.contiguous(), s_c = weight_scale.contiguous();
+  const at::Tensor b_c = bias ? bias->contiguous() : at::Tensor();
+  std::vector<int64_t> sizes = x.sizes().vec();
+  sizes.back() = N;
+  at::Tensor y = at::empty(sizes, x.options().memory_format(at::MemoryFormat::Contiguous));
+  int64_t M = 1;
+  for (int64_t d = 0; d + 1 < x.dim(); ++d) M *= x.size(d);
+  if (M == 0 || N == 0) return y;
+  const int8pass::blocks::BlockLinear args{
+      x_c.data_ptr(), x_dtype, M, K, w_c.data_ptr<int8_t>(), N,
+      reinterpret_cast<const uint16_t*>(s_c.data_ptr<at::BFloat16>()), block_size,
+      bias ? b_c.data_ptr() : nullptr, bias ? dtype_code(b_c, "bias", OP) : 0, float(threshold), y.data_ptr()};
+  int8pass::blocks::linear(args, int8pass::kernel_for(M, K) != int8pass::Kernel::Avx2);
+  return y;
+}
+
 // Which GEMM kernel a call with `rows` activation rows of `in_features` runs on this machine
 std::string cpu_linear_kernel(int64_t rows, int64_t in_features) {
   return int8pass::kernel_name(int8pass::kernel_for(rows, in_features));
@@ -76,7 +118,12 @@ std::string cpu_linear_kernel(int64_t rows, int64_t in_features) {
 TORCH_LIBRARY_FRAGMENT(llmint8, m) {
   m.def("cpu_linear(Tensor x, Tensor weight_q, Tensor weight_scale, Tensor? bias, float threshold, "
         "Tensor? outlier_weight=None) -> Tensor");
+  m.def("cpu_block_linear(Tensor x, Tensor weight_q, Tensor weight_scale, Tensor? bias, int block_size, "
+        "float threshold) -> Tensor");
   m.def("cpu_linear_kernel(int rows, int in_features) -> str", &cpu_linear_kernel);
 }
 
-TORCH_LIBRARY_IMPL(llmint8, CPU, m) { m.impl("cpu_linear", &cpu_linear); }
+TORCH_LIBRARY_IMPL(llmint8, CPU, m) {
+  m.impl("cpu_linear", &cpu_linear);
+  m.impl("cpu_block_linear", &cpu_block_linear);
+}

@@ -1,4 +1,5 @@
-"""llmint8::cpu_linear: the whole LLM.int8() linear on an x86-64 CPU in one call of a C++ kernel.
+"""llmint8::cpu_linear: the whole LLM.int8() linear on an x86-64 CPU in one call of a C++ kernel (and
+llmint8::cpu_block_linear, the block-scaled linear of docs/design.md §1b, from the same library).
 
 The op is registered in C++ (cpu_linear.cpp, TORCH_LIBRARY), so a compiled graph calls it through the dispatcher with
 no Python in between, and an AOTInductor package runs it by loading the library alone; this module builds and loads
@@ -30,11 +31,12 @@ from pathlib import Path
 
 import torch
 
-from int8pass.lowering.checks import check_linear_args
+from int8pass.lowering.checks import check_block_linear_args, check_linear_args
 
 log = logging.getLogger("int8pass")
 
-SOURCES = [Path(__file__).with_name("cpu_linear.cpp"), Path(__file__).with_name("cpu_linear_kernels.h")]
+SOURCES = [Path(__file__).with_name(name) for name in
+           ("cpu_linear.cpp", "cpu_linear_kernels.h", "cpu_block_linear_kernels.h")]
 # -ffp-contract=off: the epilogue's multiplies and adds round one by one, as the reference's do. The AVX512 and AMX
 # kernels are built for those by pragmas in their own regions and run only where the CPU has them.
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-ffp-contract=off"]
@@ -82,11 +84,17 @@ def library_path() -> Path | None:
         return None
     path = build / f"{name}.so"
     torch.library.register_fake("llmint8::cpu_linear")(_fake)
+    torch.library.register_fake("llmint8::cpu_block_linear")(_fake_block)
     return path
 
 
 def _fake(x, weight_q, weight_scale, bias, threshold, outlier_weight=None):
     check_linear_args(x, weight_q, weight_scale, bias)
+    return x.new_empty((*x.shape[:-1], weight_q.shape[0]))
+
+
+def _fake_block(x, weight_q, weight_scale, bias, block_size, threshold):
+    check_block_linear_args(x, weight_q, weight_scale, bias, block_size)
     return x.new_empty((*x.shape[:-1], weight_q.shape[0]))
 
 

@@ -118,15 +118,17 @@ inline Kernel kernel_for(int64_t M, int64_t K) {
 
 // ---- loads and stores in the activation dtype -------------------------------------------------------------------
 
+inline float bf16_value(uint16_t bits) {  // the high half of a float
+  const uint32_t word = uint32_t(bits) << 16;
+  float value;
+  std::memcpy(&value, &word, sizeof value);
+  return value;
+}
+
 inline float load(const void* p, int64_t i, int dtype) {
   switch (dtype) {
     case F32: return static_cast<const float*>(p)[i];
-    case BF16: {  // the high half of a float
-      const uint32_t bits = uint32_t(static_cast<const uint16_t*>(p)[i]) << 16;
-      float value;
-      std::memcpy(&value, &bits, sizeof value);
-      return value;
-    }
+    case BF16: return bf16_value(static_cast<const uint16_t*>(p)[i]);
     default: return _cvtsh_ss(static_cast<const uint16_t*>(p)[i]);
   }
 }
@@ -369,8 +371,8 @@ constexpr int64_t PACKED_KC = 2048;  // columns per pass: 32 packed rows of them
 constexpr int64_t PACKED_PREFETCH_LINES = 4;  // how far ahead each weight row is fetched
 
 // X_q [M, K] as 16-row tiles of the first K / 4 * 4 columns: tile t holds, for each group of 4 columns, row 16t + r's
-// 4 codes + 128 at dword r (rows past M hold code 0)
-inline void pack_rows(const int8_t* x_q, int64_t M, int64_t K, uint8_t* packed) {
+// 4 codes + 128 at dword r (rows past M hold code 0). flip = 0 packs the signed codes themselves (block mode).
+inline void pack_rows(const int8_t* x_q, int64_t M, int64_t K, uint8_t* packed, uint32_t flip = 0x80808080u) {
   const int64_t tiles = (M + 15) / 16, groups = K / 4;
 #pragma omp parallel for schedule(static) if (M * K >= PARALLEL_MIN_ELEMENTS)
   for (int64_t t = 0; t < tiles; ++t)
@@ -380,7 +382,7 @@ inline void pack_rows(const int8_t* x_q, int64_t M, int64_t K, uint8_t* packed) 
       for (int64_t g = 0; g < groups; ++g) {
         uint32_t quad = 0;
         if (m < M) std::memcpy(&quad, x_q + m * K + 4 * g, 4);
-        dst[g * 16] = quad ^ 0x80808080u;
+        dst[g * 16] = quad ^ flip;
       }
     }
 }
@@ -630,20 +632,19 @@ class Scratch {
 
 // ---- quantization, outliers, epilogue (AVX2) ------------------------------------------------------------------------
 
-// Steps 1 and 2: fills is_outlier [K], s_x [M] and x_q [M, K]; `keep` is K words of scratch.
-inline void quantize(const void* x, int dtype, int64_t M, int64_t K, float limit, uint8_t* is_outlier, float* s_x,
-                     int8_t* x_q, uint32_t* keep) {
-  const int64_t k_vec = K / 8 * 8;
+// Step 1: is_outlier [K] (1 in the outlier columns) and keep [K] (all ones in the others: where(is_outlier, +0, x)
+// is x & keep).
+inline void outlier_mask(const void* x, int dtype, int64_t M, int64_t K, float limit, uint8_t* is_outlier,
+                         uint32_t* keep) {
   const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
   const __m256 limit8 = _mm256_set1_ps(limit);
-  const bool parallel = M * K >= PARALLEL_MIN_ELEMENTS;
   std::fill(is_outlier, is_outlier + K, 0);
-#pragma omp parallel for schedule(static) if (parallel)
+#pragma omp parallel for schedule(static) if (M * K >= PARALLEL_MIN_ELEMENTS)
   for (int64_t k0 = 0; k0 < K; k0 += 256) {  // !(|x| < limit) in any row: NaN compares false, so it is an outlier
     const int64_t k1 = std::min(K, k0 + 256);
     for (int64_t m = 0; m < M; ++m) {
       int64_t k = k0;
-      for (; k + 8 <= k1; k += 8) {  // k0 is a multiple of 8, so these 8 lie below k_vec
+      for (; k + 8 <= k1; k += 8) {  // k0 is a multiple of 8
         const __m256 a = _mm256_and_ps(load8(x, m * K + k, dtype), abs_mask);
         const int flags = _mm256_movemask_ps(_mm256_cmp_ps(a, limit8, _CMP_NLT_UQ));
         if (flags)
@@ -652,9 +653,29 @@ inline void quantize(const void* x, int dtype, int64_t M, int64_t K, float limit
       for (; k < k1; ++k) is_outlier[k] |= !(std::fabs(load(x, m * K + k, dtype)) < limit);
     }
   }
-  // all ones in the columns that are not outliers: where(is_outlier, +0, x) is x & keep
   for (int64_t k = 0; k < K; ++k) keep[k] = is_outlier[k] ? 0u : 0xFFFFFFFFu;
-#pragma omp parallel for schedule(static) if (parallel && M > 1)
+}
+
+// The outlier columns in ascending order into cols; returns their number
+inline int64_t outlier_list(const uint8_t* is_outlier, int64_t K, int32_t* cols) {
+  int64_t n_cols = 0;
+  for (int64_t k0 = 0; k0 < K; k0 += 32) {  // 32 flags at a time: most are 0
+    const int64_t k1 = std::min(K, k0 + 32);
+    if (k1 - k0 == 32 && _mm256_testz_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(is_outlier + k0)),
+                                            _mm256_set1_epi8(1)))
+      continue;
+    for (int64_t k = k0; k < k1; ++k)
+      if (is_outlier[k]) cols[n_cols++] = int32_t(k);
+  }
+  return n_cols;
+}
+
+// Step 2: s_x [M] and x_q [M, K], from outlier_mask's is_outlier and keep
+inline void quantize(const void* x, int dtype, int64_t M, int64_t K, const uint8_t* is_outlier, const uint32_t* keep,
+                     float* s_x, int8_t* x_q) {
+  const int64_t k_vec = K / 8 * 8;
+  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+#pragma omp parallel for schedule(static) if (M * K >= PARALLEL_MIN_ELEMENTS && M > 1)
   for (int64_t m = 0; m < M; ++m) {
     const int64_t base = m * K;
     __m256 max8 = _mm256_setzero_ps();
@@ -684,14 +705,28 @@ inline void quantize(const void* x, int dtype, int64_t M, int64_t K, float limit
   }
 }
 
-// The outlier columns' weights: the codes (scaled by s_w / 127 in the epilogue) or a floating-point weight
+// X[:, O] as fp32 [M, |O|] (small: outlier columns are few)
+inline std::vector<float> outlier_values(const void* x, int dtype, int64_t M, int64_t K, const int32_t* cols,
+                                         int64_t n_cols) {
+  std::vector<float> x_o(M * n_cols);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t i = 0; i < n_cols; ++i) x_o[m * n_cols + i] = load(x, m * K + cols[i], dtype);
+  return x_o;
+}
+
+// The outlier columns' weights: the codes (scaled by s_w / 127 in the epilogue), a floating-point weight, or the
+// codes times their block scales (block mode: cpu_block_linear_kernels.h)
 struct OutlierWeight {
   const int8_t* codes;
   const void* values;  // [N, K] in `dtype`, or nullptr: the codes
   int dtype;
+  const uint16_t* block_scale = nullptr;  // [N, blocks] bf16: the codes are dequantized by it
+  int64_t blocks = 0, block_size = 0;
 
   float at(int64_t n, int64_t K, int64_t k) const {
-    return values ? load(values, n * K + k, dtype) : float(codes[n * K + k]);
+    if (values) return load(values, n * K + k, dtype);
+    const float code = float(codes[n * K + k]);
+    return block_scale ? code * bf16_value(block_scale[n * blocks + k / block_size]) : code;
   }
 };
 
@@ -701,7 +736,7 @@ struct OutlierWeight {
 inline void gather_columns(const OutlierWeight& weight, const int32_t* cols, int64_t n_cols, int64_t n0, int64_t rows,
                            int64_t K, float* w_o) {
   for (int64_t n = 0; n < rows; ++n) {
-    if (weight.values == nullptr) {
+    if (weight.values == nullptr && weight.block_scale == nullptr) {
       const int8_t* row = weight.codes + (n0 + n) * K;
       for (int64_t i = 0; i < n_cols; ++i) w_o[i * NC + n] = float(row[cols[i]]);
     } else {
@@ -764,9 +799,11 @@ inline void linear(const Linear& a, Kernel kernel) {
                                                    : 0;
   Scratch scratch(K * (1 + 4 + 4) + M * 4 + M * K * (unsigned_codes ? 2 : 1) + tile_bytes, 0);
   uint8_t* is_outlier = scratch.take<uint8_t>(K);
+  uint32_t* keep = scratch.take<uint32_t>(K);
   float* s_x = scratch.take<float>(M);
   int8_t* x_q = scratch.take<int8_t>(M * K);
-  quantize(a.x, a.x_dtype, M, K, limit, is_outlier, s_x, x_q, scratch.take<uint32_t>(K));
+  outlier_mask(a.x, a.x_dtype, M, K, limit, is_outlier, keep);
+  quantize(a.x, a.x_dtype, M, K, is_outlier, keep, s_x, x_q);
   uint8_t* x_u8 = unsigned_codes ? scratch.take<uint8_t>(M * K) : nullptr;
   if (unsigned_codes) {
     const int64_t count = M * K, vector_count = count / 32 * 32;
@@ -783,18 +820,8 @@ inline void linear(const Linear& a, Kernel kernel) {
   uint8_t* x_packed = packed_rows ? scratch.take<uint8_t>(tile_bytes) : nullptr;
   if (x_packed) vnni::pack_rows(x_q, M, K, x_packed);
   int32_t* cols = scratch.take<int32_t>(K);
-  int64_t n_cols = 0;
-  for (int64_t k0 = 0; k0 < K; k0 += 32) {  // 32 flags at a time: most are 0
-    const int64_t k1 = std::min(K, k0 + 32);
-    if (k1 - k0 == 32 && _mm256_testz_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(is_outlier + k0)),
-                                            _mm256_set1_epi8(1)))
-      continue;
-    for (int64_t k = k0; k < k1; ++k)
-      if (is_outlier[k]) cols[n_cols++] = int32_t(k);
-  }
-  std::vector<float> x_o(M * n_cols);  // small: outlier columns are few
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t i = 0; i < n_cols; ++i) x_o[m * n_cols + i] = load(a.x, m * K + cols[i], a.x_dtype);
+  const int64_t n_cols = outlier_list(is_outlier, K, cols);
+  const std::vector<float> x_o = outlier_values(a.x, a.x_dtype, M, K, cols, n_cols);
   const OutlierWeight outlier_weight{a.w, a.outlier_weight, a.outlier_dtype};
   const int64_t blocks = (N + NC - 1) / NC;
   // Activation rows go a chunk at a time, so that the chunk's codes stay in L2 while every block of weight rows

@@ -81,6 +81,24 @@ def decompose(x, weight_q, weight_scale, bias, threshold, outlier_weight=None):
     return NotImplemented
 
 
+def _setup_backward(ctx, inputs, output):
+    x, weight_q, weight_scale, bias, _, _ = inputs
+    ctx.save_for_backward(weight_q, weight_scale)
+    ctx.x_dtype, ctx.bias_dtype = x.dtype, None if bias is None else bias.dtype
+
+
+def _backward(ctx, grad):
+    """Gradients for x and the bias (a frozen int8 weight with a trainable bias, or adapters trained on its output):
+    through the dequantized weight, as bitsandbytes' Linear8bitLt; the codes and scales get none."""
+    weight_q, weight_scale = ctx.saved_tensors
+    weight = weight_q.float() * (weight_scale / reference.Q_MAX)[:, None]
+    grad_x = (grad.float() @ weight).to(ctx.x_dtype)
+    grad_bias = None if ctx.bias_dtype is None else grad.reshape(-1, grad.shape[-1]).float().sum(0).to(ctx.bias_dtype)
+    return grad_x, None, None, grad_bias, None, None
+
+
+linear.register_autograd(_backward, setup_context=_setup_backward)
+
 # Eager calls use the same kernels.
 torch.library.register_kernel("llmint8::linear", "cpu", linear_on_cpu)
 if HAS_TRITON:

@@ -91,6 +91,48 @@ def test_from_pretrained_compile_generate_save_reload(checkpoint, tmp_path):
         assert torch.equal(reloaded(ids()).logits, logits)
 
 
+@pytest.mark.parametrize("block_size", [32, 128])
+def test_block_mode_from_pretrained_compile_generate_save_reload(checkpoint, tmp_path, block_size):
+    model = int8pass.from_pretrained(checkpoint, dtype=torch.bfloat16, block_size=block_size)
+    weights = linear_weights(model)
+    int8 = {name for name, weight in weights.items() if isinstance(weight, Int8Weight)}
+    assert int8 == {name for name in weights if name != "lm_head"}
+    some = weights[sorted(int8)[0]]
+    assert some.block_size == block_size and some.threshold == 0.0 and some.scale.dtype == torch.bfloat16
+    with torch.no_grad():
+        logits = model(ids()).logits
+        eager = model.generate(ids(), max_new_tokens=6, do_sample=False)
+        model.forward = torch.compile(model.forward, backend="llmint8")
+        compiled = model.generate(ids(), max_new_tokens=6, do_sample=False)
+    assert torch.equal(compiled, eager)
+    assert all(layer.rewritten for report in int8pass.reports()[-2:] for layer in report.layers if layer.name != "lm_head")
+    bf16 = transformers.AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.bfloat16)
+    with torch.no_grad():
+        expected = bf16(ids()).logits.float()
+    assert (logits.float() - expected).abs().max() < 0.05 * expected.abs().max()
+
+    saved = tmp_path / "blocks"
+    int8pass.save_pretrained(model, saved)
+    config = json.loads((saved / "config.json").read_text())["quantization_config"]
+    assert config["quant_method"] == "int8pass" and config["block_size"] == block_size and config["threshold"] == 0.0
+    from safetensors import safe_open
+
+    dtypes = {}
+    for file in saved.glob("*.safetensors"):
+        with safe_open(file, "pt") as f:
+            dtypes.update({key: f.get_slice(key).get_dtype() for key in f.keys()})
+    name = sorted(int8)[0]
+    assert (dtypes[f"{name}.weight"], dtypes[f"{name}.weight_block_scale"]) == ("I8", "BF16")
+    assert f"{name}.SCB" not in dtypes
+    reloaded = int8pass.from_pretrained(saved)
+    for name, weight in linear_weights(reloaded).items():
+        if name in int8:
+            assert weight.block_size == block_size
+            assert torch.equal(weight.codes, weights[name].codes) and torch.equal(weight.scale, weights[name].scale)
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids()).logits, logits)
+
+
 def test_compiling_a_model_loaded_by_transformers(checkpoint, tmp_path):
     """bf16 weights mmap'd from the files: the backend turns them into int8 weights the model owns."""
     model = transformers.AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.bfloat16)
@@ -139,12 +181,12 @@ def test_bitsandbytes_linear8bitlt_state_dicts_load_both_ways():
     # bitsandbytes rounds W * (127 / SCB) where we round W / s * 127: codes at exact ties may differ by one
     assert (ours.weight.codes.int() - reference.quantize_weight(fp.weight.detach())[0].int()).abs().max() <= 1
 
-    # ours into theirs: the layout hf.bitsandbytes_state_dict writes
+    # ours into theirs: the layout hf.checkpoint_state_dict writes
     mine = torch.nn.Linear(96, 40).to(torch.bfloat16)
     mine.load_state_dict(fp.state_dict())
     int8pass.quantize_(mine, skip_modules=[])
     fresh = bnb.nn.Linear8bitLt(96, 40, bias=True, has_fp16_weights=False, threshold=6.0).to("cpu").eval()
-    fresh.load_state_dict(hf.bitsandbytes_state_dict(mine))
+    fresh.load_state_dict(hf.checkpoint_state_dict(mine))
     with torch.no_grad():
         within_bound(fresh(x).to(torch.bfloat16), x, fp.weight, fp.bias, 6.0)
         torch.testing.assert_close(fresh(x).float(), mine(x).float(), rtol=0.02, atol=0.02)

@@ -1,0 +1,415 @@
+// The CPU kernels of llmint8::cpu_block_linear (cpu_linear.cpp registers the op): the block-scaled linear of
+// docs/design.md §1b for X [M, K] and the dense row-major int8 codes W_q [N, K] with one bf16 scale d_w per block of
+// B consecutive columns of each row ([N, ceil(K / B)]), on raw pointers.
+//
+// One call:
+//   1. the outlier columns O, as in LLM.int8() (cpu_linear_kernels.h: outlier_mask); at threshold 0 only the columns
+//      holding NaN or Inf;
+//   2. per row m and block b, d_x = max |x| over the block's other columns / 127, and X_q = round(x / d_x) there;
+//   3. Y = sum over blocks of (X_q . W_q^T over the block, exact int32) * d_x * d_w, in fp32, plus the outlier
+//      columns' fp32 product with the dequantized weight W_q * d_w, plus b, rounded once to X's dtype.
+// The blocks are multiples of 32 columns, so every 32-column chunk lies in one block.
+//
+// The GEMM, by instruction set (each block's integer dot product is exact; its fp32 scaling and the sum over blocks
+// are rounded in an order the reference does not fix, which the bound of §1b covers):
+//   AVX2 (and VNNI below PACKED_MIN_ROWS rows): dot products along K, tiles of up to 3 activation rows x 4 weight rows.
+//     Per 32 columns, vpmaddubsw / vpmaddwd as in the LLM.int8() kernel give 8 int32 lanes of one block, converted
+//     and added into fp32 lanes times d_x * d_w: no horizontal sum until the end.
+//   AVX512-VNNI from PACKED_MIN_ROWS rows: X_q + 128 packed in 16-row tiles (cpu_linear_kernels.h: vnni::pack_rows),
+//     each vpdpbusd multiplying 4 codes of 16 rows by 4 codes of one weight row broadcast. A block's int32 sums
+//     (less 128 * the block's code sum of the weight row) are converted and added into fp32 accumulators times the
+//     16 rows' d_x and the row's d_w: one conversion and one fused multiply-add per 8 * B / 32 vpdpbusd.
+#pragma once
+
+#include "cpu_linear_kernels.h"
+
+namespace int8pass {
+namespace blocks {
+
+struct BlockLinear {
+  const void* x;  // [M, K], contiguous, in x_dtype; y is [M, N] in the same dtype
+  int x_dtype;
+  int64_t M, K;
+  const int8_t* w;  // [N, K] codes, contiguous
+  int64_t N;
+  const uint16_t* d_w;  // [N, blocks] bf16
+  int64_t block_size;   // a multiple of 32
+  const void* bias;     // [N] in bias_dtype, or nullptr
+  int bias_dtype;
+  float threshold;  // <= 0: no magnitude outliers
+  void* y;
+};
+
+// From this many rows the VNNI kernel packs X_q (measured on a Zen 4 EPYC against the dot products, docs/design.md)
+constexpr int64_t PACKED_MIN_ROWS = 5;
+
+inline int64_t block_count(int64_t K, int64_t B) { return (K + B - 1) / B; }
+
+// Step 2: d_x [M, blocks] and x_q [M, K], from outlier_mask's is_outlier and keep. Each value is divided by its
+// block's d_x (correctly rounded, as torch divides), rounded half to even and clamped to +-127 (a subnormal d_x can
+// put a quotient past 127.5); d_x = 0 divides by 1, which gives 0 for the (tiny or zero) values of such a block.
+inline void quantize(const void* x, int dtype, int64_t M, int64_t K, int64_t B, const uint8_t* is_outlier,
+                     const uint32_t* keep, float* d_x, int8_t* x_q) {
+  const int64_t blocks = block_count(K, B);
+  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+  const __m256 q_max = _mm256_set1_ps(Q_MAX), q_min = _mm256_set1_ps(-Q_MAX);
+#pragma omp parallel for schedule(static) if (M * K >= PARALLEL_MIN_ELEMENTS && M > 1)
+  for (int64_t m = 0; m < M; ++m) {
+    const int64_t base = m * K;
+    for (int64_t b = 0; b < blocks; ++b) {
+      const int64_t k0 = b * B, k1 = std::min(K, k0 + B), k_vec = k0 + (k1 - k0) / 8 * 8;
+      __m256 max8 = _mm256_setzero_ps();
+      for (int64_t k = k0; k < k_vec; k += 8) {
+        const __m256 v = _mm256_and_ps(load8(x, base + k, dtype), _mm256_loadu_ps(reinterpret_cast<const float*>(keep + k)));
+        max8 = _mm256_max_ps(max8, _mm256_and_ps(v, abs_mask));  // inliers are finite
+      }
+      float lanes[8];
+      _mm256_storeu_ps(lanes, max8);
+      float absmax = *std::max_element(lanes, lanes + 8);
+      for (int64_t k = k_vec; k < k1; ++k)
+        if (!is_outlier[k]) absmax = std::max(absmax, std::fabs(load(x, base + k, dtype)));
+      const float d = absmax / Q_MAX;
+      d_x[m * blocks + b] = d;
+      const __m256 safe8 = _mm256_set1_ps(d == 0.0f ? 1.0f : d);
+      for (int64_t k = k0; k < k_vec; k += 8) {
+        const __m256 v = _mm256_and_ps(load8(x, base + k, dtype), _mm256_loadu_ps(reinterpret_cast<const float*>(keep + k)));
+        const __m256 q = _mm256_round_ps(_mm256_div_ps(v, safe8), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        const __m256i codes = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(q, q_min), q_max));
+        const __m128i words = _mm_packs_epi32(_mm256_castsi256_si128(codes), _mm256_extracti128_si256(codes, 1));
+        _mm_storel_epi64(reinterpret_cast<__m128i*>(x_q + base + k), _mm_packs_epi16(words, words));
+      }
+      for (int64_t k = k_vec; k < k1; ++k) {
+        const float value = is_outlier[k] ? 0.0f : load(x, base + k, dtype);
+        x_q[base + k] = int8_t(std::clamp(std::nearbyint(value / (d == 0.0f ? 1.0f : d)), -Q_MAX, Q_MAX));
+      }
+    }
+  }
+}
+
+inline float horizontal_sum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// out[i * ldo + j] = sum over the first K / 32 * 32 columns, block by block, of X_q[i] . w[j] * d_x[i, b] * d_w[j, b]
+// for MB activation rows and NB weight rows (dx: [MB, blocks], dw: [NB, blocks] fp32). For up to 4 activation rows
+// the weight rows are fetched ahead into L2, as the LLM.int8() kernel's decode tiles do.
+template <int MB, int NB>
+inline void dot_tile(const int8_t* x, const float* dx, const int8_t* w, const float* dw, int64_t K, int64_t blocks,
+                     int64_t B, float* out, int64_t ldo) {
+  const int64_t k32 = K / 32 * 32;
+  const int64_t ahead = NB * std::max<int64_t>(1, vnni::PREFETCH_BYTES / (NB * K)) * K;
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256 acc[MB][NB];
+  for (int i = 0; i < MB; ++i)
+    for (int j = 0; j < NB; ++j) acc[i][j] = _mm256_setzero_ps();
+  for (int64_t b = 0; b * B < k32; ++b) {
+    const int64_t k1 = std::min(b * B + B, k32);
+    for (int64_t k = b * B; k < k1; k += 32)
+      for (int j = 0; j < NB; ++j) {
+        const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + j * K + k));
+        if (MB <= 4) _mm_prefetch(reinterpret_cast<const char*>(w + j * K + ahead + k), _MM_HINT_T1);
+        const __m256i wabs = _mm256_abs_epi8(wv);
+        for (int i = 0; i < MB; ++i) {
+          const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + i * K + k));
+          const __m256i lanes = _mm256_madd_epi16(_mm256_maddubs_epi16(wabs, _mm256_sign_epi8(xv, wv)), ones);
+          const __m256 scale = _mm256_set1_ps(dx[i * blocks + b] * dw[j * blocks + b]);
+          acc[i][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(lanes), scale, acc[i][j]);
+        }
+      }
+  }
+  for (int i = 0; i < MB; ++i)
+    for (int j = 0; j < NB; ++j) out[i * ldo + j] = horizontal_sum(acc[i][j]);
+}
+
+// dot_tile over M activation rows and `rows` weight rows
+inline void dot_gemm_block(const int8_t* x_q, const float* d_x, const int8_t* w, const float* dw, int64_t M, int64_t K,
+                           int64_t blocks, int64_t B, int64_t rows, float* out, int64_t ldo) {
+  constexpr int MB = 3, NB = 4;
+  int64_t m = 0;
+  for (; m + MB <= M; m += MB) {
+    int64_t n = 0;
+    for (; n + NB <= rows; n += NB)
+      dot_tile<MB, NB>(x_q + m * K, d_x + m * blocks, w + n * K, dw + n * blocks, K, blocks, B, out + m * ldo + n, ldo);
+    for (; n < rows; ++n)
+      dot_tile<MB, 1>(x_q + m * K, d_x + m * blocks, w + n * K, dw + n * blocks, K, blocks, B, out + m * ldo + n, ldo);
+  }
+  for (; m < M; ++m) {
+    int64_t n = 0;
+    for (; n + NB <= rows; n += NB)
+      dot_tile<1, NB>(x_q + m * K, d_x + m * blocks, w + n * K, dw + n * blocks, K, blocks, B, out + m * ldo + n, ldo);
+    for (; n < rows; ++n)
+      dot_tile<1, 1>(x_q + m * K, d_x + m * blocks, w + n * K, dw + n * blocks, K, blocks, B, out + m * ldo + n, ldo);
+  }
+}
+
+}  // namespace blocks
+
+// ---- AVX512-VNNI: the packed 16-row tiles -------------------------------------------------------------------------
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")
+
+namespace vnni_blocks {
+
+// Per activation row, its d_x for each 32-lane half of each 64 columns up to K / 32 * 32, as the 16 int32 lanes of a
+// vpdpbusd over those 64 columns see them: [row][K / 64 rounded up][16], lanes 0-7 the first half's block, 8-15 the
+// second's
+inline void lane_scales(const float* d_x, int64_t M, int64_t K, int64_t blocks, int64_t B, float* dx_lanes) {
+  const int64_t k32 = K / 32 * 32, steps = (k32 + 63) / 64;
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t s = 0; s < steps; ++s)
+      for (int64_t l = 0; l < 16; ++l) {
+        const int64_t b = std::min((s * 64 + (l / 8) * 32) / B, blocks - 1);
+        dx_lanes[(m * steps + s) * 16 + l] = d_x[m * blocks + b];
+      }
+}
+
+// blocks::dot_tile with vpdpbusd over 64 columns at a time: |w| times x carrying w's sign (exact, as AVX2's
+// vpmaddubsw / vpmaddwd), 16 int32 lanes converted and added into fp32 lanes times their block's d_x * d_w.
+template <int MB, int NB>
+inline void dot_tile(const int8_t* x, const float* dx_lanes, const int8_t* w, const float* dw, int64_t K,
+                     int64_t blocks, int64_t B, float* out, int64_t ldo) {
+  const int64_t k32 = K / 32 * 32, steps = (k32 + 63) / 64;
+  const int64_t ahead = NB * std::max<int64_t>(1, vnni::PREFETCH_BYTES / (NB * K)) * K;
+  __m512 acc[MB][NB];
+  for (int i = 0; i < MB; ++i)
+    for (int j = 0; j < NB; ++j) acc[i][j] = _mm512_setzero_ps();
+  for (int64_t s = 0; s < steps; ++s) {
+    const int64_t k = s * 64;
+    const __mmask64 mask = k32 - k >= 64 ? ~__mmask64(0) : (__mmask64(1) << (k32 - k)) - 1;
+    const int64_t b_lo = k / B, b_hi = std::min((k + 32) / B, blocks - 1);
+    __m512i xv[MB];
+    for (int i = 0; i < MB; ++i) xv[i] = _mm512_maskz_loadu_epi8(mask, x + i * K + k);
+    for (int j = 0; j < NB; ++j) {
+      const __m512i wv = _mm512_maskz_loadu_epi8(mask, w + j * K + k);
+      if (MB <= 4) _mm_prefetch(reinterpret_cast<const char*>(w + j * K + ahead + k), _MM_HINT_T1);
+      const __m512i wabs = _mm512_abs_epi8(wv);
+      const __mmask64 negative = _mm512_movepi8_mask(wv);
+      const __m512 dwv = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(dw[j * blocks + b_lo]),
+                                              _mm512_set1_ps(dw[j * blocks + b_hi]));
+      for (int i = 0; i < MB; ++i) {
+        const __m512i xs = _mm512_mask_sub_epi8(xv[i], negative, _mm512_setzero_si512(), xv[i]);
+        const __m512i lanes = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wabs, xs);
+        const __m512 scale = _mm512_mul_ps(_mm512_loadu_ps(dx_lanes + (i * steps + s) * 16), dwv);
+        acc[i][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(lanes), scale, acc[i][j]);
+      }
+    }
+  }
+  for (int i = 0; i < MB; ++i)
+    for (int j = 0; j < NB; ++j) out[i * ldo + j] = _mm512_reduce_add_ps(acc[i][j]);
+}
+
+// dot_tile over M (fewer than PACKED_MIN_ROWS) activation rows and `rows` weight rows
+__attribute__((noinline)) inline void dot_gemm_block(const int8_t* x_q, const float* dx_lanes, const int8_t* w,
+                                                     const float* dw, int64_t M, int64_t K, int64_t blocks, int64_t B,
+                                                     int64_t rows, float* out, int64_t ldo) {
+  constexpr int NB = 4;
+  const int64_t steps = (K / 32 * 32 + 63) / 64;
+  int64_t n = 0;
+  for (; n + NB <= rows; n += NB) {
+    const int8_t* wn = w + n * K;
+    const float* dwn = dw + n * blocks;
+    switch (M) {
+      case 1: dot_tile<1, NB>(x_q, dx_lanes, wn, dwn, K, blocks, B, out + n, ldo); break;
+      case 2: dot_tile<2, NB>(x_q, dx_lanes, wn, dwn, K, blocks, B, out + n, ldo); break;
+      case 3: dot_tile<3, NB>(x_q, dx_lanes, wn, dwn, K, blocks, B, out + n, ldo); break;
+      default: dot_tile<4, NB>(x_q, dx_lanes, wn, dwn, K, blocks, B, out + n, ldo); break;
+    }
+  }
+  for (; n < rows; ++n)
+    for (int64_t m = 0; m < M; ++m)
+      dot_tile<1, 1>(x_q + m * K, dx_lanes + m * steps * 16, w + n * K, dw + n * blocks, K, blocks, B, out + m * ldo + n, ldo);
+}
+
+// c[j][16v + l] (+)= the block-scaled products of V packed tiles' rows (signed codes) with NB rows of w_u8 = W_q + 128
+// (stride ldw) over blocks [b0, b1), whose columns start at k_base in w_u8. vpdpbusd sums (w + 128) x = w x + 128 x,
+// so each block's sum starts at -128 * the block's code sum of each activation row (off) and comes out exact.
+// dxp, off: the tiles' d_x and offsets, [tile][block][16]; dw: the weight rows' d_w, [row][block].
+template <int V, int NB>
+inline void packed_tile(const int8_t* x, int64_t tile_bytes, const float* dxp, const int32_t* off, const uint8_t* w_u8,
+                        int64_t ldw, int64_t k_base, const float* dw, int64_t blocks, int64_t B, int64_t b0,
+                        int64_t b1, int64_t k32, float* c, int64_t ldc, bool add) {
+  __m512 acc[NB][V];
+  for (int j = 0; j < NB; ++j)
+    for (int v = 0; v < V; ++v) acc[j][v] = add ? _mm512_loadu_ps(c + j * ldc + 16 * v) : _mm512_setzero_ps();
+  for (int64_t b = b0; b < b1; ++b) {
+    const int64_t k1 = std::min(b * B + B, k32);
+    __m512i dot[NB][V];
+    for (int v = 0; v < V; ++v) {
+      const __m512i start = _mm512_loadu_si512(off + (v * blocks + b) * 16);
+      for (int j = 0; j < NB; ++j) dot[j][v] = start;
+    }
+    for (int64_t k = b * B; k < k1; k += 4) {
+      __m512i xv[V];
+      for (int v = 0; v < V; ++v) xv[v] = _mm512_loadu_si512(x + v * tile_bytes + k * 16);
+      for (int j = 0; j < NB; ++j) {
+        int32_t quad;
+        std::memcpy(&quad, w_u8 + j * ldw + (k - k_base), 4);
+        const __m512i wv = _mm512_set1_epi32(quad);
+        for (int v = 0; v < V; ++v) dot[j][v] = _mm512_dpbusd_epi32(dot[j][v], wv, xv[v]);
+      }
+    }
+    for (int v = 0; v < V; ++v) {
+      const __m512 dxv = _mm512_loadu_ps(dxp + (v * blocks + b) * 16);
+      for (int j = 0; j < NB; ++j)
+        acc[j][v] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[j][v]), _mm512_mul_ps(dxv, _mm512_set1_ps(dw[j * blocks + b])),
+                                    acc[j][v]);
+    }
+  }
+  for (int j = 0; j < NB; ++j)
+    for (int v = 0; v < V; ++v) _mm512_storeu_ps(c + j * ldc + 16 * v, acc[j][v]);
+}
+
+// Columns per pass: 32 packed rows of them stay in L1/L2 while the block's weight rows pass (a multiple of every B)
+constexpr int64_t PACKED_KC = 2048;
+
+// out[m, j] = the block-scaled product over the first K / 32 * 32 columns of the M rows of `packed` (vnni::pack_rows
+// with flip 0; their d_x in dxp, offsets in off) and the `rows` (at most NC) weight rows at w; out has room for M
+// rounded up to 16 rows. Scratch: c of NC x (M rounded up to 16) floats, w_u8 of NC x PACKED_KC bytes.
+__attribute__((noinline)) inline void packed_gemm_block(const int8_t* packed, const float* dxp, const int32_t* off,
+                                                        const int8_t* w, const float* dw, int64_t M, int64_t K,
+                                                        int64_t blocks, int64_t B, int64_t rows, float* c,
+                                                        uint8_t* w_u8, float* out, int64_t ldo) {
+  constexpr int NB = 8;
+  const int64_t tiles = (M + 15) / 16, ldc = tiles * 16, tile_bytes = K / 4 * 64, k32 = K / 32 * 32;
+  const int64_t full_blocks = blocks::block_count(k32, B), blocks_per_pass = PACKED_KC / B;
+  const __m512i top_bits = _mm512_set1_epi8(char(0x80));
+  for (int64_t b0 = 0; b0 < full_blocks; b0 += blocks_per_pass) {
+    const int64_t b1 = std::min(b0 + blocks_per_pass, full_blocks), k0 = b0 * B, k1 = std::min(b1 * B, k32);
+    for (int64_t j = 0; j < rows; ++j)  // this pass's columns of the weight rows as W_q + 128, once for every tile
+      for (int64_t k = k0; k < k1; k += 32)
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(w_u8 + j * PACKED_KC + (k - k0)),
+                            _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + j * K + k)),
+                                             _mm512_castsi512_si256(top_bits)));
+    for (int64_t t = 0; t < tiles;) {
+      const int v = tiles - t >= 2 ? 2 : 1;
+      const int8_t* x = packed + t * tile_bytes;
+      const float* dx = dxp + t * blocks * 16;
+      const int32_t* o = off + t * blocks * 16;
+      float* ct = c + t * 16;
+      int64_t j = 0;  // a single tile takes twice the weight rows: as many independent sums
+      if (v == 2)
+        for (; j + NB <= rows; j += NB)
+          packed_tile<2, NB>(x, tile_bytes, dx, o, w_u8 + j * PACKED_KC, PACKED_KC, k0, dw + j * blocks, blocks, B, b0, b1, k32, ct + j * ldc, ldc, b0 > 0);
+      else
+        for (; j + 2 * NB <= rows; j += 2 * NB)
+          packed_tile<1, 2 * NB>(x, tile_bytes, dx, o, w_u8 + j * PACKED_KC, PACKED_KC, k0, dw + j * blocks, blocks, B, b0, b1, k32, ct + j * ldc, ldc, b0 > 0);
+      for (; j < rows; ++j) {
+        if (v == 2) packed_tile<2, 1>(x, tile_bytes, dx, o, w_u8 + j * PACKED_KC, PACKED_KC, k0, dw + j * blocks, blocks, B, b0, b1, k32, ct + j * ldc, ldc, b0 > 0);
+        else packed_tile<1, 1>(x, tile_bytes, dx, o, w_u8 + j * PACKED_KC, PACKED_KC, k0, dw + j * blocks, blocks, B, b0, b1, k32, ct + j * ldc, ldc, b0 > 0);
+      }
+      t += v;
+    }
+  }
+  const int64_t rows16 = (rows + 15) / 16 * 16;
+  if (full_blocks == 0 || rows < rows16) std::fill(c + (full_blocks == 0 ? 0 : rows) * ldc, c + rows16 * ldc, 0.0f);
+  const uint32_t zeros[16] = {};
+  for (int64_t j = 0; j < rows16; j += 16)  // [row][activation row] to [activation row][row], as bits
+    for (int64_t t = 0; t < tiles; ++t)
+      vnni::transpose_minus(reinterpret_cast<const int32_t*>(c + j * ldc + t * 16), ldc, zeros,
+                            reinterpret_cast<int32_t*>(out + t * 16 * ldo + j), ldo);
+}
+
+}  // namespace vnni_blocks
+
+#pragma GCC pop_options
+
+namespace blocks {
+
+// The whole block-scaled linear (steps 1-3); `vnni`: the CPU has AVX512-VNNI and may use the packed tiles
+inline void linear(const BlockLinear& a, bool vnni) {
+  const int64_t M = a.M, K = a.K, N = a.N, B = a.block_size, blocks = block_count(K, B), k32 = K / 32 * 32;
+  const float limit = a.threshold > 0 ? a.threshold : INFINITY;
+  const bool packed = vnni && M >= PACKED_MIN_ROWS;
+  const int64_t tiles = (M + 15) / 16;
+  const int64_t packed_bytes = packed ? tiles * 16 * (K / 4 * 4) : 0;
+  Scratch scratch(K * (1 + 4 + 4) + M * blocks * 4 + M * K + packed_bytes + (packed ? tiles * 16 * blocks * 8 : 0) +
+                  (vnni && !packed ? M * ((k32 + 63) / 64) * 64 : 0), 0);
+  uint8_t* is_outlier = scratch.take<uint8_t>(K);
+  uint32_t* keep = scratch.take<uint32_t>(K);
+  float* d_x = scratch.take<float>(M * blocks);
+  int8_t* x_q = scratch.take<int8_t>(M * K);
+  outlier_mask(a.x, a.x_dtype, M, K, limit, is_outlier, keep);
+  quantize(a.x, a.x_dtype, M, K, B, is_outlier, keep, d_x, x_q);
+  int8_t* x_packed = packed ? scratch.take<int8_t>(packed_bytes) : nullptr;
+  float* dxp = packed ? scratch.take<float>(tiles * 16 * blocks) : nullptr;
+  int32_t* off = packed ? scratch.take<int32_t>(tiles * 16 * blocks) : nullptr;
+  if (packed) {
+    vnni::pack_rows(x_q, M, K, reinterpret_cast<uint8_t*>(x_packed), 0);
+    for (int64_t t = 0; t < tiles; ++t)  // [tile][block][16 rows], 0 past M
+      for (int64_t b = 0; b < blocks; ++b)
+        for (int64_t r = 0; r < 16; ++r) {
+          const int64_t m = t * 16 + r, k0 = b * B, k1 = std::min(k0 + B, k32);
+          int32_t sum = 0;
+          for (int64_t k = k0; m < M && k < k1; ++k) sum += x_q[m * K + k];
+          dxp[(t * blocks + b) * 16 + r] = m < M ? d_x[m * blocks + b] : 0.0f;
+          off[(t * blocks + b) * 16 + r] = -128 * sum;
+        }
+  }
+  const bool vnni_dots = vnni && !packed;
+  float* dx_lanes = vnni_dots ? scratch.take<float>(M * ((k32 + 63) / 64) * 16) : nullptr;
+  if (vnni_dots) vnni_blocks::lane_scales(d_x, M, K, blocks, B, dx_lanes);
+  int32_t* cols = scratch.take<int32_t>(K);
+  const int64_t n_cols = outlier_list(is_outlier, K, cols);
+  const std::vector<float> x_o = outlier_values(a.x, a.x_dtype, M, K, cols, n_cols);
+  OutlierWeight outlier_weight{a.w, nullptr, 0};
+  outlier_weight.block_scale = a.d_w;
+  outlier_weight.blocks = blocks;
+  outlier_weight.block_size = B;
+  const int64_t row_blocks = (N + NC - 1) / NC;
+  // Activation rows go a chunk at a time (a multiple of 16 rows), so that the chunk's codes stay in L2 while every
+  // block of weight rows passes
+  const int64_t m_chunk = std::min(M, std::max<int64_t>(32, CHUNK_BYTES / std::max<int64_t>(K, 1) / 32 * 32));
+#pragma omp parallel
+  {
+    const int64_t m_chunk16 = (m_chunk + 15) / 16 * 16;
+    Scratch block_scratch(m_chunk16 * NC * 4 * (packed ? 2 : 1) + (packed ? NC * vnni_blocks::PACKED_KC : 0) +
+                          NC * blocks * 4 + m_chunk * NC * 4 * (n_cols ? 1 : 0) + n_cols * NC * 4, 1);
+    float* acc = block_scratch.take<float>(m_chunk16 * NC);
+    float* c = block_scratch.take<float>(packed ? m_chunk16 * NC : 0);
+    uint8_t* w_u8 = block_scratch.take<uint8_t>(packed ? NC * vnni_blocks::PACKED_KC : 0);
+    float* dw = block_scratch.take<float>(NC * blocks);
+    float* outliers = block_scratch.take<float>(n_cols ? m_chunk * NC : 0);
+    float* w_o = block_scratch.take<float>(n_cols * NC);
+    for (int64_t m0 = 0; m0 < M; m0 += m_chunk) {
+      const int64_t mc = std::min(m_chunk, M - m0);
+#pragma omp for schedule(static)
+      for (int64_t rb = 0; rb < row_blocks; ++rb) {
+        const int64_t n0 = rb * NC, rows = std::min(N, n0 + NC) - n0;
+        const int8_t* w = a.w + n0 * K;
+        for (int64_t i = 0; i < rows * blocks; ++i) dw[i] = bf16_value(a.d_w[n0 * blocks + i]);
+        if (packed)
+          vnni_blocks::packed_gemm_block(x_packed + m0 * (K / 4 * 4), dxp + m0 / 16 * blocks * 16,
+                                         off + m0 / 16 * blocks * 16, w, dw, mc, K, blocks, B, rows, c, w_u8, acc, NC);
+        else if (vnni_dots)
+          vnni_blocks::dot_gemm_block(x_q, dx_lanes, w, dw, mc, K, blocks, B, rows, acc, NC);
+        else
+          dot_gemm_block(x_q + m0 * K, d_x + m0 * blocks, w, dw, mc, K, blocks, B, rows, acc, NC);
+        if (k32 < K)  // the last K % 32 columns, all in the last block
+          for (int64_t m = 0; m < mc; ++m)
+            for (int64_t n = 0; n < rows; ++n) {
+              int32_t sum = 0;
+              for (int64_t k = k32; k < K; ++k) sum += int32_t(x_q[(m0 + m) * K + k]) * int32_t(w[n * K + k]);
+              acc[m * NC + n] += float(sum) * (d_x[(m0 + m) * blocks + blocks - 1] * dw[n * blocks + blocks - 1]);
+            }
+        if (n_cols)
+          outlier_block(x_o.data() + m0 * n_cols, cols, n_cols, outlier_weight, n0, outliers, mc, K, rows, w_o);
+        for (int64_t m = 0; m < mc; ++m) {  // the reference's order: int8 part + outlier product + b
+          const int64_t row = (m0 + m) * N + n0;
+          for (int64_t n = 0; n < rows; ++n) {
+            float value = acc[m * NC + n];
+            if (n_cols) value += outliers[m * NC + n];
+            if (a.bias) value += load(a.bias, n0 + n, a.bias_dtype);
+            store(a.y, row + n, value, a.x_dtype);
+          }
+        }
+      }
+    }
+  }
+}
+
+}  // namespace blocks
+}  // namespace int8pass
