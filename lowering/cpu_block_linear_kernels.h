@@ -86,6 +86,16 @@ inline void quantize(const void* x, int dtype, int64_t M, int64_t K, int64_t B, 
   }
 }
 
+// out[i] = the bf16 values at in, as fp32
+inline void bf16_to_float(const uint16_t* in, int64_t count, float* out) {
+  int64_t i = 0;
+  for (; i + 8 <= count; i += 8) {
+    const __m128i half = _mm_loadu_si128(reinterpret_cast<const __m128i*>(in + i));
+    _mm256_storeu_ps(out + i, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(half), 16)));
+  }
+  for (; i < count; ++i) out[i] = bf16_value(in[i]);
+}
+
 inline float horizontal_sum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -154,47 +164,66 @@ inline void dot_gemm_block(const int8_t* x_q, const float* d_x, const int8_t* w,
 
 namespace vnni_blocks {
 
-// Per activation row, its d_x for each 32-lane half of each 64 columns up to K / 32 * 32, as the 16 int32 lanes of a
-// vpdpbusd over those 64 columns see them: [row][K / 64 rounded up][16], lanes 0-7 the first half's block, 8-15 the
-// second's
-inline void lane_scales(const float* d_x, int64_t M, int64_t K, int64_t blocks, int64_t B, float* dx_lanes) {
+// What vpdpbusd of W_q + 128 by X_q adds to each lane (4 columns) beyond w x: 128 * the lane's x codes, for each
+// activation row over the first K / 32 * 32 columns, negated: [row][K / 64 rounded up][16] int32
+inline void lane_offsets(const int8_t* x_q, int64_t M, int64_t K, int32_t* off) {
   const int64_t k32 = K / 32 * 32, steps = (k32 + 63) / 64;
+  const __m512i ones = _mm512_set1_epi8(1);
   for (int64_t m = 0; m < M; ++m)
-    for (int64_t s = 0; s < steps; ++s)
-      for (int64_t l = 0; l < 16; ++l) {
-        const int64_t b = std::min((s * 64 + (l / 8) * 32) / B, blocks - 1);
-        dx_lanes[(m * steps + s) * 16 + l] = d_x[m * blocks + b];
-      }
+    for (int64_t s = 0; s < steps; ++s) {
+      const int64_t k = s * 64;
+      const __mmask64 mask = k32 - k >= 64 ? ~__mmask64(0) : (__mmask64(1) << (k32 - k)) - 1;
+      const __m512i sums = _mm512_dpbusd_epi32(_mm512_setzero_si512(), ones, _mm512_maskz_loadu_epi8(mask, x_q + m * K + k));
+      _mm512_storeu_si512(off + (m * steps + s) * 16, _mm512_mullo_epi32(sums, _mm512_set1_epi32(-128)));
+    }
 }
 
-// blocks::dot_tile with vpdpbusd over 64 columns at a time: |w| times x carrying w's sign (exact, as AVX2's
-// vpmaddubsw / vpmaddwd), 16 int32 lanes converted and added into fp32 lanes times their block's d_x * d_w.
-template <int MB, int NB>
-inline void dot_tile(const int8_t* x, const float* dx_lanes, const int8_t* w, const float* dw, int64_t K,
-                     int64_t blocks, int64_t B, float* out, int64_t ldo) {
+// blocks::dot_tile with vpdpbusd over 64 columns at a time: W_q + 128 (u8) by X_q, each lane starting from
+// lane_offsets' -128 x so that it comes out exact, 16 int32 lanes each within one block, converted and added into
+// fp32 lanes times their block's d_x * d_w. The scales of 16 blocks are multiplied once (d_x * d_w, 16 lanes), and each step's lanes take
+// theirs by one permute: lane l of step t of a group covers block (64 t + 32 (l / 8)) / B of the group's 16.
+// For each step t of a group, the block of the group each of its 16 lanes covers
+template <int B>
+struct LaneBlocks {
+  alignas(64) int32_t index[16 * B / 64][16];
+  LaneBlocks() {
+    for (int t = 0; t < 16 * B / 64; ++t)
+      for (int l = 0; l < 16; ++l) index[t][l] = (64 * t + 32 * (l / 8)) / B;
+  }
+};
+
+template <int MB, int NB, int B>
+inline void dot_tile(const int8_t* x, const float* dx, const int32_t* off, const int8_t* w, const float* dw, int64_t K,
+                     int64_t blocks, float* out, int64_t ldo) {
   const int64_t k32 = K / 32 * 32, steps = (k32 + 63) / 64;
+  const __m512i top_bits = _mm512_set1_epi8(char(0x80));
   const int64_t ahead = NB * std::max<int64_t>(1, vnni::PREFETCH_BYTES / (NB * K)) * K;
+  static const LaneBlocks<B> lane_block;
   __m512 acc[MB][NB];
   for (int i = 0; i < MB; ++i)
     for (int j = 0; j < NB; ++j) acc[i][j] = _mm512_setzero_ps();
-  for (int64_t s = 0; s < steps; ++s) {
-    const int64_t k = s * 64;
-    const __mmask64 mask = k32 - k >= 64 ? ~__mmask64(0) : (__mmask64(1) << (k32 - k)) - 1;
-    const int64_t b_lo = k / B, b_hi = std::min((k + 32) / B, blocks - 1);
-    __m512i xv[MB];
-    for (int i = 0; i < MB; ++i) xv[i] = _mm512_maskz_loadu_epi8(mask, x + i * K + k);
-    for (int j = 0; j < NB; ++j) {
-      const __m512i wv = _mm512_maskz_loadu_epi8(mask, w + j * K + k);
-      if (MB <= 4) _mm_prefetch(reinterpret_cast<const char*>(w + j * K + ahead + k), _MM_HINT_T1);
-      const __m512i wabs = _mm512_abs_epi8(wv);
-      const __mmask64 negative = _mm512_movepi8_mask(wv);
-      const __m512 dwv = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(dw[j * blocks + b_lo]),
-                                              _mm512_set1_ps(dw[j * blocks + b_hi]));
-      for (int i = 0; i < MB; ++i) {
-        const __m512i xs = _mm512_mask_sub_epi8(xv[i], negative, _mm512_setzero_si512(), xv[i]);
-        const __m512i lanes = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wabs, xs);
-        const __m512 scale = _mm512_mul_ps(_mm512_loadu_ps(dx_lanes + (i * steps + s) * 16), dwv);
-        acc[i][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(lanes), scale, acc[i][j]);
+  for (int64_t g = 0; g * 16 * B < k32; ++g) {
+    const int64_t b0 = g * 16;
+    const __mmask16 present = blocks - b0 >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (blocks - b0)) - 1);
+    __m512 scale[MB][NB];
+    for (int i = 0; i < MB; ++i) {
+      const __m512 dxv = _mm512_maskz_loadu_ps(present, dx + i * blocks + b0);
+      for (int j = 0; j < NB; ++j) scale[i][j] = _mm512_mul_ps(dxv, _mm512_maskz_loadu_ps(present, dw + j * blocks + b0));
+    }
+    const int64_t k_end = std::min(k32, (g + 1) * 16 * B);
+    for (int64_t k = g * 16 * B, t = 0; k < k_end; k += 64, ++t) {
+      const __mmask64 mask = k_end - k >= 64 ? ~__mmask64(0) : (__mmask64(1) << (k_end - k)) - 1;
+      __m512i xv[MB];
+      for (int i = 0; i < MB; ++i) xv[i] = _mm512_maskz_loadu_epi8(mask, x + i * K + k);
+      const int64_t s = k / 64;
+      for (int j = 0; j < NB; ++j) {
+        const __m512i w_u8 = _mm512_xor_si512(_mm512_maskz_loadu_epi8(mask, w + j * K + k), top_bits);
+        if (MB <= 4) _mm_prefetch(reinterpret_cast<const char*>(w + j * K + ahead + k), _MM_HINT_T1);
+        for (int i = 0; i < MB; ++i) {
+          const __m512i lanes = _mm512_dpbusd_epi32(_mm512_loadu_si512(off + (i * steps + s) * 16), w_u8, xv[i]);
+          acc[i][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(lanes), _mm512_permutexvar_ps(_mm512_load_si512(lane_block.index[t]), scale[i][j]),
+                                      acc[i][j]);
+        }
       }
     }
   }
@@ -202,10 +231,11 @@ inline void dot_tile(const int8_t* x, const float* dx_lanes, const int8_t* w, co
     for (int j = 0; j < NB; ++j) out[i * ldo + j] = _mm512_reduce_add_ps(acc[i][j]);
 }
 
-// dot_tile over M (fewer than PACKED_MIN_ROWS) activation rows and `rows` weight rows
-__attribute__((noinline)) inline void dot_gemm_block(const int8_t* x_q, const float* dx_lanes, const int8_t* w,
-                                                     const float* dw, int64_t M, int64_t K, int64_t blocks, int64_t B,
-                                                     int64_t rows, float* out, int64_t ldo) {
+// dot_tile over M (fewer than PACKED_MIN_ROWS) activation rows (d_x: [M, blocks]) and `rows` weight rows
+template <int B>
+__attribute__((noinline)) void dot_gemm_block(const int8_t* x_q, const float* d_x, const int32_t* off, const int8_t* w,
+                                              const float* dw, int64_t M, int64_t K, int64_t blocks, int64_t rows,
+                                              float* out, int64_t ldo) {
   constexpr int NB = 4;
   const int64_t steps = (K / 32 * 32 + 63) / 64;
   int64_t n = 0;
@@ -213,36 +243,44 @@ __attribute__((noinline)) inline void dot_gemm_block(const int8_t* x_q, const fl
     const int8_t* wn = w + n * K;
     const float* dwn = dw + n * blocks;
     switch (M) {
-      case 1: dot_tile<1, NB>(x_q, dx_lanes, wn, dwn, K, blocks, B, out + n, ldo); break;
-      case 2: dot_tile<2, NB>(x_q, dx_lanes, wn, dwn, K, blocks, B, out + n, ldo); break;
-      case 3: dot_tile<3, NB>(x_q, dx_lanes, wn, dwn, K, blocks, B, out + n, ldo); break;
-      default: dot_tile<4, NB>(x_q, dx_lanes, wn, dwn, K, blocks, B, out + n, ldo); break;
+      case 1: dot_tile<1, NB, B>(x_q, d_x, off, wn, dwn, K, blocks, out + n, ldo); break;
+      case 2: dot_tile<2, NB, B>(x_q, d_x, off, wn, dwn, K, blocks, out + n, ldo); break;
+      case 3: dot_tile<3, NB, B>(x_q, d_x, off, wn, dwn, K, blocks, out + n, ldo); break;
+      default: dot_tile<4, NB, B>(x_q, d_x, off, wn, dwn, K, blocks, out + n, ldo); break;
     }
   }
   for (; n < rows; ++n)
     for (int64_t m = 0; m < M; ++m)
-      dot_tile<1, 1>(x_q + m * K, dx_lanes + m * steps * 16, w + n * K, dw + n * blocks, K, blocks, B, out + m * ldo + n, ldo);
+      dot_tile<1, 1, B>(x_q + m * K, d_x + m * blocks, off + m * steps * 16, w + n * K, dw + n * blocks, K, blocks,
+                        out + m * ldo + n, ldo);
+}
+
+using DotGemm = void (*)(const int8_t*, const float*, const int32_t*, const int8_t*, const float*, int64_t, int64_t,
+                         int64_t, int64_t, float*, int64_t);
+
+inline DotGemm dot_gemm(int64_t B) {
+  return B == 32 ? dot_gemm_block<32> : B == 64 ? dot_gemm_block<64> : dot_gemm_block<128>;
 }
 
 // c[j][16v + l] (+)= the block-scaled products of V packed tiles' rows (signed codes) with NB rows of w_u8 = W_q + 128
 // (stride ldw) over blocks [b0, b1), whose columns start at k_base in w_u8. vpdpbusd sums (w + 128) x = w x + 128 x,
 // so each block's sum starts at -128 * the block's code sum of each activation row (off) and comes out exact.
 // dxp, off: the tiles' d_x and offsets, [tile][block][16]; dw: the weight rows' d_w, [row][block].
-template <int V, int NB>
+template <int V, int NB, int B>
 inline void packed_tile(const int8_t* x, int64_t tile_bytes, const float* dxp, const int32_t* off, const uint8_t* w_u8,
-                        int64_t ldw, int64_t k_base, const float* dw, int64_t blocks, int64_t B, int64_t b0,
-                        int64_t b1, int64_t k32, float* c, int64_t ldc, bool add) {
-  __m512 acc[NB][V];
-  for (int j = 0; j < NB; ++j)
-    for (int v = 0; v < V; ++v) acc[j][v] = add ? _mm512_loadu_ps(c + j * ldc + 16 * v) : _mm512_setzero_ps();
+                        int64_t ldw, int64_t k_base, const float* dw, int64_t blocks, int64_t b0, int64_t b1,
+                        int64_t k32, float* c, int64_t ldc, bool add) {
+  // The fp32 sums stay in c (in L1) between blocks: in registers beside the NB x V int32 sums they would spill. A
+  // block's steps are a constant (B / 4), so its sums stay in registers without copies; only a last block cut
+  // short by K counts its steps at run time.
   for (int64_t b = b0; b < b1; ++b) {
-    const int64_t k1 = std::min(b * B + B, k32);
+    const int64_t k0 = b * B, steps = std::min<int64_t>(B, k32 - k0) / 4;
     __m512i dot[NB][V];
     for (int v = 0; v < V; ++v) {
       const __m512i start = _mm512_loadu_si512(off + (v * blocks + b) * 16);
       for (int j = 0; j < NB; ++j) dot[j][v] = start;
     }
-    for (int64_t k = b * B; k < k1; k += 4) {
+    const auto step = [&](int64_t k) {
       __m512i xv[V];
       for (int v = 0; v < V; ++v) xv[v] = _mm512_loadu_si512(x + v * tile_bytes + k * 16);
       for (int j = 0; j < NB; ++j) {
@@ -251,16 +289,24 @@ inline void packed_tile(const int8_t* x, int64_t tile_bytes, const float* dxp, c
         const __m512i wv = _mm512_set1_epi32(quad);
         for (int v = 0; v < V; ++v) dot[j][v] = _mm512_dpbusd_epi32(dot[j][v], wv, xv[v]);
       }
+    };
+    if (steps == B / 4) {
+#pragma GCC unroll 8
+      for (int s = 0; s < B / 4; ++s) step(k0 + 4 * s);
+    } else {
+      for (int64_t s = 0; s < steps; ++s) step(k0 + 4 * s);
     }
+    const bool first = b == b0 && !add;
     for (int v = 0; v < V; ++v) {
       const __m512 dxv = _mm512_loadu_ps(dxp + (v * blocks + b) * 16);
-      for (int j = 0; j < NB; ++j)
-        acc[j][v] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[j][v]), _mm512_mul_ps(dxv, _mm512_set1_ps(dw[j * blocks + b])),
-                                    acc[j][v]);
+      for (int j = 0; j < NB; ++j) {
+        float* sum = c + j * ldc + 16 * v;
+        const __m512 before = first ? _mm512_setzero_ps() : _mm512_loadu_ps(sum);
+        _mm512_storeu_ps(sum, _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[j][v]),
+                                              _mm512_mul_ps(dxv, _mm512_set1_ps(dw[j * blocks + b])), before));
+      }
     }
   }
-  for (int j = 0; j < NB; ++j)
-    for (int v = 0; v < V; ++v) _mm512_storeu_ps(c + j * ldc + 16 * v, acc[j][v]);
 }
 
 // Columns per pass: 32 packed rows of them stay in L1/L2 while the block's weight rows pass (a multiple of every B)
@@ -269,10 +315,10 @@ constexpr int64_t PACKED_KC = 2048;
 // out[m, j] = the block-scaled product over the first K / 32 * 32 columns of the M rows of `packed` (vnni::pack_rows
 // with flip 0; their d_x in dxp, offsets in off) and the `rows` (at most NC) weight rows at w; out has room for M
 // rounded up to 16 rows. Scratch: c of NC x (M rounded up to 16) floats, w_u8 of NC x PACKED_KC bytes.
-__attribute__((noinline)) inline void packed_gemm_block(const int8_t* packed, const float* dxp, const int32_t* off,
-                                                        const int8_t* w, const float* dw, int64_t M, int64_t K,
-                                                        int64_t blocks, int64_t B, int64_t rows, float* c,
-                                                        uint8_t* w_u8, float* out, int64_t ldo) {
+template <int B>
+__attribute__((noinline)) void packed_gemm_block(const int8_t* packed, const float* dxp, const int32_t* off,
+                                                 const int8_t* w, const float* dw, int64_t M, int64_t K, int64_t blocks,
+                                                 int64_t rows, float* c, uint8_t* w_u8, float* out, int64_t ldo) {
   constexpr int NB = 8;
   const int64_t tiles = (M + 15) / 16, ldc = tiles * 16, tile_bytes = K / 4 * 64, k32 = K / 32 * 32;
   const int64_t full_blocks = blocks::block_count(k32, B), blocks_per_pass = PACKED_KC / B;
@@ -293,13 +339,13 @@ __attribute__((noinline)) inline void packed_gemm_block(const int8_t* packed, co
       int64_t j = 0;  // a single tile takes twice the weight rows: as many independent sums
       if (v == 2)
         for (; j + NB <= rows; j += NB)
-          packed_tile<2, NB>(x, tile_bytes, dx, o, w_u8 + j * PACKED_KC, PACKED_KC, k0, dw + j * blocks, blocks, B, b0, b1, k32, ct + j * ldc, ldc, b0 > 0);
+          packed_tile<2, NB, B>(x, tile_bytes, dx, o, w_u8 + j * PACKED_KC, PACKED_KC, k0, dw + j * blocks, blocks, b0, b1, k32, ct + j * ldc, ldc, b0 > 0);
       else
         for (; j + 2 * NB <= rows; j += 2 * NB)
-          packed_tile<1, 2 * NB>(x, tile_bytes, dx, o, w_u8 + j * PACKED_KC, PACKED_KC, k0, dw + j * blocks, blocks, B, b0, b1, k32, ct + j * ldc, ldc, b0 > 0);
+          packed_tile<1, 2 * NB, B>(x, tile_bytes, dx, o, w_u8 + j * PACKED_KC, PACKED_KC, k0, dw + j * blocks, blocks, b0, b1, k32, ct + j * ldc, ldc, b0 > 0);
       for (; j < rows; ++j) {
-        if (v == 2) packed_tile<2, 1>(x, tile_bytes, dx, o, w_u8 + j * PACKED_KC, PACKED_KC, k0, dw + j * blocks, blocks, B, b0, b1, k32, ct + j * ldc, ldc, b0 > 0);
-        else packed_tile<1, 1>(x, tile_bytes, dx, o, w_u8 + j * PACKED_KC, PACKED_KC, k0, dw + j * blocks, blocks, B, b0, b1, k32, ct + j * ldc, ldc, b0 > 0);
+        if (v == 2) packed_tile<2, 1, B>(x, tile_bytes, dx, o, w_u8 + j * PACKED_KC, PACKED_KC, k0, dw + j * blocks, blocks, b0, b1, k32, ct + j * ldc, ldc, b0 > 0);
+        else packed_tile<1, 1, B>(x, tile_bytes, dx, o, w_u8 + j * PACKED_KC, PACKED_KC, k0, dw + j * blocks, blocks, b0, b1, k32, ct + j * ldc, ldc, b0 > 0);
       }
       t += v;
     }
@@ -311,6 +357,13 @@ __attribute__((noinline)) inline void packed_gemm_block(const int8_t* packed, co
     for (int64_t t = 0; t < tiles; ++t)
       vnni::transpose_minus(reinterpret_cast<const int32_t*>(c + j * ldc + t * 16), ldc, zeros,
                             reinterpret_cast<int32_t*>(out + t * 16 * ldo + j), ldo);
+}
+
+using PackedGemm = void (*)(const int8_t*, const float*, const int32_t*, const int8_t*, const float*, int64_t, int64_t,
+                           int64_t, int64_t, float*, uint8_t*, float*, int64_t);
+
+inline PackedGemm packed_gemm(int64_t B) {
+  return B == 32 ? packed_gemm_block<32> : B == 64 ? packed_gemm_block<64> : packed_gemm_block<128>;
 }
 
 }  // namespace vnni_blocks
@@ -350,8 +403,8 @@ inline void linear(const BlockLinear& a, bool vnni) {
         }
   }
   const bool vnni_dots = vnni && !packed;
-  float* dx_lanes = vnni_dots ? scratch.take<float>(M * ((k32 + 63) / 64) * 16) : nullptr;
-  if (vnni_dots) vnni_blocks::lane_scales(d_x, M, K, blocks, B, dx_lanes);
+  int32_t* lane_off = vnni_dots ? scratch.take<int32_t>(M * ((k32 + 63) / 64) * 16) : nullptr;
+  if (vnni_dots) vnni_blocks::lane_offsets(x_q, M, K, lane_off);
   int32_t* cols = scratch.take<int32_t>(K);
   const int64_t n_cols = outlier_list(is_outlier, K, cols);
   const std::vector<float> x_o = outlier_values(a.x, a.x_dtype, M, K, cols, n_cols);
@@ -380,12 +433,12 @@ inline void linear(const BlockLinear& a, bool vnni) {
       for (int64_t rb = 0; rb < row_blocks; ++rb) {
         const int64_t n0 = rb * NC, rows = std::min(N, n0 + NC) - n0;
         const int8_t* w = a.w + n0 * K;
-        for (int64_t i = 0; i < rows * blocks; ++i) dw[i] = bf16_value(a.d_w[n0 * blocks + i]);
+        bf16_to_float(a.d_w + n0 * blocks, rows * blocks, dw);
         if (packed)
-          vnni_blocks::packed_gemm_block(x_packed + m0 * (K / 4 * 4), dxp + m0 / 16 * blocks * 16,
-                                         off + m0 / 16 * blocks * 16, w, dw, mc, K, blocks, B, rows, c, w_u8, acc, NC);
+          vnni_blocks::packed_gemm(B)(x_packed + m0 * (K / 4 * 4), dxp + m0 / 16 * blocks * 16,
+                                      off + m0 / 16 * blocks * 16, w, dw, mc, K, blocks, rows, c, w_u8, acc, NC);
         else if (vnni_dots)
-          vnni_blocks::dot_gemm_block(x_q, dx_lanes, w, dw, mc, K, blocks, B, rows, acc, NC);
+          vnni_blocks::dot_gemm(B)(x_q, d_x, lane_off, w, dw, mc, K, blocks, rows, acc, NC);  // one chunk: M < 5
         else
           dot_gemm_block(x_q + m0 * K, d_x + m0 * blocks, w, dw, mc, K, blocks, B, rows, acc, NC);
         if (k32 < K)  // the last K % 32 columns, all in the last block
@@ -397,14 +450,20 @@ inline void linear(const BlockLinear& a, bool vnni) {
             }
         if (n_cols)
           outlier_block(x_o.data() + m0 * n_cols, cols, n_cols, outlier_weight, n0, outliers, mc, K, rows, w_o);
+        float b_n[NC] = {};
+        for (int64_t n = 0; a.bias && n < rows; ++n) b_n[n] = load(a.bias, n0 + n, a.bias_dtype);
         for (int64_t m = 0; m < mc; ++m) {  // the reference's order: int8 part + outlier product + b
-          const int64_t row = (m0 + m) * N + n0;
-          for (int64_t n = 0; n < rows; ++n) {
-            float value = acc[m * NC + n];
-            if (n_cols) value += outliers[m * NC + n];
-            if (a.bias) value += load(a.bias, n0 + n, a.bias_dtype);
-            store(a.y, row + n, value, a.x_dtype);
+          float* value = acc + m * NC;
+          for (int64_t n = 0; n < NC; n += 8) {
+            __m256 v = _mm256_loadu_ps(value + n);
+            if (n_cols) v = _mm256_add_ps(v, _mm256_loadu_ps(outliers + m * NC + n));
+            if (a.bias) v = _mm256_add_ps(v, _mm256_loadu_ps(b_n + n));
+            _mm256_storeu_ps(value + n, v);
           }
+          const int64_t row = (m0 + m) * N + n0;
+          int64_t n = 0;
+          for (; n + 8 <= rows; n += 8) store8(a.y, row + n, _mm256_loadu_ps(value + n), a.x_dtype);
+          for (; n < rows; ++n) store(a.y, row + n, value[n], a.x_dtype);
         }
       }
     }
