@@ -1,7 +1,8 @@
 """Block mode's CPU linear against the default (LLM.int8()) on the same weights, in one run: the kernels as a
 compiled graph calls them (llmint8::cpu_linear, llmint8::cpu_block_linear), bf16 activations with 0.5% outlier
 columns (|x| 20-60, the rest N(0, 1)); the default at threshold 6 (as shipped) and 0, block mode at 32, 64 and 128
-columns per scale at its default threshold 0. Shapes: Llama-3.1-8B's (docs/design.md §4) and Gemma 3 270M's
+columns per scale at its default threshold 0; and both again on the AVX2 kernels (INT8PASS_CPU_KERNEL=avx2, what a
+CPU without AVX512-VNNI runs), where this one has VNNI. Shapes: Llama-3.1-8B's (docs/design.md §4) and Gemma 3 270M's
 small linears (d = 640, ffn 2048), where decode is bound by the kernel's work per byte rather than by memory.
 Each time is the median of repeats taking turns, so a burst of the host's noise hits every variant alike. Prints a
 table and writes benchmarks/results/block_linear.json.
@@ -12,6 +13,7 @@ table and writes benchmarks/results/block_linear.json.
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import sys
 import time
@@ -39,6 +41,19 @@ def activation(m: int, k: int) -> torch.Tensor:
     return x.to(torch.bfloat16)
 
 
+def capped(kernel: str, call):
+    """call, run with the CPU kernels capped at `kernel` (INT8PASS_CPU_KERNEL is read at every call)."""
+
+    def run():
+        os.environ["INT8PASS_CPU_KERNEL"] = kernel
+        try:
+            return call()
+        finally:
+            del os.environ["INT8PASS_CPU_KERNEL"]
+
+    return run
+
+
 def medians(calls: dict, budget_s: float = 1.5) -> dict:
     """Median seconds of each call, the calls taking turns until about budget_s in all has passed."""
     for call in calls.values():
@@ -61,8 +76,9 @@ def main():
     machine = describe()
     print(f"{summary(machine)}\nms per call (median); ratio = default (threshold 6) / block mode 32: above 1, block "
           "mode is faster\n")
+    avx2 = "avx512_vnni" in cpu_linear.kernels()  # the AVX2 kernels, measured beside the VNNI ones
     print(f"  {'N x K':<12} {'M':>4} {'default t6':>11} {'default t0':>11} {'block 32':>9} {'block 64':>9} "
-          f"{'block 128':>10} {'ratio 32':>9}")
+          f"{'block 128':>10} {'ratio 32':>9}" + (f" {'AVX2: t6':>9} {'block 32':>9} {'ratio':>6}" if avx2 else ""))
     rows = []
     for n, k in SHAPES:
         weight = torch.randn(n, k, generator=torch.Generator().manual_seed(n + k)) * 0.02
@@ -76,13 +92,20 @@ def main():
                 **{f"block {size}": (lambda size=size: torch.ops.llmint8.cpu_block_linear(
                     x, blocks[size][0], blocks[size][1], None, size, 0.0)) for size in reference.BLOCK_SIZES},
             }
+            if avx2:
+                calls["avx2 default t6"] = capped("avx2", calls["default t6"])
+                calls["avx2 block 32"] = capped("avx2", calls["block 32"])
             ms = {name: 1e3 * value for name, value in medians(calls).items()}
             row = {"n": n, "k": k, "m": m, "ms": {name: round(value, 4) for name, value in ms.items()},
                    "default_t6_over_block32": round(ms["default t6"] / ms["block 32"], 3)}
+            line = (f"  {f'{n}x{k}':<12} {m:>4} {ms['default t6']:>11.3f} {ms['default t0']:>11.3f} "
+                    f"{ms['block 32']:>9.3f} {ms['block 64']:>9.3f} {ms['block 128']:>10.3f} "
+                    f"{row['default_t6_over_block32']:>9.2f}")
+            if avx2:
+                row["avx2_default_t6_over_block32"] = round(ms["avx2 default t6"] / ms["avx2 block 32"], 3)
+                line += f" {ms['avx2 default t6']:>9.3f} {ms['avx2 block 32']:>9.3f} {row['avx2_default_t6_over_block32']:>6.2f}"
             rows.append(row)
-            print(f"  {f'{n}x{k}':<12} {m:>4} {ms['default t6']:>11.3f} {ms['default t0']:>11.3f} "
-                  f"{ms['block 32']:>9.3f} {ms['block 64']:>9.3f} {ms['block 128']:>10.3f} "
-                  f"{row['default_t6_over_block32']:>9.2f}", flush=True)
+            print(line, flush=True)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps({"machine": machine, "rows": rows}, indent=2) + "\n")
     print(f"\nwrote {RESULTS}")
