@@ -12,13 +12,17 @@
 //
 // The GEMM, by instruction set (each block's integer dot product is exact; its fp32 scaling and the sum over blocks
 // are rounded in an order the reference does not fix, which the bound of §1b covers):
-//   AVX2 (and VNNI below PACKED_MIN_ROWS rows): dot products along K, tiles of up to 3 activation rows x 4 weight rows.
-//     Per 32 columns, vpmaddubsw / vpmaddwd as in the LLM.int8() kernel give 8 int32 lanes of one block, converted
-//     and added into fp32 lanes times d_x * d_w: no horizontal sum until the end.
-//   AVX512-VNNI from PACKED_MIN_ROWS rows: X_q + 128 packed in 16-row tiles (cpu_linear_kernels.h: vnni::pack_rows),
-//     each vpdpbusd multiplying 4 codes of 16 rows by 4 codes of one weight row broadcast. A block's int32 sums
-//     (less 128 * the block's code sum of the weight row) are converted and added into fp32 accumulators times the
-//     16 rows' d_x and the row's d_w: one conversion and one fused multiply-add per 8 * B / 32 vpdpbusd.
+//   AVX2: dot products along K, tiles of up to 3 activation rows x 4 weight rows. Per 32 columns, vpmaddubsw /
+//     vpmaddwd as in the LLM.int8() kernel give 8 int32 lanes of one block, converted and added into fp32 lanes
+//     times d_x * d_w: no horizontal sum until the end.
+//   AVX512-VNNI below PACKED_MIN_ROWS rows: the same dot products over 64 columns, vpdpbusd of W_q + 128 by X_q.
+//   AVX512-VNNI from PACKED_MIN_ROWS rows: X_q packed in 16-row tiles (cpu_linear_kernels.h: vnni::pack_rows, signed),
+//     each vpdpbusd multiplying 4 codes of one weight row + 128, broadcast, by 4 codes of 16 rows. A block's int32
+//     sums start from -128 * the rows' code sums over the block, so they come out exact, and are converted and
+//     added into fp32 sums times the 16 rows' d_x and the row's d_w: one conversion, one multiply and one fused
+//     multiply-add per 8 * B / 32 vpdpbusd.
+//   (vpdpbusd multiplies u8 by s8: W_q + 128 is the u8 side, so what it adds, 128 * x, comes from the activations,
+//   once per call, and not from the weight.)
 #pragma once
 
 #include "cpu_linear_kernels.h"
@@ -104,54 +108,63 @@ inline float horizontal_sum(__m256 v) {
 }
 
 // out[i * ldo + j] = sum over the first K / 32 * 32 columns, block by block, of X_q[i] . w[j] * d_x[i, b] * d_w[j, b]
-// for MB activation rows and NB weight rows (dx: [MB, blocks], dw: [NB, blocks] fp32). For up to 4 activation rows
-// the weight rows are fetched ahead into L2, as the LLM.int8() kernel's decode tiles do.
+// for MB activation rows and NB weight rows (dx: [MB, blocks], dw: [NB, blocks] fp32; scale: scratch of
+// MB x NB x blocks floats, where the products d_x * d_w are taken first, 8 blocks at a time, so that each step loads
+// its own by one broadcast). For up to 4 activation rows the weight rows are fetched ahead into L2, as the LLM.int8()
+// kernel's decode tiles do.
 template <int MB, int NB>
 inline void dot_tile(const int8_t* x, const float* dx, const int8_t* w, const float* dw, int64_t K, int64_t blocks,
-                     int64_t B, float* out, int64_t ldo) {
+                     int64_t B, float* scale, float* out, int64_t ldo) {
   const int64_t k32 = K / 32 * 32;
   const int64_t ahead = NB * std::max<int64_t>(1, vnni::PREFETCH_BYTES / (NB * K)) * K;
   const __m256i ones = _mm256_set1_epi16(1);
+  for (int i = 0; i < MB; ++i)
+    for (int j = 0; j < NB; ++j) {
+      float* s = scale + (i * NB + j) * blocks;
+      int64_t b = 0;
+      for (; b + 8 <= blocks; b += 8)
+        _mm256_storeu_ps(s + b, _mm256_mul_ps(_mm256_loadu_ps(dx + i * blocks + b), _mm256_loadu_ps(dw + j * blocks + b)));
+      for (; b < blocks; ++b) s[b] = dx[i * blocks + b] * dw[j * blocks + b];
+    }
   __m256 acc[MB][NB];
   for (int i = 0; i < MB; ++i)
     for (int j = 0; j < NB; ++j) acc[i][j] = _mm256_setzero_ps();
-  for (int64_t b = 0; b * B < k32; ++b) {
-    const int64_t k1 = std::min(b * B + B, k32);
-    for (int64_t k = b * B; k < k1; k += 32)
-      for (int j = 0; j < NB; ++j) {
-        const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + j * K + k));
-        if (MB <= 4) _mm_prefetch(reinterpret_cast<const char*>(w + j * K + ahead + k), _MM_HINT_T1);
-        const __m256i wabs = _mm256_abs_epi8(wv);
-        for (int i = 0; i < MB; ++i) {
-          const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + i * K + k));
-          const __m256i lanes = _mm256_madd_epi16(_mm256_maddubs_epi16(wabs, _mm256_sign_epi8(xv, wv)), ones);
-          const __m256 scale = _mm256_set1_ps(dx[i * blocks + b] * dw[j * blocks + b]);
-          acc[i][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(lanes), scale, acc[i][j]);
-        }
+  for (int64_t k = 0; k < k32; k += 32) {
+    const int64_t b = k / B;
+    for (int j = 0; j < NB; ++j) {
+      const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + j * K + k));
+      if (MB <= 4) _mm_prefetch(reinterpret_cast<const char*>(w + j * K + ahead + k), _MM_HINT_T1);
+      const __m256i wabs = _mm256_abs_epi8(wv);
+      for (int i = 0; i < MB; ++i) {
+        const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + i * K + k));
+        const __m256i lanes = _mm256_madd_epi16(_mm256_maddubs_epi16(wabs, _mm256_sign_epi8(xv, wv)), ones);
+        acc[i][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(lanes), _mm256_broadcast_ss(scale + (i * NB + j) * blocks + b),
+                                    acc[i][j]);
       }
+    }
   }
   for (int i = 0; i < MB; ++i)
     for (int j = 0; j < NB; ++j) out[i * ldo + j] = horizontal_sum(acc[i][j]);
 }
 
-// dot_tile over M activation rows and `rows` weight rows
+// dot_tile over M activation rows and `rows` weight rows (scale: scratch of 12 x blocks floats)
 inline void dot_gemm_block(const int8_t* x_q, const float* d_x, const int8_t* w, const float* dw, int64_t M, int64_t K,
-                           int64_t blocks, int64_t B, int64_t rows, float* out, int64_t ldo) {
+                           int64_t blocks, int64_t B, int64_t rows, float* scale, float* out, int64_t ldo) {
   constexpr int MB = 3, NB = 4;
   int64_t m = 0;
   for (; m + MB <= M; m += MB) {
     int64_t n = 0;
     for (; n + NB <= rows; n += NB)
-      dot_tile<MB, NB>(x_q + m * K, d_x + m * blocks, w + n * K, dw + n * blocks, K, blocks, B, out + m * ldo + n, ldo);
+      dot_tile<MB, NB>(x_q + m * K, d_x + m * blocks, w + n * K, dw + n * blocks, K, blocks, B, scale, out + m * ldo + n, ldo);
     for (; n < rows; ++n)
-      dot_tile<MB, 1>(x_q + m * K, d_x + m * blocks, w + n * K, dw + n * blocks, K, blocks, B, out + m * ldo + n, ldo);
+      dot_tile<MB, 1>(x_q + m * K, d_x + m * blocks, w + n * K, dw + n * blocks, K, blocks, B, scale, out + m * ldo + n, ldo);
   }
   for (; m < M; ++m) {
     int64_t n = 0;
     for (; n + NB <= rows; n += NB)
-      dot_tile<1, NB>(x_q + m * K, d_x + m * blocks, w + n * K, dw + n * blocks, K, blocks, B, out + m * ldo + n, ldo);
+      dot_tile<1, NB>(x_q + m * K, d_x + m * blocks, w + n * K, dw + n * blocks, K, blocks, B, scale, out + m * ldo + n, ldo);
     for (; n < rows; ++n)
-      dot_tile<1, 1>(x_q + m * K, d_x + m * blocks, w + n * K, dw + n * blocks, K, blocks, B, out + m * ldo + n, ldo);
+      dot_tile<1, 1>(x_q + m * K, d_x + m * blocks, w + n * K, dw + n * blocks, K, blocks, B, scale, out + m * ldo + n, ldo);
   }
 }
 
@@ -420,11 +433,13 @@ inline void linear(const BlockLinear& a, bool vnni) {
   {
     const int64_t m_chunk16 = (m_chunk + 15) / 16 * 16;
     Scratch block_scratch(m_chunk16 * NC * 4 * (packed ? 2 : 1) + (packed ? NC * vnni_blocks::PACKED_KC : 0) +
-                          NC * blocks * 4 + m_chunk * NC * 4 * (n_cols ? 1 : 0) + n_cols * NC * 4, 1);
+                          NC * blocks * 4 + (vnni ? 0 : 12 * blocks * 4) + m_chunk * NC * 4 * (n_cols ? 1 : 0) +
+                          n_cols * NC * 4, 1);
     float* acc = block_scratch.take<float>(m_chunk16 * NC);
     float* c = block_scratch.take<float>(packed ? m_chunk16 * NC : 0);
     uint8_t* w_u8 = block_scratch.take<uint8_t>(packed ? NC * vnni_blocks::PACKED_KC : 0);
     float* dw = block_scratch.take<float>(NC * blocks);
+    float* scale = block_scratch.take<float>(vnni ? 0 : 12 * blocks);
     float* outliers = block_scratch.take<float>(n_cols ? m_chunk * NC : 0);
     float* w_o = block_scratch.take<float>(n_cols * NC);
     for (int64_t m0 = 0; m0 < M; m0 += m_chunk) {
@@ -440,7 +455,7 @@ inline void linear(const BlockLinear& a, bool vnni) {
         else if (vnni_dots)
           vnni_blocks::dot_gemm(B)(x_q, d_x, lane_off, w, dw, mc, K, blocks, rows, acc, NC);  // one chunk: M < 5
         else
-          dot_gemm_block(x_q + m0 * K, d_x + m0 * blocks, w, dw, mc, K, blocks, B, rows, acc, NC);
+          dot_gemm_block(x_q + m0 * K, d_x + m0 * blocks, w, dw, mc, K, blocks, B, rows, scale, acc, NC);
         if (k32 < K)  // the last K % 32 columns, all in the last block
           for (int64_t m = 0; m < mc; ++m)
             for (int64_t n = 0; n < rows; ++n) {
