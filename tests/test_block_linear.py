@@ -59,8 +59,9 @@ def exactly_scaled(m, k, n, block_size, outlier_cols, seed):
 @given(m=st.integers(0, 40), n=st.integers(1, 140), k=st.integers(1, 300), block_size=st.sampled_from(reference.BLOCK_SIZES),
        dtype=st.sampled_from(DTYPES), bias=st.booleans(), seed=st.integers(0, 2**16))
 def test_kernel_is_the_reference_bit_for_bit(kernel, m, n, k, block_size, dtype, bias, seed):
-    # m, n and k straddle the dot-product tiles (3 x 4 x 32), VNNI's packed tiles (from 5 rows, in twos, 8 weight rows
-    # for a single one), the 64-row blocks, the blocks of columns and a last block shorter than the others
+    # m, n and k straddle the AVX2 dot-product tiles (3 x 4 x 32), VNNI's (4 x 4 x 64) and its packed tiles (from 8
+    # rows, in twos, 8 weight rows for a single one), the 64-row blocks, the blocks of columns and a last block
+    # shorter than the others
     outlier_cols = sorted({c for c in (1, k // 2, k - 1) if 0 < c < k and c % block_size})
     b = torch.randint(-3, 4, (n,)).to(dtype) if bias else None
     for threshold, cols in ((6.0, outlier_cols), (0.0, [])):
@@ -76,7 +77,7 @@ def test_kernel_is_the_reference_bit_for_bit(kernel, m, n, k, block_size, dtype,
 @needs_kernel
 @pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("m", [1, 4, 5, 16, 130])
+@pytest.mark.parametrize("m", [1, 4, 7, 8, 16, 130])
 @pytest.mark.parametrize("block_size", reference.BLOCK_SIZES)
 def test_kernel_within_the_bound_of_real_valued_inputs(kernel, dtype, m, block_size):
     k = 1000  # a last block of 1000 % block_size columns, and a K % 32 tail
