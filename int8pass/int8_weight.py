@@ -169,7 +169,7 @@ class Int8Weight(torch.Tensor):
         if self.block_size:
             w = reference.dequantize_blocks(self.codes, self.scale, self.block_size).to(self.dtype)
         else:
-            w = (self.codes.float() * (self.scale / reference.Q_MAX)[:, None]).to(self.dtype)
+            w = reference.dequantize_weight(self.codes, self.scale).to(self.dtype)
         return w.t() if self.transposed else w
 
     def values(self) -> torch.Tensor:

@@ -31,6 +31,11 @@ def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return _scale_to_codes(w, s_w[:, None]), s_w
 
 
+def dequantize_weight(w_q: torch.Tensor, s_w: torch.Tensor) -> torch.Tensor:
+    """W^ = W_q * s_w / 127 in fp32 [N, K]."""
+    return w_q.float() * (s_w / Q_MAX)[:, None]
+
+
 def outlier_columns(x2d: torch.Tensor, threshold: float) -> torch.Tensor:
     """Bool [K]: columns whose max |x| reaches the threshold, plus every column holding NaN or +-Inf.
 

@@ -18,6 +18,7 @@ import torch
 from int8pass import reference
 from int8pass.lowering import cpu_linear
 from int8pass.lowering.checks import check_block_linear_args
+from int8pass.lowering.linear import register_input_and_bias_grads
 
 log = logging.getLogger("int8pass")
 
@@ -59,24 +60,11 @@ def block_linear_on_cpu(x, weight_q, weight_scale, bias, block_size, threshold):
 
 def decompose(x, weight_q, weight_scale, bias, block_size, threshold):
     """llmint8::block_linear as the CPU kernel's op where it runs (NotImplemented: keep the op)."""
-    if x.device.type == "cpu" and cpu_linear.runs(x, weight_q):
+    if cpu_linear.runs(x, weight_q):
         return torch.ops.llmint8.cpu_block_linear(x, weight_q, weight_scale, bias, block_size, threshold)
     return NotImplemented
 
 
-def _setup_backward(ctx, inputs, output):
-    x, weight_q, weight_scale, bias, block_size, _ = inputs
-    ctx.save_for_backward(weight_q, weight_scale)
-    ctx.block_size, ctx.x_dtype, ctx.bias_dtype = block_size, x.dtype, None if bias is None else bias.dtype
-
-
-def _backward(ctx, grad):
-    """Gradients for x and the bias, through the dequantized weight, as llmint8::linear's."""
-    weight_q, weight_scale = ctx.saved_tensors
-    grad_x = (grad.float() @ reference.dequantize_blocks(weight_q, weight_scale, ctx.block_size)).to(ctx.x_dtype)
-    grad_bias = None if ctx.bias_dtype is None else grad.reshape(-1, grad.shape[-1]).float().sum(0).to(ctx.bias_dtype)
-    return grad_x, None, None, grad_bias, None, None
-
-
-block_linear.register_autograd(_backward, setup_context=_setup_backward)
+register_input_and_bias_grads(block_linear, lambda weight_q, weight_scale, block_size, _: reference.dequantize_blocks(
+    weight_q, weight_scale, block_size))
 torch.library.register_kernel("llmint8::block_linear", "cpu", block_linear_on_cpu)

@@ -13,35 +13,34 @@ def check_2d(op: str, x: torch.Tensor) -> None:
         raise ValueError(f"llmint8::{op} expects a 2-D activation [M, K], got shape {tuple(x.shape)}")
 
 
-def check_linear_args(x, weight_q, weight_scale, bias) -> None:
-    """Clear errors for llmint8::linear arguments; every implementation of the op calls this."""
+def _check_operands(op: str, x, weight_q, bias) -> None:
+    """The checks of x, the codes and the bias that llmint8::linear and llmint8::block_linear share."""
     if weight_q.dtype != torch.int8 or weight_q.dim() != 2:
-        raise ValueError(f"llmint8::linear expects an int8 [N, K] weight, got {weight_q.dtype} {tuple(weight_q.shape)}")
+        raise ValueError(f"llmint8::{op} expects an int8 [N, K] weight, got {weight_q.dtype} {tuple(weight_q.shape)}")
     n, k = weight_q.shape
     if x.dim() < 1 or x.shape[-1] != k:
-        raise ValueError(f"llmint8::linear: activation shape {tuple(x.shape)} does not end in K={k}")
+        raise ValueError(f"llmint8::{op}: activation shape {tuple(x.shape)} does not end in K={k}")
     if not x.dtype.is_floating_point:
-        raise ValueError(f"llmint8::linear expects a floating-point activation, got {x.dtype}")
+        raise ValueError(f"llmint8::{op} expects a floating-point activation, got {x.dtype}")
+    if bias is not None and bias.shape != (n,):
+        raise ValueError(f"llmint8::{op} expects a bias of shape ({n},), got {tuple(bias.shape)}")
+
+
+def check_linear_args(x, weight_q, weight_scale, bias) -> None:
+    """Clear errors for llmint8::linear arguments; every implementation of the op calls this."""
+    _check_operands("linear", x, weight_q, bias)
+    n = weight_q.shape[0]
     if weight_scale.shape != (n,) or weight_scale.dtype != torch.float32:
         raise ValueError(f"llmint8::linear expects an fp32 [{n}] weight scale, got {weight_scale.dtype} {tuple(weight_scale.shape)}")
-    if bias is not None and bias.shape != (n,):
-        raise ValueError(f"llmint8::linear expects a bias of shape ({n},), got {tuple(bias.shape)}")
 
 
 def check_block_linear_args(x, weight_q, weight_scale, bias, block_size) -> None:
     """Clear errors for llmint8::block_linear arguments; every implementation of the op calls this."""
     if block_size not in BLOCK_SIZES:
         raise ValueError(f"llmint8::block_linear: block_size must be one of {BLOCK_SIZES}, got {block_size}")
-    if weight_q.dtype != torch.int8 or weight_q.dim() != 2:
-        raise ValueError(f"llmint8::block_linear expects an int8 [N, K] weight, got {weight_q.dtype} {tuple(weight_q.shape)}")
+    _check_operands("block_linear", x, weight_q, bias)
     n, k = weight_q.shape
-    if x.dim() < 1 or x.shape[-1] != k:
-        raise ValueError(f"llmint8::block_linear: activation shape {tuple(x.shape)} does not end in K={k}")
-    if not x.dtype.is_floating_point:
-        raise ValueError(f"llmint8::block_linear expects a floating-point activation, got {x.dtype}")
     blocks = block_count(k, block_size)
     if weight_scale.shape != (n, blocks) or weight_scale.dtype != torch.bfloat16:
         raise ValueError(f"llmint8::block_linear expects bf16 [{n}, {blocks}] block scales, got {weight_scale.dtype} "
                          f"{tuple(weight_scale.shape)}")
-    if bias is not None and bias.shape != (n,):
-        raise ValueError(f"llmint8::block_linear expects a bias of shape ({n},), got {tuple(bias.shape)}")

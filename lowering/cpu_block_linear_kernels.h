@@ -397,11 +397,12 @@ namespace blocks {
 inline void linear(const BlockLinear& a, bool vnni) {
   const int64_t M = a.M, K = a.K, N = a.N, B = a.block_size, blocks = block_count(K, B), k32 = K / 32 * 32;
   const float limit = a.threshold > 0 ? a.threshold : INFINITY;
-  const bool packed = vnni && M >= PACKED_MIN_ROWS;
+  const bool packed = vnni && M >= PACKED_MIN_ROWS, vnni_dots = vnni && !packed;
   const int64_t tiles = (M + 15) / 16;
   const int64_t packed_bytes = packed ? tiles * 16 * (K / 4 * 4) : 0;
+  const int64_t lanes = vnni_dots ? M * ((k32 + 63) / 64) * 16 : 0;  // lane_offsets' int32
   Scratch scratch(K * (1 + 4 + 4) + M * blocks * 4 + M * K + packed_bytes + (packed ? tiles * 16 * blocks * 8 : 0) +
-                  (vnni && !packed ? M * ((k32 + 63) / 64) * 64 : 0), 0);
+                  lanes * 4, 0);
   uint8_t* is_outlier = scratch.take<uint8_t>(K);
   uint32_t* keep = scratch.take<uint32_t>(K);
   float* d_x = scratch.take<float>(M * blocks);
@@ -415,16 +416,15 @@ inline void linear(const BlockLinear& a, bool vnni) {
     vnni::pack_rows(x_q, M, K, reinterpret_cast<uint8_t*>(x_packed), 0);
     for (int64_t t = 0; t < tiles; ++t)  // [tile][block][16 rows], 0 past M
       for (int64_t b = 0; b < blocks; ++b)
-        for (int64_t r = 0; r < 16; ++r) {
-          const int64_t m = t * 16 + r, k0 = b * B, k1 = std::min(k0 + B, k32);
+        for (int64_t r = 0, k0 = b * B, k1 = std::min(k0 + B, k32); r < 16; ++r) {
+          const int64_t m = t * 16 + r;
           int32_t sum = 0;
           for (int64_t k = k0; m < M && k < k1; ++k) sum += x_q[m * K + k];
           dxp[(t * blocks + b) * 16 + r] = m < M ? d_x[m * blocks + b] : 0.0f;
           off[(t * blocks + b) * 16 + r] = -128 * sum;
         }
   }
-  const bool vnni_dots = vnni && !packed;
-  int32_t* lane_off = vnni_dots ? scratch.take<int32_t>(M * ((k32 + 63) / 64) * 16) : nullptr;
+  int32_t* lane_off = vnni_dots ? scratch.take<int32_t>(lanes) : nullptr;
   if (vnni_dots) vnni_blocks::lane_offsets(x_q, M, K, lane_off);
   int32_t* cols = scratch.take<int32_t>(K);
   const int64_t n_cols = outlier_list(is_outlier, K, cols);
@@ -483,10 +483,7 @@ inline void linear(const BlockLinear& a, bool vnni) {
             if (a.bias) v = _mm256_add_ps(v, _mm256_loadu_ps(b_n + n));
             _mm256_storeu_ps(value + n, v);
           }
-          const int64_t row = (m0 + m) * N + n0;
-          int64_t n = 0;
-          for (; n + 8 <= rows; n += 8) store8(a.y, row + n, _mm256_loadu_ps(value + n), a.x_dtype);
-          for (; n < rows; ++n) store(a.y, row + n, value[n], a.x_dtype);
+          store_row(a.y, (m0 + m) * N + n0, value, rows, a.x_dtype);
         }
       }
     }

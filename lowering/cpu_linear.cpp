@@ -8,6 +8,7 @@
 
 #include <optional>
 #include <string>
+#include <utility>
 
 #include "cpu_block_linear_kernels.h"
 
@@ -22,26 +23,42 @@ int dtype_code(const at::Tensor& t, const char* what, const char* op = "llmint8:
   }
 }
 
+// The checks both ops make of x, the codes and the bias (the scales differ); returns x's dtype code
+int check_operands(const char* op, const at::Tensor& x, const at::Tensor& weight_q, const at::Tensor& weight_scale,
+                   const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.device().is_cpu() && weight_q.device().is_cpu() && weight_scale.device().is_cpu(), op,
+              ": all tensors must be on the CPU");
+  TORCH_CHECK(weight_q.scalar_type() == at::kChar && weight_q.dim() == 2, op, ": weight_q must be int8 [N, K], got ",
+              weight_q.scalar_type(), " ", weight_q.sizes());
+  const int64_t N = weight_q.size(0), K = weight_q.size(1);
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == K, op, ": x's last dim must be K = ", K, ", got ", x.sizes());
+  if (bias) {
+    TORCH_CHECK(bias->device().is_cpu() && bias->dim() == 1 && bias->size(0) == N, op,
+                ": bias must be a CPU vector of N = ", N, ", got ", bias->sizes());
+    dtype_code(*bias, "bias", op);
+  }
+  return dtype_code(x, "x", op);
+}
+
+// y [..., N] for x [..., K] (contiguous, in x's dtype), and the number of rows M of x
+std::pair<at::Tensor, int64_t> output_for(const at::Tensor& x, int64_t N) {
+  std::vector<int64_t> sizes = x.sizes().vec();
+  sizes.back() = N;
+  int64_t M = 1;
+  for (int64_t d = 0; d + 1 < x.dim(); ++d) M *= x.size(d);
+  return {at::empty(sizes, x.options().memory_format(at::MemoryFormat::Contiguous)), M};
+}
+
 // y [..., N] = llmint8 linear of x [..., K] with codes weight_q [N, K] and row absmax weight_scale [N]: docs/design.md
 // §1, with outlier_weight (floating point [N, K]) replacing the dequantized codes for the outlier columns when given
 at::Tensor cpu_linear(const at::Tensor& x, const at::Tensor& weight_q, const at::Tensor& weight_scale,
                       const std::optional<at::Tensor>& bias, double threshold,
                       const std::optional<at::Tensor>& outlier_weight) {
-  TORCH_CHECK(x.device().is_cpu() && weight_q.device().is_cpu() && weight_scale.device().is_cpu(),
-              "llmint8::cpu_linear: all tensors must be on the CPU");
-  TORCH_CHECK(weight_q.scalar_type() == at::kChar && weight_q.dim() == 2,
-              "llmint8::cpu_linear: weight_q must be int8 [N, K], got ", weight_q.scalar_type(), " ", weight_q.sizes());
+  const int x_dtype = check_operands("llmint8::cpu_linear", x, weight_q, weight_scale, bias);
   const int64_t N = weight_q.size(0), K = weight_q.size(1);
-  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == K, "llmint8::cpu_linear: x's last dim must be K = ", K, ", got ", x.sizes());
   TORCH_CHECK(weight_scale.scalar_type() == at::kFloat && weight_scale.dim() == 1 && weight_scale.size(0) == N,
               "llmint8::cpu_linear: weight_scale must be float32 [", N, "], got ", weight_scale.scalar_type(), " ",
               weight_scale.sizes());
-  const int x_dtype = dtype_code(x, "x");
-  if (bias) {
-    TORCH_CHECK(bias->device().is_cpu() && bias->dim() == 1 && bias->size(0) == N,
-                "llmint8::cpu_linear: bias must be a CPU vector of N = ", N, ", got ", bias->sizes());
-    dtype_code(*bias, "bias");
-  }
   if (outlier_weight) {
     TORCH_CHECK(outlier_weight->device().is_cpu() && outlier_weight->dim() == 2 && outlier_weight->size(0) == N &&
                     outlier_weight->size(1) == K,
@@ -52,11 +69,7 @@ at::Tensor cpu_linear(const at::Tensor& x, const at::Tensor& weight_q, const at:
   const at::Tensor x_c = x.contiguous(), w_c = weight_q.contiguous(), s_c = weight_scale.contiguous();
   const at::Tensor b_c = bias ? bias->contiguous() : at::Tensor();
   const at::Tensor o_c = outlier_weight ? outlier_weight->contiguous() : at::Tensor();
-  std::vector<int64_t> sizes = x.sizes().vec();
-  sizes.back() = N;
-  at::Tensor y = at::empty(sizes, x.options().memory_format(at::MemoryFormat::Contiguous));
-  int64_t M = 1;
-  for (int64_t d = 0; d + 1 < x.dim(); ++d) M *= x.size(d);
+  auto [y, M] = output_for(x, N);
   if (M == 0 || N == 0) return y;
   const int8pass::Linear args{
       x_c.data_ptr(), x_dtype, M, K, w_c.data_ptr<int8_t>(), N, s_c.data_ptr<float>(),
@@ -67,43 +80,25 @@ at::Tensor cpu_linear(const at::Tensor& x, const at::Tensor& weight_q, const at:
   return y;
 }
 
-constexpr const char* OP = "llmint8::cpu_block_linear";
-
 // y [..., N] from x [..., K], codes weight_q [N, K] and bf16 block scales weight_scale [N, ceil(K / block_size)]
 at::Tensor cpu_block_linear(const at::Tensor& x, const at::Tensor& weight_q, const at::Tensor& weight_scale,
                             const std::optional<at::Tensor>& bias, int64_t block_size, double threshold) {
-  TORCH_CHECK(x.device().is_cpu() && weight_q.device().is_cpu() && weight_scale.device().is_cpu(),
-              "llmint8::cpu_block_linear: all tensors must be on the CPU");
-  TORCH_CHECK(weight_q.scalar_type() == at::kChar && weight_q.dim() == 2,
-              "llmint8::cpu_block_linear: weight_q must be int8 [N, K], got ", weight_q.scalar_type(), " ",
-              weight_q.sizes());
+  const int x_dtype = check_operands("llmint8::cpu_block_linear", x, weight_q, weight_scale, bias);
   TORCH_CHECK(block_size > 0 && block_size % 32 == 0,
               "llmint8::cpu_block_linear: block_size must be a positive multiple of 32, got ", block_size);
   const int64_t N = weight_q.size(0), K = weight_q.size(1), blocks = int8pass::blocks::block_count(K, block_size);
-  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == K, "llmint8::cpu_block_linear: x's last dim must be K = ", K, ", got ",
-              x.sizes());
   TORCH_CHECK(weight_scale.scalar_type() == at::kBFloat16 && weight_scale.dim() == 2 && weight_scale.size(0) == N &&
                   weight_scale.size(1) == blocks,
               "llmint8::cpu_block_linear: weight_scale must be bfloat16 [", N, ", ", blocks, "], got ",
               weight_scale.scalar_type(), " ", weight_scale.sizes());
-  const int x_dtype = dtype_code(x, "x", OP);
-  if (bias) {
-    TORCH_CHECK(bias->device().is_cpu() && bias->dim() == 1 && bias->size(0) == N,
-                "llmint8::cpu_block_linear: bias must be a CPU vector of N = ", N, ", got ", bias->sizes());
-    dtype_code(*bias, "bias", OP);
-  }
   const at::Tensor x_c = x.contiguous(), w_c = weight_q.contiguous(), s_c = weight_scale.contiguous();
   const at::Tensor b_c = bias ? bias->contiguous() : at::Tensor();
-  std::vector<int64_t> sizes = x.sizes().vec();
-  sizes.back() = N;
-  at::Tensor y = at::empty(sizes, x.options().memory_format(at::MemoryFormat::Contiguous));
-  int64_t M = 1;
-  for (int64_t d = 0; d + 1 < x.dim(); ++d) M *= x.size(d);
+  auto [y, M] = output_for(x, N);
   if (M == 0 || N == 0) return y;
   const int8pass::blocks::BlockLinear args{
       x_c.data_ptr(), x_dtype, M, K, w_c.data_ptr<int8_t>(), N,
       reinterpret_cast<const uint16_t*>(s_c.data_ptr<at::BFloat16>()), block_size,
-      bias ? b_c.data_ptr() : nullptr, bias ? dtype_code(b_c, "bias", OP) : 0, float(threshold), y.data_ptr()};
+      bias ? b_c.data_ptr() : nullptr, bias ? dtype_code(b_c, "bias") : 0, float(threshold), y.data_ptr()};
   int8pass::blocks::linear(args, int8pass::kernel_for(M, K) != int8pass::Kernel::Avx2);
   return y;
 }

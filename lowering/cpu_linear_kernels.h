@@ -178,6 +178,13 @@ inline void store8(void* p, int64_t i, __m256 v, int dtype) {
   }
 }
 
+// count fp32 values into p from offset i in dtype, 8 at a time, then one by one
+inline void store_row(void* p, int64_t i, const float* values, int64_t count, int dtype) {
+  int64_t n = 0;
+  for (; n + 8 <= count; n += 8) store8(p, i + n, _mm256_loadu_ps(values + n), dtype);
+  for (; n < count; ++n) store(p, i + n, values[n], dtype);
+}
+
 // ---- AVX2 GEMM ----------------------------------------------------------------------------------------------------
 
 namespace avx2 {
@@ -879,10 +886,7 @@ inline void linear(const Linear& a, Kernel kernel) {
             if (a.bias) v = _mm256_add_ps(v, _mm256_loadu_ps(b_n + n));
             _mm256_storeu_ps(value + n, v);
           }
-          const int64_t row = (m0 + m) * N + n0;
-          int64_t n = 0;
-          for (; n + 8 <= rows; n += 8) store8(a.y, row + n, _mm256_loadu_ps(value + n), a.x_dtype);
-          for (; n < rows; ++n) store(a.y, row + n, value[n], a.x_dtype);
+          store_row(a.y, (m0 + m) * N + n0, value, rows, a.x_dtype);
         }
       }
     }

@@ -81,23 +81,27 @@ def decompose(x, weight_q, weight_scale, bias, threshold, outlier_weight=None):
     return NotImplemented
 
 
-def _setup_backward(ctx, inputs, output):
-    x, weight_q, weight_scale, bias, _, _ = inputs
-    ctx.save_for_backward(weight_q, weight_scale)
-    ctx.x_dtype, ctx.bias_dtype = x.dtype, None if bias is None else bias.dtype
+def register_input_and_bias_grads(op, dequantize) -> None:
+    """Gradients of an int8 linear op (x, weight_q, weight_scale, bias, then two non-tensor arguments) for x and the
+    bias (a frozen int8 weight with a trainable bias, or adapters trained on its output): through the weight
+    `dequantize(weight_q, weight_scale, *the other two)` gives, as bitsandbytes' Linear8bitLt; the codes and scales
+    get none."""
+
+    def setup_context(ctx, inputs, output):
+        x, weight_q, weight_scale, bias, *rest = inputs
+        ctx.save_for_backward(weight_q, weight_scale)
+        ctx.rest, ctx.x_dtype, ctx.bias_dtype = rest, x.dtype, None if bias is None else bias.dtype
+
+    def backward(ctx, grad):
+        weight_q, weight_scale = ctx.saved_tensors
+        grad_x = (grad.float() @ dequantize(weight_q, weight_scale, *ctx.rest)).to(ctx.x_dtype)
+        grad_bias = None if ctx.bias_dtype is None else grad.reshape(-1, grad.shape[-1]).float().sum(0).to(ctx.bias_dtype)
+        return grad_x, None, None, grad_bias, None, None
+
+    op.register_autograd(backward, setup_context=setup_context)
 
 
-def _backward(ctx, grad):
-    """Gradients for x and the bias (a frozen int8 weight with a trainable bias, or adapters trained on its output):
-    through the dequantized weight, as bitsandbytes' Linear8bitLt; the codes and scales get none."""
-    weight_q, weight_scale = ctx.saved_tensors
-    weight = weight_q.float() * (weight_scale / reference.Q_MAX)[:, None]
-    grad_x = (grad.float() @ weight).to(ctx.x_dtype)
-    grad_bias = None if ctx.bias_dtype is None else grad.reshape(-1, grad.shape[-1]).float().sum(0).to(ctx.bias_dtype)
-    return grad_x, None, None, grad_bias, None, None
-
-
-linear.register_autograd(_backward, setup_context=_setup_backward)
+register_input_and_bias_grads(linear, lambda weight_q, weight_scale, *_: reference.dequantize_weight(weight_q, weight_scale))
 
 # Eager calls use the same kernels.
 torch.library.register_kernel("llmint8::linear", "cpu", linear_on_cpu)

@@ -53,11 +53,9 @@ def ids():
     return torch.randint(0, VOCAB, (1, 10), generator=torch.Generator().manual_seed(1))
 
 
-def test_from_pretrained_compile_generate_save_reload(checkpoint, tmp_path):
-    model = int8pass.from_pretrained(checkpoint, dtype=torch.bfloat16)
-    weights = linear_weights(model)
-    int8 = {name for name, weight in weights.items() if isinstance(weight, Int8Weight)}
-    assert int8 == {name for name in weights if name != "lm_head"}, sorted(weights)
+def compiled_generate_matches_eager(model, checkpoint):
+    """Logits of `model` (an int8 model loaded from `checkpoint`), after checking that compiling its forward keeps the
+    greedy tokens of eager, that every linear but the head is rewritten, and that the logits stay near bf16's."""
     with torch.no_grad():
         logits = model(ids()).logits
         eager = model.generate(ids(), max_new_tokens=6, do_sample=False)
@@ -65,22 +63,37 @@ def test_from_pretrained_compile_generate_save_reload(checkpoint, tmp_path):
         compiled = model.generate(ids(), max_new_tokens=6, do_sample=False)
     assert torch.equal(compiled, eager)
     assert all(layer.rewritten for report in int8pass.reports()[-2:] for layer in report.layers if layer.name != "lm_head")
-    assert sum(report.released_bytes for report in int8pass.reports()[-2:]) == 0  # int8 from the start
     bf16 = transformers.AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.bfloat16)
     with torch.no_grad():
         expected = bf16(ids()).logits.float()
     assert (logits.float() - expected).abs().max() < 0.05 * expected.abs().max()
+    return logits
+
+
+def saved_dtypes(path) -> dict[str, str]:
+    """Each tensor's dtype in the safetensors files under `path`, as safetensors names it."""
+    from safetensors import safe_open
+
+    dtypes = {}
+    for file in path.glob("*.safetensors"):
+        with safe_open(file, "pt") as f:
+            dtypes.update({key: f.get_slice(key).get_dtype() for key in f.keys()})
+    return dtypes
+
+
+def test_from_pretrained_compile_generate_save_reload(checkpoint, tmp_path):
+    model = int8pass.from_pretrained(checkpoint, dtype=torch.bfloat16)
+    weights = linear_weights(model)
+    int8 = {name for name, weight in weights.items() if isinstance(weight, Int8Weight)}
+    assert int8 == {name for name in weights if name != "lm_head"}, sorted(weights)
+    logits = compiled_generate_matches_eager(model, checkpoint)
+    assert sum(report.released_bytes for report in int8pass.reports()[-2:]) == 0  # int8 from the start
 
     saved = tmp_path / "int8"
     int8pass.save_pretrained(model, saved)
     config = json.loads((saved / "config.json").read_text())["quantization_config"]
     assert config["quant_method"] == "bitsandbytes" and config["load_in_8bit"] and config["llm_int8_threshold"] == 6.0
-    from safetensors import safe_open
-
-    dtypes = {}
-    for file in saved.glob("*.safetensors"):
-        with safe_open(file, "pt") as f:
-            dtypes.update({key: f.get_slice(key).get_dtype() for key in f.keys()})
+    dtypes = saved_dtypes(saved)
     some = sorted(int8)[0]
     assert (dtypes[f"{some}.weight"], dtypes[f"{some}.SCB"], dtypes[f"{some}.weight_format"]) == ("I8", "F32", "U8")
     reloaded = int8pass.from_pretrained(saved)
@@ -99,28 +112,13 @@ def test_block_mode_from_pretrained_compile_generate_save_reload(checkpoint, tmp
     assert int8 == {name for name in weights if name != "lm_head"}
     some = weights[sorted(int8)[0]]
     assert some.block_size == block_size and some.threshold == 0.0 and some.scale.dtype == torch.bfloat16
-    with torch.no_grad():
-        logits = model(ids()).logits
-        eager = model.generate(ids(), max_new_tokens=6, do_sample=False)
-        model.forward = torch.compile(model.forward, backend="llmint8")
-        compiled = model.generate(ids(), max_new_tokens=6, do_sample=False)
-    assert torch.equal(compiled, eager)
-    assert all(layer.rewritten for report in int8pass.reports()[-2:] for layer in report.layers if layer.name != "lm_head")
-    bf16 = transformers.AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.bfloat16)
-    with torch.no_grad():
-        expected = bf16(ids()).logits.float()
-    assert (logits.float() - expected).abs().max() < 0.05 * expected.abs().max()
+    logits = compiled_generate_matches_eager(model, checkpoint)
 
     saved = tmp_path / "blocks"
     int8pass.save_pretrained(model, saved)
     config = json.loads((saved / "config.json").read_text())["quantization_config"]
     assert config["quant_method"] == "int8pass" and config["block_size"] == block_size and config["threshold"] == 0.0
-    from safetensors import safe_open
-
-    dtypes = {}
-    for file in saved.glob("*.safetensors"):
-        with safe_open(file, "pt") as f:
-            dtypes.update({key: f.get_slice(key).get_dtype() for key in f.keys()})
+    dtypes = saved_dtypes(saved)
     name = sorted(int8)[0]
     assert (dtypes[f"{name}.weight"], dtypes[f"{name}.weight_block_scale"]) == ("I8", "BF16")
     assert f"{name}.SCB" not in dtypes
