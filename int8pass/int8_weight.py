@@ -318,6 +318,14 @@ def _addmm(bias, x, weight, *, beta=1, alpha=1):
     return weight.linear(x, bias) if _is_linear_operand(x, weight) else NotImplemented
 
 
+def _linear(x, weight, bias=None):
+    # reached where aten.linear is dispatched whole (torch.export's decompositions keep it), not as mm/addmm
+    if isinstance(weight, Int8Weight) and not weight.transposed and not isinstance(x, Int8Weight) \
+            and not isinstance(bias, Int8Weight):
+        return weight.linear(x, bias)
+    return NotImplemented
+
+
 def _copy(self, device: torch.device | None = None, dtype: torch.dtype | None = None) -> "Int8Weight":
     """A new weight with its own copies of the codes and scales, on `device`, facing `dtype` (the same codes serve
     activations of another floating dtype)."""
@@ -380,6 +388,7 @@ _HANDLERS = {
     aten.permute.default: _permute,
     aten.mm.default: _mm,
     aten.addmm.default: _addmm,
+    aten.linear.default: _linear,
     aten._to_copy.default: _to_copy,
     aten.clone.default: _clone,
     aten.copy_.default: _copy_,
