@@ -11,6 +11,7 @@ from int8pass.backend import llmint8
 from int8pass.options import Options
 from int8pass.report import CompileReport, LayerRecord, clear_reports, last_report, reports
 from int8pass.quantize import quantize_
+from int8pass.deploy import export, extension_library, package
 from int8pass.stats import LayerStats, outlier_stats, reset_stats, stats_table
 
 
@@ -29,6 +30,6 @@ def save_pretrained(model, path, **kwargs) -> None:
 
 
 __all__ = [
-    "llmint8", "Int8Weight", "quantize_", "from_pretrained", "save_pretrained", "Options", "CompileReport", "LayerRecord", "reports", "last_report", "clear_reports",
+    "llmint8", "Int8Weight", "quantize_", "export", "package", "extension_library", "from_pretrained", "save_pretrained", "Options", "CompileReport", "LayerRecord", "reports", "last_report", "clear_reports",
     "LayerStats", "outlier_stats", "reset_stats", "stats_table",
 ]

@@ -122,3 +122,8 @@ def calling_module(node: torch.fx.Node, root_expression: str) -> tuple[str, type
 
 # F.linear as Dynamo records it in a graph
 TRACED_LINEAR = torch._C._nn.linear
+
+
+def uncompiled(module: torch.nn.Module) -> torch.nn.Module:
+    """The module a torch.compile'd module wraps (itself if it is not one)."""
+    return module._orig_mod if isinstance(module, torch._dynamo.eval_frame.OptimizedModule) else module

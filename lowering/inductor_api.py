@@ -24,7 +24,7 @@ from torch._inductor.virtualized import V
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 __all__ = [
-    "FixedLayout", "SourceKey", "SymbolicGridFn", "TritonTemplate", "V", "autotune_select_algorithm", "compile_fx", "config",
+    "FixedLayout", "SourceKey", "SymbolicGridFn", "TritonTemplate", "V", "aoti_compile_and_package", "autotune_select_algorithm", "compile_fx", "config",
     "config_keys", "fallback", "max_autotune", "mode_options", "realize_inputs", "register_decomposition", "register_op_lowering",
     "select_decomp_table", "size_hint", "statically_at_most", "uses_triton",
 ]
@@ -55,6 +55,11 @@ def autotune_select_algorithm(name, choices, input_nodes, layout):
     """
     selected = _autotune_select_algorithm(name, choices, input_nodes, layout)
     return selected[0] if isinstance(selected, tuple) else selected
+
+
+def aoti_compile_and_package(program: torch.export.ExportedProgram, path: str, configs: dict) -> str:
+    """AOTInductor: compile an exported program into a .pt2 package at `path` (torch._inductor's entry point)."""
+    return torch._inductor.aoti_compile_and_package(program, package_path=path, inductor_configs=configs or None)
 
 
 def max_autotune() -> bool:
