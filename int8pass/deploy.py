@@ -10,6 +10,9 @@ and where it is served, with no int8pass installed (the same torch release, an x
     torch.ops.load_library("libint8pass_ops.so")            # C++: dlopen it, then AOTIModelPackageLoader
     runner = torch._inductor.aoti_load_package("model_aoti.pt2")
 
+A Hugging Face causal LM returns a ModelOutput, which only transformers can rebuild from a package's flat outputs: wrap
+it in `CausalLMLogits(model)` (its logits for input_ids, without a KV cache) before exporting.
+
 `model` holds Int8Weights (from `quantize_`, `from_pretrained`, or a model compiled with backend="llmint8" and run
 once). The exported program is decomposed to core ATen: each int8 linear is one llmint8::linear (or
 llmint8::block_linear) node on the weight's codes and scales, which torch.export lifts from the Int8Weight into plain
@@ -38,6 +41,18 @@ from int8pass.report import log
 INT8_OPS = (torch.ops.llmint8.linear.default, torch.ops.llmint8.block_linear.default)
 
 
+class CausalLMLogits(torch.nn.Module):
+    """A Hugging Face causal LM as a function from input_ids to logits, without a KV cache: a plain tensor out, so
+    the process that serves its package needs no transformers."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids, use_cache=False).logits
+
+
 def export(model: torch.nn.Module, args: tuple = (), kwargs: dict[str, Any] | None = None, *,
            dynamic_shapes=None, strict: bool = False) -> torch.export.ExportedProgram:
     """torch.export.export of a model with Int8Weights (arguments as torch.export.export's), decomposed so that its
@@ -64,7 +79,9 @@ def int8_linears(program: torch.export.ExportedProgram) -> int:
 
 def package(program: torch.export.ExportedProgram, path: str | Path, **inductor_configs) -> str:
     """An AOTInductor package (.pt2) of an exported int8 program, at `path`; returns its path. Its int8 linears call
-    the C++ op of `extension_library()`, which the process that loads it must load first."""
+    the C++ op of `extension_library()`, which the process that loads it must load first. `inductor_configs` go to
+    torch._inductor.aoti_compile_and_package; by default the weights are stored beside the package's .so, so that a
+    loaded package holds them in memory once."""
     devices = {node.meta["val"].device.type for node in program.graph.nodes
                if node.target in INT8_OPS and isinstance(node.meta.get("val"), torch.Tensor)}
     if devices - {"cpu"}:

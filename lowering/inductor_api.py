@@ -24,7 +24,7 @@ from torch._inductor.virtualized import V
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 __all__ = [
-    "FixedLayout", "SourceKey", "SymbolicGridFn", "TritonTemplate", "V", "aoti_compile_and_package", "autotune_select_algorithm", "compile_fx", "config",
+    "AOTI_WEIGHTS_BESIDE_SO", "FixedLayout", "SourceKey", "SymbolicGridFn", "TritonTemplate", "V", "aoti_compile_and_package", "autotune_select_algorithm", "compile_fx", "config",
     "config_keys", "fallback", "max_autotune", "mode_options", "realize_inputs", "register_decomposition", "register_op_lowering",
     "select_decomp_table", "size_hint", "statically_at_most", "uses_triton",
 ]
@@ -57,9 +57,18 @@ def autotune_select_algorithm(name, choices, input_nodes, layout):
     return selected[0] if isinstance(selected, tuple) else selected
 
 
+# The weights in one file of the package beside its .so, not inside the .so: a process that loads the package then
+# holds them once (read into memory), not twice (that copy plus the .so's mapped pages: measured in process RSS)
+AOTI_WEIGHTS_BESIDE_SO = ({"aot_inductor.package_constants_in_so": False,
+                           "aot_inductor.package_constants_on_disk_format": "binary_blob"}
+                          if hasattr(config.aot_inductor, "package_constants_on_disk_format") else {})
+
+
 def aoti_compile_and_package(program: torch.export.ExportedProgram, path: str, configs: dict) -> str:
-    """AOTInductor: compile an exported program into a .pt2 package at `path` (torch._inductor's entry point)."""
-    return torch._inductor.aoti_compile_and_package(program, package_path=path, inductor_configs=configs or None)
+    """AOTInductor: compile an exported program into a .pt2 package at `path` (torch._inductor's entry point), its
+    weights beside the .so unless `configs` says otherwise."""
+    return torch._inductor.aoti_compile_and_package(program, package_path=path,
+                                                    inductor_configs={**AOTI_WEIGHTS_BESIDE_SO, **configs})
 
 
 def max_autotune() -> bool:
