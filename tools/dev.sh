@@ -13,6 +13,8 @@
 #                                     # llama.cpp from the llama-cpp-python sdist the first time: ~20 minutes)
 #   bash tools/dev.sh bench-memory  # process RSS loading a 1.1 GiB bf16 checkpoint: bf16, llmint8, bitsandbytes
 #   bash tools/dev.sh bench-big     # a bf16 checkpoint larger than RAM (26.6 GiB written to disk), int8 via int8pass
+#   bash tools/dev.sh bench-deploy  # AOTInductor packages, bf16 and int8: size, fresh-process load, tokens/s
+#                                   # against torch.compile(backend="llmint8")
 #   bash tools/dev.sh test-torch211 # the test suite on torch 2.11 + Triton 3.6 (the GPU machines' versions);
 #                                   # PyPI has only the CUDA build of torch 2.11: this one downloads ~3 GB
 # Set-up: a virtual environment in .venv that sees the system's packages, so a CUDA torch you already have is
@@ -131,5 +133,6 @@ case "${1:-}" in
   bench-llamacpp) shift; exec "$PY" benchmarks/llamacpp.py "$@" ;;
   bench-memory) shift; exec "$PY" benchmarks/memory.py "$@" ;;
   bench-big) shift; exec "$PY" benchmarks/big_model.py "$@" ;;
-  *) echo "usage: bash tools/dev.sh demo|test|test-oldest|bench|accuracy|bench-linear|bench-model|bench-llamacpp|bench-memory|bench-big|test-torch211 [args]" >&2; exit 2 ;;
+  bench-deploy) shift; exec "$PY" benchmarks/deploy.py "$@" ;;
+  *) echo "usage: bash tools/dev.sh demo|test|test-oldest|bench|accuracy|bench-linear|bench-model|bench-llamacpp|bench-memory|bench-big|bench-deploy|test-torch211 [args]" >&2; exit 2 ;;
 esac
