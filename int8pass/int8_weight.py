@@ -18,6 +18,8 @@ and the Triton kernels read this row-major layout as it is, so nothing is packed
 
 from __future__ import annotations
 
+import hashlib
+
 import torch
 
 from int8pass import process_memory, reference
@@ -206,6 +208,16 @@ class Int8Weight(torch.Tensor):
         dtype, transposed, threshold, block_size = meta
         return Int8Weight(inner["codes"], inner["scale"], dtype=dtype, shape=outer_size, transposed=transposed,
                           threshold=threshold, original=inner.get("original"), block_size=block_size)
+
+    def _stable_hash_for_caching(self) -> str:
+        """AOT autograd's cache key for this weight as a graph input: what a compiled graph depends on (the face, the
+        static metadata, the inner tensors' layouts), not the values, as for any parameter. (Without it torch hashes
+        the same fields itself, after a warning on every compile.)"""
+        names, meta = self.__tensor_flatten__()
+        inner = [(name, tuple(t.shape), t.stride(), t.storage_offset(), str(t.dtype), str(t.device))
+                 for name, t in ((name, getattr(self, name)) for name in names)]
+        payload = (type(self).__qualname__, tuple(self.shape), self.requires_grad, str(meta[0]), meta[1:], inner)
+        return hashlib.blake2b(repr(payload).encode(), digest_size=16).hexdigest()
 
     # ---- serialization ------------------------------------------------------------------------------------------
 

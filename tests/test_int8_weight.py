@@ -108,6 +108,19 @@ def test_copies_moves_and_serialization_round_trip(tmp_path):
     assert loaded.dtype == w.dtype and loaded.threshold == 4.0
 
 
+def test_compile_cache_key_is_the_layout_not_the_values():
+    """AOT autograd's cache key (_stable_hash_for_caching): two weights of one layout share it, whatever their
+    values, so a second model of the same shapes reuses the compiled graph; any static difference changes it."""
+    _, w = make(seed=0)
+    _, same_layout = make(seed=1)
+    assert not torch.equal(w.codes, same_layout.codes)
+    assert w._stable_hash_for_caching() == same_layout._stable_hash_for_caching()
+    others = [make(threshold=4.0)[1], make(n=16)[1], make(dtype=torch.float16)[1], make(block_size=32)[1],
+              make(keep_original=True)[1]]
+    keys = {w._stable_hash_for_caching()} | {other._stable_hash_for_caching() for other in others}
+    assert len(keys) == 1 + len(others)
+
+
 def test_module_state_dict_round_trips_and_loads_fp_weights():
     torch.manual_seed(0)
     linear = torch.nn.Linear(40, 24).to(torch.bfloat16)
