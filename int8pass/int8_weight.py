@@ -315,9 +315,10 @@ def _permute(self, dims):
     return self._like() if [d % 2 for d in dims] == [0, 1] else _transpose(self)
 
 
-def _is_linear_operand(x, weight) -> bool:
-    """x . weight is x W^T for a weight whose codes' rows are the output channels (its face is W^T)."""
-    return isinstance(weight, Int8Weight) and weight.transposed and not isinstance(x, Int8Weight)
+def _is_linear_operand(x, weight, *, transposed: bool = True) -> bool:
+    """x and weight make x W^T, W being the codes' rows (the output channels): mm and addmm see a weight facing W^T
+    (transposed), aten.linear one facing W."""
+    return isinstance(weight, Int8Weight) and weight.transposed == transposed and not isinstance(x, Int8Weight)
 
 
 def _mm(x, weight):
@@ -332,8 +333,7 @@ def _addmm(bias, x, weight, *, beta=1, alpha=1):
 
 def _linear(x, weight, bias=None):
     # reached where aten.linear is dispatched whole (torch.export's decompositions keep it), not as mm/addmm
-    if isinstance(weight, Int8Weight) and not weight.transposed and not isinstance(x, Int8Weight) \
-            and not isinstance(bias, Int8Weight):
+    if _is_linear_operand(x, weight, transposed=False) and not isinstance(bias, Int8Weight):
         return weight.linear(x, bias)
     return NotImplemented
 

@@ -14,7 +14,7 @@ from torch.export import Dim
 import int8pass
 from int8pass import deploy
 from int8pass.int8_weight import Int8Weight
-from int8pass.lowering import cpu_linear
+from int8pass.lowering import cpu_linear, inductor_api
 
 needs_kernel = pytest.mark.skipif(not cpu_linear.available(), reason="no int8pass CPU kernel on this machine")
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,16 +62,20 @@ def run_fresh(library: Path, package: Path, inputs: dict, tmp_path: Path) -> dic
 
 
 @pytest.fixture(scope="module")
-def mlp_package(tmp_path_factory):
+def mlp_program():
     model = mlp()
-    program = int8pass.export(model, (batch(4),), dynamic_shapes=({0: Dim("batch")},))
+    return model, int8pass.export(model, (batch(4),), dynamic_shapes=({0: Dim("batch")},))
+
+
+@pytest.fixture(scope="module")
+def mlp_package(mlp_program, tmp_path_factory):
+    model, program = mlp_program
     path = int8pass.package(program, tmp_path_factory.mktemp("mlp") / "mlp.pt2")
     return model, Path(path)
 
 
-def test_export_graph_calls_the_int8_ops_on_int8_parameters():
-    model = mlp()
-    program = int8pass.export(model, (batch(4),), dynamic_shapes=({0: Dim("batch")},))
+def test_export_graph_calls_the_int8_ops_on_int8_parameters(mlp_program):
+    model, program = mlp_program
     targets = [node.target for node in program.graph.nodes if node.op == "call_function"]
     assert targets.count(torch.ops.llmint8.linear.default) == 1
     assert targets.count(torch.ops.llmint8.block_linear.default) == 1
@@ -89,9 +93,8 @@ def test_export_graph_calls_the_int8_ops_on_int8_parameters():
             assert torch.equal(program.module()(batch(rows)), model(batch(rows)))
 
 
-def test_export_save_load_matches_the_compiled_model(tmp_path):
-    model = mlp()
-    program = int8pass.export(model, (batch(4),), dynamic_shapes=({0: Dim("batch")},))
+def test_export_save_load_matches_the_compiled_model(mlp_program, tmp_path):
+    model, program = mlp_program
     torch.export.save(program, tmp_path / "mlp.pt2")
     loaded = torch.export.load(tmp_path / "mlp.pt2").module()
     compiled = torch.compile(model, backend="llmint8")
@@ -173,8 +176,9 @@ def test_package_holds_int8_weights(tmp_path):
     bf16 = torch.nn.Sequential(*[torch.nn.Linear(2048, 2048) for _ in range(4)]).to(torch.bfloat16).eval()
     x = torch.randn(2, 2048, dtype=torch.bfloat16)
     shapes = ({0: Dim("batch")},)
-    bf16_path = torch._inductor.aoti_compile_and_package(torch.export.export(bf16, (x,), dynamic_shapes=shapes),
-                                                         package_path=str(tmp_path / "bf16.pt2"))
+    # int8pass.package's settings, so that the two packages differ in their weights only
+    bf16_path = inductor_api.aoti_compile_and_package(torch.export.export(bf16, (x,), dynamic_shapes=shapes),
+                                                      str(tmp_path / "bf16.pt2"), {})
     int8_path = int8pass.package(int8pass.export(int8pass.quantize_(bf16), (x,), dynamic_shapes=shapes),
                                  tmp_path / "int8.pt2")
     ratio = Path(int8_path).stat().st_size / Path(bf16_path).stat().st_size
