@@ -26,12 +26,14 @@ def _check_operands(op: str, x, weight_q, bias) -> None:
         raise ValueError(f"llmint8::{op} expects a bias of shape ({n},), got {tuple(bias.shape)}")
 
 
-def check_linear_args(x, weight_q, weight_scale, bias) -> None:
+def check_linear_args(x, weight_q, weight_scale, bias, code_sums=None) -> None:
     """Clear errors for llmint8::linear arguments; every implementation of the op calls this."""
     _check_operands("linear", x, weight_q, bias)
     n = weight_q.shape[0]
     if weight_scale.shape != (n,) or weight_scale.dtype != torch.float32:
         raise ValueError(f"llmint8::linear expects an fp32 [{n}] weight scale, got {weight_scale.dtype} {tuple(weight_scale.shape)}")
+    if code_sums is not None and (code_sums.shape != (n,) or code_sums.dtype != torch.int32):
+        raise ValueError(f"llmint8::linear expects int32 [{n}] code sums, got {code_sums.dtype} {tuple(code_sums.shape)}")
 
 
 def check_block_linear_args(x, weight_q, weight_scale, bias, block_size) -> None:

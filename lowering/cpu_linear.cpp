@@ -50,10 +50,12 @@ std::pair<at::Tensor, int64_t> output_for(const at::Tensor& x, int64_t N) {
 }
 
 // y [..., N] = llmint8 linear of x [..., K] with codes weight_q [N, K] and row absmax weight_scale [N]: docs/design.md
-// §1, with outlier_weight (floating point [N, K]) replacing the dequantized codes for the outlier columns when given
+// §1, with outlier_weight (floating point [N, K]) replacing the dequantized codes for the outlier columns when given.
+// code_sums (int32 [N]) is each row's sum of codes, which the VNNI and AMX GEMMs take off (Int8Weight keeps it);
+// without it they sum the rows on every call.
 at::Tensor cpu_linear(const at::Tensor& x, const at::Tensor& weight_q, const at::Tensor& weight_scale,
                       const std::optional<at::Tensor>& bias, double threshold,
-                      const std::optional<at::Tensor>& outlier_weight) {
+                      const std::optional<at::Tensor>& outlier_weight, const std::optional<at::Tensor>& code_sums) {
   const int x_dtype = check_operands("llmint8::cpu_linear", x, weight_q, weight_scale, bias);
   const int64_t N = weight_q.size(0), K = weight_q.size(1);
   TORCH_CHECK(weight_scale.scalar_type() == at::kFloat && weight_scale.dim() == 1 && weight_scale.size(0) == N,
@@ -66,13 +68,20 @@ at::Tensor cpu_linear(const at::Tensor& x, const at::Tensor& weight_q, const at:
                 outlier_weight->sizes());
     dtype_code(*outlier_weight, "outlier_weight");
   }
+  if (code_sums)
+    TORCH_CHECK(code_sums->device().is_cpu() && code_sums->scalar_type() == at::kInt && code_sums->dim() == 1 &&
+                    code_sums->size(0) == N,
+                "llmint8::cpu_linear: code_sums must be a CPU int32 [", N, "] tensor, got ", code_sums->scalar_type(),
+                " ", code_sums->sizes());
   const at::Tensor x_c = x.contiguous(), w_c = weight_q.contiguous(), s_c = weight_scale.contiguous();
   const at::Tensor b_c = bias ? bias->contiguous() : at::Tensor();
   const at::Tensor o_c = outlier_weight ? outlier_weight->contiguous() : at::Tensor();
+  const at::Tensor c_c = code_sums ? code_sums->contiguous() : at::Tensor();
   auto [y, M] = output_for(x, N);
   if (M == 0 || N == 0) return y;
   const int8pass::Linear args{
-      x_c.data_ptr(), x_dtype, M, K, w_c.data_ptr<int8_t>(), N, s_c.data_ptr<float>(),
+      x_c.data_ptr(), x_dtype, M, K, w_c.data_ptr<int8_t>(), N, code_sums ? c_c.data_ptr<int32_t>() : nullptr,
+      s_c.data_ptr<float>(),
       bias ? b_c.data_ptr() : nullptr, bias ? dtype_code(b_c, "bias") : 0, float(threshold),
       outlier_weight ? o_c.data_ptr() : nullptr, outlier_weight ? dtype_code(o_c, "outlier_weight") : 0,
       y.data_ptr()};
@@ -112,7 +121,7 @@ std::string cpu_linear_kernel(int64_t rows, int64_t in_features) {
 
 TORCH_LIBRARY_FRAGMENT(llmint8, m) {
   m.def("cpu_linear(Tensor x, Tensor weight_q, Tensor weight_scale, Tensor? bias, float threshold, "
-        "Tensor? outlier_weight=None) -> Tensor");
+        "Tensor? outlier_weight=None, Tensor? code_sums=None) -> Tensor");
   m.def("cpu_block_linear(Tensor x, Tensor weight_q, Tensor weight_scale, Tensor? bias, int block_size, "
         "float threshold) -> Tensor");
   m.def("cpu_linear_kernel(int rows, int in_features) -> str", &cpu_linear_kernel);

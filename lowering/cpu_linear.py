@@ -88,7 +88,7 @@ def library_path() -> Path | None:
     return path
 
 
-def _fake(x, weight_q, weight_scale, bias, threshold, outlier_weight=None):
+def _fake(x, weight_q, weight_scale, bias, threshold, outlier_weight=None, code_sums=None):
     check_linear_args(x, weight_q, weight_scale, bias)
     return x.new_empty((*x.shape[:-1], weight_q.shape[0]))
 

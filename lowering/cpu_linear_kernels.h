@@ -273,31 +273,40 @@ inline void code_offsets(const int8_t* w, int64_t ldw, int64_t rows, int64_t k0,
   }
 }
 
-// out[i, j] += sum over k in [k0, k1) of x_q[i, k] * w[j, k] for MB rows of x_u8 = x_q + 128 and NB rows of w, as dot
-// products along k. With offsets, those of code_offsets for these NB rows; without (nullptr), the tile sums each weight
-// vector itself, by the same instruction on a vector of ones (cheaper than a second pass up to STREAM_MAX_ROWS).
+// offsets[j] = 128 * sum over k in [0, k1) of the codes of weight row n0 + j, for the `rows` rows at w (row n0): from
+// the weight's code sums (sum over all K columns, int32 [N]) less any columns from k1 on, or, without them (nullptr),
+// summed here, a pass over the rows
+inline void row_offsets(const int32_t* code_sums, const int8_t* w, int64_t K, int64_t n0, int64_t rows, int64_t k1,
+                        uint32_t* offsets) {
+  if (code_sums == nullptr) return code_offsets(w, K, rows, 0, k1, offsets);
+  for (int64_t j = 0; j < rows; ++j) {
+    uint32_t sum = uint32_t(code_sums[n0 + j]);
+    for (int64_t k = k1; k < K; ++k) sum -= uint32_t(int32_t(w[j * K + k]));
+    offsets[j] = 128u * sum;
+  }
+}
+
+// out[i, j] += sum over k in [k0, k1) of x_u8[i, k] * w[j, k] for MB rows of x_u8 = x_q + 128 and NB rows of w, as
+// dot products along k (modulo 2^32: gemm_block takes off 128 * sum(w) once all of k is in). The weight's code sums
+// come with it, so a tile holds only its MB x NB sums: summing w here too took one more vpdpbusd per weight vector and
+// spilled at 4 x 4 (Zen 4, 4096 x 4096 in L3: 1 x 4 tiles 0.19 ms against 0.14, 4 x 4 0.52 against 0.26).
 // Decode streams the weight: each tile of up to STREAM_MAX_ROWS rows fetches the rows a tile or more ahead (PREFETCH_BYTES at
 // least) into L2 at the columns it reads. Measured on a Zen 4 EPYC from memory, one core: 13-14 GB/s fetching into L1
 // (T0), 20-22 into L2 (T1 or T2); 2 cores, 22-24 against 25-39, and on a 640-column weight 24 against 27 once it
 // fetched 15 KB ahead rather than 2.5. On a Zen 5 EPYC, 1 x 4 tiles read a weight in L3 at 150-165 GB/s, 1 x 8 at
 // 80-105.
 constexpr int64_t PREFETCH_BYTES = 16384;
-// Up to this many rows one tile covers them all, so the weight is streamed once (fetched ahead as above) and each tile
-// sums its own weight vectors; beyond, code_offsets does that once per block for several tiles. (Zen 4, 4096 x 14336 at
-// 4 rows: 2.1-2.3 ms streamed, 3.7-4.3 blocked.)
+// Up to this many rows one tile covers them all, so the weight is streamed once (fetched ahead as above); beyond, the
+// rows go 4 at a time over KC columns at a time, so that the block's columns stay in L2 between them.
 constexpr int64_t STREAM_MAX_ROWS = 4;
 
 template <int MB, int NB>
 inline void tile(const uint8_t* x, int64_t ldx, const int8_t* w, int64_t ldw, int32_t* out, int64_t ldo,
-                 int64_t k0, int64_t k1, const uint32_t* offsets) {
+                 int64_t k0, int64_t k1) {
   const int64_t ahead = NB * std::max<int64_t>(1, PREFETCH_BYTES / (NB * ldw)) * ldw;
-  const __m512i ones = _mm512_set1_epi8(1);
-  const bool sum_here = offsets == nullptr;
-  __m512i acc[MB][NB], sums[NB];
-  for (int j = 0; j < NB; ++j) {
-    sums[j] = _mm512_setzero_si512();
-    for (int i = 0; i < MB; ++i) acc[i][j] = _mm512_setzero_si512();
-  }
+  __m512i acc[MB][NB];
+  for (int i = 0; i < MB; ++i)
+    for (int j = 0; j < NB; ++j) acc[i][j] = _mm512_setzero_si512();
   int64_t k = k0;
   for (; k + 64 <= k1; k += 64) {
     __m512i xv[MB];
@@ -305,7 +314,6 @@ inline void tile(const uint8_t* x, int64_t ldx, const int8_t* w, int64_t ldw, in
     for (int j = 0; j < NB; ++j) {
       const __m512i wv = _mm512_loadu_si512(w + j * ldw + k);
       if (MB <= STREAM_MAX_ROWS) _mm_prefetch(reinterpret_cast<const char*>(w + j * ldw + ahead + k), _MM_HINT_T1);
-      if (sum_here) sums[j] = _mm512_dpbusd_epi32(sums[j], ones, wv);
       for (int i = 0; i < MB; ++i) acc[i][j] = _mm512_dpbusd_epi32(acc[i][j], xv[i], wv);
     }
   }
@@ -315,53 +323,50 @@ inline void tile(const uint8_t* x, int64_t ldx, const int8_t* w, int64_t ldw, in
     for (int i = 0; i < MB; ++i) xv[i] = _mm512_maskz_loadu_epi8(mask, x + i * ldx + k);
     for (int j = 0; j < NB; ++j) {
       const __m512i wv = _mm512_maskz_loadu_epi8(mask, w + j * ldw + k);
-      if (sum_here) sums[j] = _mm512_dpbusd_epi32(sums[j], ones, wv);
       for (int i = 0; i < MB; ++i) acc[i][j] = _mm512_dpbusd_epi32(acc[i][j], xv[i], wv);
     }
   }
-  for (int j = 0; j < NB; ++j) {
-    const uint32_t offset = sum_here ? 128u * uint32_t(_mm512_reduce_add_epi32(sums[j])) : offsets[j];
-    for (int i = 0; i < MB; ++i)
-      out[i * ldo + j] += int32_t(uint32_t(_mm512_reduce_add_epi32(acc[i][j])) - offset);
-  }
+  for (int i = 0; i < MB; ++i)
+    for (int j = 0; j < NB; ++j)
+      out[i * ldo + j] = int32_t(uint32_t(out[i * ldo + j]) + uint32_t(_mm512_reduce_add_epi32(acc[i][j])));
 }
 
 template <int MB, int NB>
 void row_block(const uint8_t* x, const int8_t* w, int32_t* out, int64_t ldo, int64_t K, int64_t rows, int64_t k0,
-               int64_t k1, const uint32_t* offsets) {
+               int64_t k1) {
   int64_t n = 0;
-  for (; n + NB <= rows; n += NB)
-    tile<MB, NB>(x, K, w + n * K, K, out + n, ldo, k0, k1, offsets ? offsets + n : nullptr);
-  for (; n < rows; ++n) tile<MB, 1>(x, K, w + n * K, K, out + n, ldo, k0, k1, offsets ? offsets + n : nullptr);
+  for (; n + NB <= rows; n += NB) tile<MB, NB>(x, K, w + n * K, K, out + n, ldo, k0, k1);
+  for (; n < rows; ++n) tile<MB, 1>(x, K, w + n * K, K, out + n, ldo, k0, k1);
 }
 
 // out[m, j] (+)= sum over k in [k0, k1) of X_q[m, k] * w[j, k] for the `rows` (at most NC) weight rows at w, from
-// x_u8 = X_q + 128 [M, K]; `add` keeps what out holds (the AMX kernel's part). For few rows (decode, and AMX's tails).
+// x_u8 = X_q + 128 [M, K] and offsets[j] = 128 * the sum of w[j, k] over [k0, k1); `add` keeps what out holds (the AMX
+// kernel's part). For few rows (decode, and AMX's tails).
 __attribute__((noinline)) inline void gemm_block(const uint8_t* x_u8, const int8_t* w, int32_t* out, int64_t ldo,
                                                  int64_t M, int64_t K, int64_t rows, int64_t k0, int64_t k1,
-                                                 bool add) {
+                                                 bool add, const uint32_t* offsets) {
   if (!add)
     for (int64_t m = 0; m < M; ++m) std::fill(out + m * ldo, out + m * ldo + rows, 0);
-  if (M <= STREAM_MAX_ROWS) {  // the weight streamed once over all of k; each tile sums its own weight vectors
-    if (M == 1) row_block<1, 4>(x_u8, w, out, ldo, K, rows, k0, k1, nullptr);
-    else if (M == 2) row_block<2, 6>(x_u8, w, out, ldo, K, rows, k0, k1, nullptr);
-    else if (M == 3) row_block<3, 4>(x_u8, w, out, ldo, K, rows, k0, k1, nullptr);
-    else row_block<4, 4>(x_u8, w, out, ldo, K, rows, k0, k1, nullptr);
-    return;
-  }
-  uint32_t offsets[NC];
-  for (int64_t kc = k0; kc < k1; kc += KC) {
-    const int64_t kc_end = std::min(kc + KC, k1);
-    code_offsets(w, K, rows, kc, kc_end, offsets);  // once for all rows' tiles
-    int64_t m = 0;
-    for (; m + 4 <= M; m += 4) row_block<4, 4>(x_u8 + m * K, w, out + m * ldo, ldo, K, rows, kc, kc_end, offsets);
-    switch (M - m) {
-      case 3: row_block<3, 4>(x_u8 + m * K, w, out + m * ldo, ldo, K, rows, kc, kc_end, offsets); break;
-      case 2: row_block<2, 6>(x_u8 + m * K, w, out + m * ldo, ldo, K, rows, kc, kc_end, offsets); break;
-      case 1: row_block<1, 8>(x_u8 + m * K, w, out + m * ldo, ldo, K, rows, kc, kc_end, offsets); break;
-      default: break;
+  if (M <= STREAM_MAX_ROWS) {  // the weight streamed once over all of k
+    if (M == 1) row_block<1, 4>(x_u8, w, out, ldo, K, rows, k0, k1);
+    else if (M == 2) row_block<2, 6>(x_u8, w, out, ldo, K, rows, k0, k1);
+    else if (M == 3) row_block<3, 4>(x_u8, w, out, ldo, K, rows, k0, k1);
+    else row_block<4, 4>(x_u8, w, out, ldo, K, rows, k0, k1);
+  } else {
+    for (int64_t kc = k0; kc < k1; kc += KC) {
+      const int64_t kc_end = std::min(kc + KC, k1);
+      int64_t m = 0;
+      for (; m + 4 <= M; m += 4) row_block<4, 4>(x_u8 + m * K, w, out + m * ldo, ldo, K, rows, kc, kc_end);
+      switch (M - m) {
+        case 3: row_block<3, 4>(x_u8 + m * K, w, out + m * ldo, ldo, K, rows, kc, kc_end); break;
+        case 2: row_block<2, 6>(x_u8 + m * K, w, out + m * ldo, ldo, K, rows, kc, kc_end); break;
+        case 1: row_block<1, 8>(x_u8 + m * K, w, out + m * ldo, ldo, K, rows, kc, kc_end); break;
+        default: break;
+      }
     }
   }
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t j = 0; j < rows; ++j) out[m * ldo + j] = int32_t(uint32_t(out[m * ldo + j]) - offsets[j]);
 }
 
 // ---- the same GEMM from 16 activation rows at a time, for prefill (PACKED_MIN_ROWS rows and more) ------------------
@@ -452,16 +457,17 @@ inline void transpose_minus(const int32_t* in, int64_t ld_in, const uint32_t* of
   for (int i = 0; i < 16; ++i) _mm512_storeu_si512(out + i * ld_out, r[i]);
 }
 
-// out[m, j] = X_q[m, :] . w[j, :] for the M rows of `packed` (pack_rows) and the `rows` (at most NC) weight rows at w;
-// out has room for M rounded up to 16 rows and NC columns. `c` is scratch of NC x (M rounded up to 16) int32.
+// out[m, j] = X_q[m, :] . w[j, :] for the M rows of `packed` (pack_rows) and the `rows` (at most NC) weight rows at w,
+// offsets[j] being 128 * the sum of w[j, k] over the first K / 4 * 4 columns (row_offsets); out has room for M rounded
+// up to 16 rows and NC columns. `c` is scratch of NC x (M rounded up to 16) int32.
 __attribute__((noinline)) inline void packed_gemm_block(const uint8_t* packed, const int8_t* x_q, const int8_t* w,
                                                         int32_t* out, int64_t ldo, int64_t M, int64_t K, int64_t rows,
-                                                        int32_t* c) {
+                                                        const uint32_t* offsets, int32_t* c) {
   constexpr int NB = 8;  // 2 x 8 accumulators (3 x 8 for an odd tile out); 2 x 8 and 4 x 6 measured alike, within 5%
   const int64_t tiles = (M + 15) / 16, ldc = tiles * 16, k4 = K / 4 * 4, tile_bytes = K / 4 * 64;
   const int64_t rows16 = (rows + 15) / 16 * 16;
-  uint32_t offsets[NC] = {};
-  code_offsets(w, K, rows, 0, k4, offsets);
+  uint32_t padded[NC] = {};  // transpose_minus takes 16 rows at a time
+  std::copy(offsets, offsets + rows, padded);
   if (rows < rows16) std::fill(c + rows * ldc, c + rows16 * ldc, 0);
   for (int64_t kc = 0; kc < k4; kc += PACKED_KC) {
     const int64_t kc_end = std::min(kc + PACKED_KC, k4);
@@ -490,7 +496,7 @@ __attribute__((noinline)) inline void packed_gemm_block(const uint8_t* packed, c
   }
   if (k4 == 0) std::fill(c, c + rows16 * ldc, 0);
   for (int64_t j = 0; j < rows16; j += 16)
-    for (int64_t t = 0; t < tiles; ++t) transpose_minus(c + j * ldc + t * 16, ldc, offsets + j, out + t * 16 * ldo + j, ldo);
+    for (int64_t t = 0; t < tiles; ++t) transpose_minus(c + j * ldc + t * 16, ldc, padded + j, out + t * 16 * ldo + j, ldo);
   for (int64_t m = 0; m < M; ++m)  // the last K % 4 columns
     for (int64_t j = 0; j < rows; ++j)
       for (int64_t k = k4; k < K; ++k) out[m * ldo + j] += int32_t(x_q[m * K + k]) * int32_t(w[j * K + k]);
@@ -784,6 +790,7 @@ struct Linear {
   int64_t M, K;
   const int8_t* w;  // [N, K] codes, contiguous
   int64_t N;
+  const int32_t* code_sums;  // [N], each row's sum of codes (what the VNNI and AMX kernels take off), or nullptr
   const float* s_w;  // [N]
   const void* bias;  // [N] in bias_dtype, or nullptr
   int bias_dtype;
@@ -852,15 +859,24 @@ inline void linear(const Linear& a, Kernel kernel) {
       for (int64_t b = 0; b < blocks; ++b) {
         const int64_t n0 = b * NC, rows = std::min(N, n0 + NC) - n0;
         const int8_t* w = a.w + n0 * K;
+        uint32_t offsets[NC];
         if (kernel == Kernel::Amx) {  // full 16-row groups over full 64-column tiles; the rest by VNNI
           const int64_t k_main = K / 64 * 64;
           const int64_t done = amx::gemm_block(tiles, w, acc, NC, mc, K, rows);
-          if (k_main < K && done) vnni::gemm_block(xu, w, acc, NC, mc, K, done, k_main, K, true);
-          if (done < rows) vnni::gemm_block(xu, w + done * K, acc + done, NC, mc, K, rows - done, 0, K, false);
+          if (k_main < K && done) {
+            vnni::code_offsets(w, K, done, k_main, K, offsets);
+            vnni::gemm_block(xu, w, acc, NC, mc, K, done, k_main, K, true, offsets);
+          }
+          if (done < rows) {
+            vnni::row_offsets(a.code_sums, w + done * K, K, n0 + done, rows - done, K, offsets);
+            vnni::gemm_block(xu, w + done * K, acc + done, NC, mc, K, rows - done, 0, K, false, offsets);
+          }
         } else if (xp) {
-          vnni::packed_gemm_block(xp, xq, w, acc, NC, mc, K, rows, transposed);
+          vnni::row_offsets(a.code_sums, w, K, n0, rows, K / 4 * 4, offsets);
+          vnni::packed_gemm_block(xp, xq, w, acc, NC, mc, K, rows, offsets, transposed);
         } else if (kernel == Kernel::Avx512Vnni) {
-          vnni::gemm_block(xu, w, acc, NC, mc, K, rows, 0, K, false);
+          vnni::row_offsets(a.code_sums, w, K, n0, rows, K, offsets);
+          vnni::gemm_block(xu, w, acc, NC, mc, K, rows, 0, K, false, offsets);
         } else {
           avx2::gemm_block(xq, w, acc, NC, mc, K, rows);
         }

@@ -31,24 +31,27 @@ def linear(
     bias: torch.Tensor | None,
     threshold: float,
     outlier_weight: torch.Tensor | None = None,
+    code_sums: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """`outlier_weight` (optional, [N, K] floating) replaces the dequantized weight for the outlier columns."""
-    check_linear_args(x, weight_q, weight_scale, bias)
+    """`outlier_weight` (optional, [N, K] floating) replaces the dequantized weight for the outlier columns.
+    `code_sums` (optional, int32 [N]) is each row's sum of weight_q, as Int8Weight keeps it: not part of the math,
+    it saves the CPU kernel a pass over the weight on every call (cpu_linear.cpp)."""
+    check_linear_args(x, weight_q, weight_scale, bias, code_sums)
     return reference.linear(x, weight_q, weight_scale, bias, threshold, outlier_weight)
 
 
 @linear.register_fake
-def _(x, weight_q, weight_scale, bias, threshold, outlier_weight=None):
-    check_linear_args(x, weight_q, weight_scale, bias)
+def _(x, weight_q, weight_scale, bias, threshold, outlier_weight=None, code_sums=None):
+    check_linear_args(x, weight_q, weight_scale, bias, code_sums)
     return x.new_empty((*x.shape[:-1], weight_scale.shape[0]))
 
 
-def linear_on_cpu(x, weight_q, weight_scale, bias, threshold, outlier_weight=None):
+def linear_on_cpu(x, weight_q, weight_scale, bias, threshold, outlier_weight=None, code_sums=None):
     """llmint8::linear on CPU: the C++ kernel where it runs (cpu_linear.py), else the reference steps with
     torch._int_mm."""
-    check_linear_args(x, weight_q, weight_scale, bias)
+    check_linear_args(x, weight_q, weight_scale, bias, code_sums)
     if cpu_linear.runs(x, weight_q):
-        return torch.ops.llmint8.cpu_linear(x, weight_q, weight_scale, bias, threshold, outlier_weight)
+        return torch.ops.llmint8.cpu_linear(x, weight_q, weight_scale, bias, threshold, outlier_weight, code_sums)
     x2d = x.reshape(-1, x.shape[-1])
     x_q, s_x, indices, count = reference.quantize_activation(x2d, threshold)
     # weight_q is [N, K] row-major, so its transpose is the column-major [K, N] operand _int_mm wants
@@ -58,11 +61,12 @@ def linear_on_cpu(x, weight_q, weight_scale, bias, threshold, outlier_weight=Non
     return reference.dequantize_output(x, acc, s_x, weight_scale, outliers, bias)
 
 
-def triton_linear(x, weight_q, weight_scale, bias, threshold, outlier_weight=None):
-    """llmint8::linear on Triton devices: the single-kernel form for few rows, else quantization then the GEMM."""
+def triton_linear(x, weight_q, weight_scale, bias, threshold, outlier_weight=None, code_sums=None):
+    """llmint8::linear on Triton devices: the single-kernel form for few rows, else quantization then the GEMM (which
+    multiply signed codes, so need no code sums)."""
     from int8pass.lowering import triton_gemm  # Triton is optional: only Triton devices get here
 
-    check_linear_args(x, weight_q, weight_scale, bias)
+    check_linear_args(x, weight_q, weight_scale, bias, code_sums)
     x2d = x.reshape(-1, weight_q.shape[1])
     if statically_known_true(x2d.shape[0] <= triton_gemm.FUSED_MAX_M):
         y = torch.ops.llmint8.fused_linear(x2d, weight_q, weight_scale, bias, threshold, outlier_weight)
@@ -72,18 +76,18 @@ def triton_linear(x, weight_q, weight_scale, bias, threshold, outlier_weight=Non
     return y.reshape(*x.shape[:-1], weight_q.shape[0])
 
 
-def decompose(x, weight_q, weight_scale, bias, threshold, outlier_weight=None):
+def decompose(x, weight_q, weight_scale, bias, threshold, outlier_weight=None, code_sums=None):
     """llmint8::linear as the ops Inductor compiles for x's device (NotImplemented: keep the op)."""
     if uses_triton(x.device):
-        return triton_linear(x, weight_q, weight_scale, bias, threshold, outlier_weight)
+        return triton_linear(x, weight_q, weight_scale, bias, threshold, outlier_weight, code_sums)
     if x.device.type == "cpu":
-        return linear_on_cpu(x, weight_q, weight_scale, bias, threshold, outlier_weight)
+        return linear_on_cpu(x, weight_q, weight_scale, bias, threshold, outlier_weight, code_sums)
     return NotImplemented
 
 
 def register_input_and_bias_grads(op, dequantize) -> None:
-    """Gradients of an int8 linear op (x, weight_q, weight_scale, bias, then two non-tensor arguments) for x and the
-    bias (a frozen int8 weight with a trainable bias, or adapters trained on its output): through the weight
+    """Gradients of an int8 linear op (x, weight_q, weight_scale, bias, then what `dequantize` takes after the codes
+    and scales) for x and the bias (a frozen int8 weight with a trainable bias, or adapters trained on its output): through the weight
     `dequantize(weight_q, weight_scale, *the other two)` gives, as bitsandbytes' Linear8bitLt; the codes and scales
     get none."""
 
@@ -96,7 +100,7 @@ def register_input_and_bias_grads(op, dequantize) -> None:
         weight_q, weight_scale = ctx.saved_tensors
         grad_x = (grad.float() @ dequantize(weight_q, weight_scale, *ctx.rest)).to(ctx.x_dtype)
         grad_bias = None if ctx.bias_dtype is None else grad.reshape(-1, grad.shape[-1]).float().sum(0).to(ctx.bias_dtype)
-        return grad_x, None, None, grad_bias, None, None
+        return grad_x, None, None, grad_bias, *(None for _ in ctx.rest)
 
     op.register_autograd(backward, setup_context=setup_context)
 

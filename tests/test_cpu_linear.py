@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 import int8pass
 from int8pass import reference
+from int8pass.int8_weight import code_sums
 from int8pass.lowering import cpu_linear
 from tests.helpers import outlier_activation, within_bound
 
@@ -33,12 +34,14 @@ def using(kernel):
             os.environ["INT8PASS_CPU_KERNEL"] = previous
 
 
-def accumulator(x_q, w_q):
+def accumulator(x_q, w_q, with_sums):
     """X_q . W_q^T as the kernel computes it, read through the op: x = X_q / 127 with a code of 127 in every row makes
     s_x = 1 and gives back X_q exactly, s_w = 127^2 makes the epilogue multiply by exactly 1, and fp32 holds the int32
-    exactly below 2^24."""
+    exactly below 2^24. with_sums: given the weight's code sums, as an Int8Weight passes them (without, the VNNI and
+    AMX kernels sum the rows themselves)."""
     x = x_q.float() / reference.Q_MAX
-    return torch.ops.llmint8.cpu_linear(x, w_q, torch.full((w_q.shape[0],), reference.Q_MAX**2), None, 6.0)
+    sums = code_sums(w_q) if with_sums else None
+    return torch.ops.llmint8.cpu_linear(x, w_q, torch.full((w_q.shape[0],), reference.Q_MAX**2), None, 6.0, None, sums)
 
 
 def codes(m, k, n, seed, limit=127):
@@ -59,13 +62,14 @@ def test_kernel_choice_follows_the_rows_and_the_cap():
 
 @pytest.mark.parametrize("kernel", KERNELS)
 @settings(max_examples=40, deadline=None)
-@given(m=st.integers(1, 40), n=st.integers(1, 150), k=st.integers(1, 300), seed=st.integers(0, 2**16))
-def test_accumulator_is_the_reference_at_every_tile_edge(kernel, m, n, k, seed):
+@given(m=st.integers(1, 40), n=st.integers(1, 150), k=st.integers(1, 300), seed=st.integers(0, 2**16),
+       with_sums=st.booleans())
+def test_accumulator_is_the_reference_at_every_tile_edge(kernel, m, n, k, seed, with_sums):
     # m, n and k straddle every kernel's tiles (3 x 4 x 32, 4 x 4 x 64, VNNI's packed 16-row tiles: one alone from 12
     # rows, in twos and threes from 17; AMX's 16 x 16 x 64) and the 64-row blocks
     x_q, w_q = codes(m, k, n, seed)
     with using(kernel):
-        assert torch.equal(accumulator(x_q, w_q), reference.exact_int_matmul(x_q, w_q).float())
+        assert torch.equal(accumulator(x_q, w_q, with_sums), reference.exact_int_matmul(x_q, w_q).float())
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
@@ -73,15 +77,17 @@ def test_accumulator_is_the_reference_at_every_tile_edge(kernel, m, n, k, seed):
 # (4, ...): VNNI's 4 x 4 tiles streaming a long K; (16, ...): one packed tile
 @pytest.mark.parametrize("m, n, k", [(1, 4096, 4096), (4, 300, 14336), (16, 130, 4160), (33, 64, 4096), (100, 70, 1000),
                                      (600, 70, 4096), (48, 100, 4102)])
-def test_accumulator_is_the_reference_at_model_sizes(kernel, m, n, k):
+@pytest.mark.parametrize("with_sums", [False, True])
+def test_accumulator_is_the_reference_at_model_sizes(kernel, m, n, k, with_sums):
     x_q, w_q = codes(m, k, n, seed=m, limit=31)  # |acc| < 2^24: exact in the fp32 output
     with using(kernel):
-        assert torch.equal(accumulator(x_q, w_q), reference.exact_int_matmul(x_q, w_q).float())
+        assert torch.equal(accumulator(x_q, w_q, with_sums), reference.exact_int_matmul(x_q, w_q).float())
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("m", [1, 7, 64])
-def test_extreme_codes_never_saturate(kernel, m):
+@pytest.mark.parametrize("with_sums", [False, True])
+def test_extreme_codes_never_saturate(kernel, m, with_sums):
     # |x_q| = 127 against w_q = -128 and 127: every int16 pair of AVX2's vpmaddubsw at its largest magnitude, and
     # VNNI's X_q + 128 at 255
     k = 4096
@@ -92,7 +98,7 @@ def test_extreme_codes_never_saturate(kernel, m):
     w_q[1::3, ::2] = -127
     want = reference.exact_int_matmul(x_q, w_q)
     with using(kernel):
-        got = accumulator(x_q, w_q)
+        got = accumulator(x_q, w_q, with_sums)
     assert want.abs().max() > 2**24 and torch.equal(got, want.float())  # past 2^24: compared as fp32 rounds them
 
 
@@ -176,12 +182,15 @@ def test_rejects_what_it_cannot_run():
         torch.ops.llmint8.cpu_linear(torch.zeros(2, 32), w_q, torch.ones(7), None, 6.0)
     with pytest.raises(RuntimeError, match="weight_q must be int8"):
         torch.ops.llmint8.cpu_linear(torch.zeros(2, 32), w_q.float(), torch.ones(8), None, 6.0)
+    with pytest.raises(RuntimeError, match="code_sums must be a CPU int32 \\[8\\]"):
+        torch.ops.llmint8.cpu_linear(torch.zeros(2, 32), w_q, torch.ones(8), None, 6.0, None, torch.zeros(8))
 
 
 def test_opcheck():
     x = outlier_activation(5, 64, torch.bfloat16, outlier_cols=[9])
     w_q, s_w = reference.quantize_weight(torch.randn(16, 64) * 0.1)
     torch.library.opcheck(torch.ops.llmint8.cpu_linear.default, (x, w_q, s_w, torch.randn(16).bfloat16(), 6.0))
+    torch.library.opcheck(torch.ops.llmint8.cpu_linear.default, (x, w_q, s_w, None, 6.0, None, code_sums(w_q)))
 
 
 def test_compiled_linears_are_one_call_of_the_kernel(tmp_path):
