@@ -305,8 +305,9 @@ def _replace(gm, match: LinearMatch, weight: Int8Weight, options: Options, layer
                 (match.x, codes, scale, match.bias, weight.block_size, threshold),
             )
         else:
+            sums = graph.call_function(getattr, (match.weight, "code_sums"))
             new = graph.call_function(
-                torch.ops.llmint8.linear.default, (match.x, codes, scale, match.bias, threshold, outlier_weight),
+                torch.ops.llmint8.linear.default, (match.x, codes, scale, match.bias, threshold, outlier_weight, sums),
             )
     new.meta.update(node.meta)
     node.replace_all_uses_with(new)

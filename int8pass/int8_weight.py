@@ -13,7 +13,9 @@ weight is an Int8Weight still works as that module:
 - `torch.save` / `torch.load` (weights_only included, once int8pass is imported) round-trip it exactly.
 
 The codes are the one copy of the weight on every device: the CPU kernel (int8pass/lowering/cpu_linear_kernels.h)
-and the Triton kernels read this row-major layout as it is, so nothing is packed or duplicated.
+and the Triton kernels read this row-major layout as it is, so nothing is packed or duplicated. Beside them it keeps
+each row's sum of codes (int32 [N], 4 bytes a row): the CPU kernel's VNNI and AMX GEMMs multiply X_q + 128 and take
+128 times that sum off, which they would otherwise compute with a pass over the weight on every call.
 """
 
 from __future__ import annotations
@@ -54,6 +56,14 @@ def quantize_rows(weight: torch.Tensor, block_size: int = 0) -> tuple[torch.Tens
     return codes, scale
 
 
+def code_sums(codes: torch.Tensor) -> torch.Tensor:
+    """Each row's sum of the int8 codes [N, K], as int32 [N] (exact: at most 128 K). On CPU as an int8 GEMM with
+    columns of ones, which runs at ~7 GB/s where torch's int8 sum runs at ~0.7 (a 14336 x 4096 weight: 8 ms)."""
+    if codes.device.type == "cpu":
+        return torch._int_mm(codes, codes.new_ones((codes.shape[1], 8)))[:, 0].contiguous()
+    return codes.sum(1, dtype=torch.int32)
+
+
 def all_finite(weight: torch.Tensor) -> bool:
     """No NaN or Inf in a 2-D weight, checked a block of rows at a time (no whole-weight temporaries either)."""
     rows = max(1, _QUANTIZE_BLOCK_ELEMENTS // max(1, weight.shape[-1]))
@@ -66,6 +76,7 @@ class Int8Weight(torch.Tensor):
     codes: int8 [N, K], row-major
     scale: fp32 [N], the row absmax s_w; in block mode bf16 [N, ceil(K / block_size)], the block scales d_w
     block_size: 0 (LLM.int8(): one scale per row), or the columns per scale of block mode (32, 64 or 128)
+    code_sums: int32 [N], each row's sum of codes (`code_sums`), for the CPU kernel; None in block mode
     original: the floating-point weight, in the face's shape, when kept (`keep_fp_weights`, a weight also read in
         floating point, `outlier_weights="original"`); None otherwise
     transposed: the face is W^T [K, N] (GPT-2's Conv1D stores [in, out]); the codes are [N, K] either way
@@ -74,6 +85,7 @@ class Int8Weight(torch.Tensor):
 
     codes: torch.Tensor
     scale: torch.Tensor
+    code_sums: torch.Tensor | None
     original: torch.Tensor | None
     transposed: bool
     threshold: float
@@ -81,16 +93,17 @@ class Int8Weight(torch.Tensor):
 
     @staticmethod
     def __new__(cls, codes, scale, *, dtype, shape, transposed=False, threshold=DEFAULT_THRESHOLD, original=None,
-                block_size=0):
+                block_size=0, code_sums=None):
         # contiguous face strides: what the floating-point weight it replaces had (Dynamo guards compare them)
         return torch.Tensor._make_wrapper_subclass(
             cls, shape, dtype=dtype, device=scale.device, requires_grad=False
         )
 
     def __init__(self, codes, scale, *, dtype, shape, transposed=False, threshold=DEFAULT_THRESHOLD, original=None,
-                 block_size=0):
+                 block_size=0, code_sums=None):
         self.codes = codes
         self.scale = scale
+        self.code_sums = code_sums
         self.original = original
         self.transposed = transposed
         self.threshold = float(threshold)
@@ -137,13 +150,15 @@ class Int8Weight(torch.Tensor):
         shape = (k, n) if transposed else (n, k)
         if original is not None and tuple(original.shape) != shape:
             raise ValueError(f"Int8Weight original must have shape {shape}, got {tuple(original.shape)}")
-        return cls(codes.contiguous(), scale.contiguous(), dtype=dtype, shape=shape, transposed=transposed,
-                   threshold=threshold, original=original, block_size=block_size)
+        codes = codes.contiguous()
+        return cls(codes, scale.contiguous(), dtype=dtype, shape=shape, transposed=transposed, threshold=threshold,
+                   original=original, block_size=block_size, code_sums=None if block_size else code_sums(codes))
 
     def _like(self, **changes) -> "Int8Weight":
         """A new wrapper over the same inner tensors (views, detach), with some attributes changed."""
         fields = dict(codes=self.codes, scale=self.scale, dtype=self.dtype, transposed=self.transposed,
-                      threshold=self.threshold, original=self.original, block_size=self.block_size)
+                      threshold=self.threshold, original=self.original, block_size=self.block_size,
+                      code_sums=self.code_sums)
         fields.update(changes)
         n, k = self.out_features, self.in_features
         shape = (k, n) if fields["transposed"] else (n, k)
@@ -162,9 +177,10 @@ class Int8Weight(torch.Tensor):
 
     @property
     def int8_nbytes(self) -> int:
-        """Bytes of the codes and scales, plus the original when kept."""
+        """Bytes of the codes, scales and code sums, plus the original when kept."""
         kept = self.original.numel() * self.original.element_size() if self.original is not None else 0
-        return self.out_features * self.in_features + self.scale.numel() * self.scale.element_size() + kept
+        sums = 4 * self.out_features if self.code_sums is not None else 0
+        return self.out_features * self.in_features + self.scale.numel() * self.scale.element_size() + sums + kept
 
     def dequantize(self) -> torch.Tensor:
         """W^ = W_q * s_w / 127 (block mode: W_q * d_w) as a plain tensor of the face's shape and dtype."""
@@ -187,7 +203,7 @@ class Int8Weight(torch.Tensor):
             run = block_linear_on_cpu if eager_cpu else torch.ops.llmint8.block_linear
             return run(x, self.codes, self.scale, bias, self.block_size, self.threshold)
         run = linear_on_cpu if eager_cpu else torch.ops.llmint8.linear
-        return run(x, self.codes, self.scale, bias, self.threshold)
+        return run(x, self.codes, self.scale, bias, self.threshold, None, self.code_sums)
 
     def __repr__(self, *, tensor_contents=None) -> str:
         kept = ", original kept" if self.original is not None else ""
@@ -199,6 +215,8 @@ class Int8Weight(torch.Tensor):
 
     def __tensor_flatten__(self):
         names = ["codes", "scale"]
+        if self.code_sums is not None:
+            names.append("code_sums")
         if self.original is not None:
             names.append("original")
         return names, (self.dtype, self.transposed, self.threshold, self.block_size)
@@ -207,7 +225,8 @@ class Int8Weight(torch.Tensor):
     def __tensor_unflatten__(inner, meta, outer_size, outer_stride):
         dtype, transposed, threshold, block_size = meta
         return Int8Weight(inner["codes"], inner["scale"], dtype=dtype, shape=outer_size, transposed=transposed,
-                          threshold=threshold, original=inner.get("original"), block_size=block_size)
+                          threshold=threshold, original=inner.get("original"), block_size=block_size,
+                          code_sums=inner.get("code_sums"))
 
     def _stable_hash_for_caching(self) -> str:
         """AOT autograd's cache key for this weight as a graph input: what a compiled graph depends on (the face, the
@@ -277,6 +296,8 @@ class Int8Weight(torch.Tensor):
     def _store(self, codes: torch.Tensor, scale: torch.Tensor, values: torch.Tensor | None) -> None:
         self.scale.copy_(scale)
         self.codes.copy_(codes)
+        if self.code_sums is not None:
+            self.code_sums.copy_(code_sums(self.codes))
         if self.original is not None:
             self.original.copy_(values if values is not None else self.dequantize())
 

@@ -34,7 +34,7 @@ def test_report_accounts_for_every_linear_with_reasons():
     assert by_name["head"].reason == "skipped by option skip_modules"
     assert by_name["tiny"].reason == "too small: min(N, K) = 4 < min_features = 8"
     assert by_name["up"].weight_bytes_before == 64 * 32 * 4
-    assert by_name["up"].weight_bytes_after == 64 * 32 + 64 * 4
+    assert by_name["up"].weight_bytes_after == 64 * 32 + 64 * 4 + 64 * 4  # codes, scales, code sums
     assert by_name["head"].weight_bytes_after == by_name["head"].weight_bytes_before
     table = report.table()
     for name in by_name:

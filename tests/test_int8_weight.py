@@ -26,6 +26,7 @@ def test_codes_and_scales_are_the_reference_bit_for_bit(transposed, monkeypatch)
     w = Int8Weight.from_float(stored, transposed=transposed)
     want_codes, want_scale = reference.quantize_weight(weight)
     assert torch.equal(w.codes, want_codes) and torch.equal(w.scale, want_scale)
+    assert w.code_sums.dtype == torch.int32 and torch.equal(w.code_sums, want_codes.sum(1, dtype=torch.int32))
     assert w.shape == stored.shape and w.dtype == torch.bfloat16 and not w.requires_grad
     assert w.out_features == 24 and w.in_features == 40
     assert torch.equal(w.dequantize(), ((want_codes.float() * (want_scale / 127)[:, None]).to(torch.bfloat16).t()
@@ -82,10 +83,13 @@ def test_in_place_writes_requantize_into_the_same_tensors():
     w.copy_(new)
     want_codes, want_scale = reference.quantize_weight(new)
     assert torch.equal(w.codes, want_codes) and torch.equal(w.scale, want_scale)
+    sums = w.code_sums
+    assert torch.equal(sums, want_codes.sum(1, dtype=torch.int32))
     assert w.scale is scale and w.codes is codes  # compiled graphs read these same tensors
     other = Int8Weight.from_float(weight)
     w.copy_(other)  # int8 into int8: the codes as they are
     assert torch.equal(w.codes, other.codes) and torch.equal(w.scale, other.scale)
+    assert w.code_sums is sums and torch.equal(sums, other.code_sums)
     with pytest.raises(RuntimeError, match="cannot write into an Int8Weight"):
         w.resize_(3, 3)
     with pytest.raises(RuntimeError, match="cannot write into an Int8Weight"):
