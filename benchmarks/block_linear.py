@@ -23,6 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from int8pass import reference  # noqa: E402
+from int8pass.int8_weight import code_sums  # noqa: E402
 from int8pass.lowering import cpu_linear  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -83,12 +84,13 @@ def main():
     for n, k in SHAPES:
         weight = torch.randn(n, k, generator=torch.Generator().manual_seed(n + k)) * 0.02
         w_q, s_w = reference.quantize_weight(weight)
+        sums = code_sums(w_q)  # as an Int8Weight keeps them
         blocks = {size: reference.quantize_weight_blocks(weight, size) for size in reference.BLOCK_SIZES}
         for m in ROWS:
             x = activation(m, k)
             calls = {
-                "default t6": lambda: torch.ops.llmint8.cpu_linear(x, w_q, s_w, None, 6.0),
-                "default t0": lambda: torch.ops.llmint8.cpu_linear(x, w_q, s_w, None, 0.0),
+                "default t6": lambda: torch.ops.llmint8.cpu_linear(x, w_q, s_w, None, 6.0, code_sums=sums),
+                "default t0": lambda: torch.ops.llmint8.cpu_linear(x, w_q, s_w, None, 0.0, code_sums=sums),
                 **{f"block {size}": (lambda size=size: torch.ops.llmint8.cpu_block_linear(
                     x, blocks[size][0], blocks[size][1], None, size, 0.0)) for size in reference.BLOCK_SIZES},
             }

@@ -15,7 +15,7 @@ ratio to the best int8 engine takes the faster of the two (a one-linear compiled
 which a model's graph pays once per forward).
 On CPU it also measures the memory bandwidth (a 1 GiB copy and a 1 GiB read) and, at M = 1, the rate at which
 llmint8 reads the int8 weight: in the timed calls (one weight, cached where it fits) and from memory (one call on
-each of 1 GiB of distinct weights); it records which GEMM kernel each M ran. On CUDA it counts the kernels one llmint8
+each of 1 GiB of distinct weights, beside an fp32 sum reading the same bytes in the same rounds); it records which GEMM kernel each M ran. On CUDA it counts the kernels one llmint8
 call launches (profiler). The variants take turns, 3 rounds per shape and M; each round's time is the median of
 repeats that stop once two batches agree, and the fastest round's is reported (every round's min, median and max go
 to the JSON, with the machine: CPU model and ISA flags, versions, threads). Prints a markdown table and writes
@@ -30,6 +30,7 @@ import argparse
 import copy
 import json
 import logging
+import statistics
 import sys
 from pathlib import Path
 
@@ -87,21 +88,32 @@ def memory_bandwidth() -> dict:
 COLD_BYTES = 1 << 30  # more than any CPU cache holds
 
 
-def cold_weight_rate(n: int, k: int) -> float:
+def cold_weight_rate(n: int, k: int) -> dict:
     """GB/s at which the llmint8 kernel reads n x k int8 weights at M = 1 from memory, as a model's decode step reads
     its layers: one call on each of enough distinct weights to pass COLD_BYTES, so none is still cached when read
-    again; best of 3 sweeps. The kernel op itself (what a compiled graph calls), without Dynamo's per-graph cost."""
+    again. The kernel op itself (what a compiled graph calls, with the code sums an Int8Weight keeps), without
+    Dynamo's per-graph cost. Each of 3 rounds also reads the same weights with an fp32 sum, right after the kernel's
+    sweep: this host's bandwidth drifts over minutes, so the kernel's share of it comes from the same round."""
     count = max(2, COLD_BYTES // (n * k))
     codes = [torch.randint(-127, 128, (n, k), dtype=torch.int8) for _ in range(count)]
+    sums = [int8pass.int8_weight.code_sums(weight_q) for weight_q in codes]
     scale = torch.rand(n) + 0.5
     x = activations(1, k, torch.bfloat16, 0.005)
 
-    def sweep():
-        for weight_q in codes:
-            torch.ops.llmint8.cpu_linear(x, weight_q, scale, None, 6.0)
+    def kernel_sweep():
+        for weight_q, code_sums in zip(codes, sums):
+            torch.ops.llmint8.cpu_linear(x, weight_q, scale, None, 6.0, code_sums=code_sums)
 
-    sweep()
-    return round(count * n * k / min(timed(sweep) for _ in range(3)) / 1e9, 1)
+    def read_sweep():
+        for weight_q in codes:
+            weight_q.view(torch.float32).sum()
+
+    kernel_sweep()
+    rounds = [(timed(kernel_sweep), timed(read_sweep)) for _ in range(3)]
+    gb = count * n * k / 1e9
+    best = min(rounds)
+    return {"kernel_GBps": round(gb / best[0], 1), "read_GBps": round(gb / best[1], 1),
+            "kernel_over_read": round(statistics.median(read / kernel for kernel, read in rounds), 2)}
 
 
 def timed(fn) -> float:
@@ -235,16 +247,26 @@ def main():
                 if m == 1 and "llmint8" in row:  # decode reads the weight once: its rate is what counts
                     row["llmint8 weight GB/s"] = round(n * k / row["llmint8"] / 1e6, 1)
                     if bandwidth and cpu_linear.available():
-                        row["llmint8 weight GB/s from memory"] = cold_weight_rate(n, k)
+                        cold = cold_weight_rate(n, k)
+                        row["llmint8 weight GB/s from memory"] = cold["kernel_GBps"]
+                        row["read GB/s from memory"] = cold["read_GBps"]
+                        row["llmint8 / read from memory"] = cold["kernel_over_read"]
                 rows.append(row)
                 print(" ".join(f"{key}={value}" for key, value in row.items() if key != "ms"), flush=True)
 
     write(rows, bandwidth, args.results)
 
 
+def from_memory(row: dict) -> str:
+    """The cold-weight rate cell: GB/s, and its share of an fp32 sum's read rate in the same rounds."""
+    if "llmint8 weight GB/s from memory" not in row:
+        return ""
+    return f"{row['llmint8 weight GB/s from memory']} ({row['llmint8 / read from memory']:.2f}x read)"
+
+
 def write(rows: list[dict], bandwidth: dict | None, results: Path) -> None:
     facts = ("N", "K", "M", "ms", "llmint8 kernels", "llmint8 kernel", "llmint8 weight GB/s",
-             "llmint8 weight GB/s from memory")
+             "llmint8 weight GB/s from memory", "read GB/s from memory", "llmint8 / read from memory")
     names = list(dict.fromkeys(key for row in rows for key in row if key not in facts))
     peers_here = [name for name in INT8_PEERS if name in names]
     machine = describe() if DEVICE == "cpu" else {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
@@ -259,7 +281,7 @@ def write(rows: list[dict], bandwidth: dict | None, results: Path) -> None:
         best = f"{min(timed_peers) / min(ours):.2f}x" if timed_peers and ours else "n/a"
         vs_bf16 = f"{row['bf16 eager'] / row['llmint8']:.2f}x" if "bf16 eager" in row and "llmint8" in row else "n/a"
         tail = (f" {row.get('llmint8 kernel', 'n/a')} | {row.get('llmint8 weight GB/s', '')} |"
-                f" {row.get('llmint8 weight GB/s from memory', '')} |" if DEVICE == "cpu"
+                f" {from_memory(row)} |" if DEVICE == "cpu"
                 else f" {row.get('llmint8 kernels', 'n/a')} |")
         lines.append(f"| {row['N']} x {row['K']} | {row['M']} | " + " | ".join(cells)
                      + (f" | {best} |" if peers_here else " |") + f" {vs_bf16} |" + tail)
@@ -272,10 +294,12 @@ def write(rows: list[dict], bandwidth: dict | None, results: Path) -> None:
                     f"{min(m1)}-{max(m1)} GB/s ({min(m1) / bandwidth['read_GBps']:.2f}-"
                     f"{max(m1) / bandwidth['read_GBps']:.2f}x the read bandwidth: repeated calls of one weight, which "
                     "stays in the CPU's cache where it fits)." if m1 else "")
-        cold = [row["llmint8 weight GB/s from memory"] for row in rows if "llmint8 weight GB/s from memory" in row]
-        caption += (f" From memory (one call on each of 1 GiB of distinct weights, as a decode step reads its layers) "
-                    f"the kernel reads them at {min(cold)}-{max(cold)} GB/s: {min(cold) / bandwidth['read_GBps']:.2f}-"
-                    f"{max(cold) / bandwidth['read_GBps']:.2f}x the read bandwidth." if cold else "")
+        cold = [row for row in rows if "llmint8 weight GB/s from memory" in row]
+        caption += (" From memory (one call on each of 1 GiB of distinct weights, as a decode step reads its layers) "
+                    "the kernel reads them at " + ", ".join(
+                        f"{row['N']}x{row['K']} {row['llmint8 weight GB/s from memory']} GB/s"
+                        f" ({row['llmint8 / read from memory']:.2f}x an fp32 sum's {row['read GB/s from memory']},"
+                        " same rounds)" for row in cold) + "." if cold else "")
     table = caption + "\n\n" + "\n".join(lines)
     print("\n" + table)
     results.mkdir(parents=True, exist_ok=True)

@@ -22,6 +22,7 @@ from machine import describe  # noqa: E402
 
 import int8pass  # noqa: E402, F401  (registers the backend's ops)
 from int8pass import reference  # noqa: E402
+from int8pass.int8_weight import code_sums  # noqa: E402
 from int8pass.lowering import cpu_linear  # noqa: E402
 
 
@@ -32,6 +33,7 @@ def main():
     linear = torch.nn.Linear(k, n).eval().to(torch.bfloat16)
     compiled = torch.compile(copy.deepcopy(linear), backend="llmint8", dynamic=False)
     w_q, s_w = reference.quantize_weight(linear.weight)
+    sums = code_sums(w_q)  # as an Int8Weight keeps them
     rows = []
     with torch.no_grad():
         for kernel in cpu_linear.kernels():
@@ -41,8 +43,8 @@ def main():
                 row = {"kernel": cpu_linear.kernel(m, k), "M": m}
                 for name, fn in (
                     ("compiled", compiled),
-                    ("op", lambda x: torch.ops.llmint8.cpu_linear(x, w_q, s_w, linear.bias, 6.0)),
-                    ("op, threshold 0", lambda x: torch.ops.llmint8.cpu_linear(x, w_q, s_w, linear.bias, 0.0)),
+                    ("op", lambda x: torch.ops.llmint8.cpu_linear(x, w_q, s_w, linear.bias, 6.0, code_sums=sums)),
+                    ("op, threshold 0", lambda x: torch.ops.llmint8.cpu_linear(x, w_q, s_w, linear.bias, 0.0, code_sums=sums)),
                 ):
                     row[name] = time_stats(fn, x, 1.0)
                 rows.append(row)

@@ -16,7 +16,8 @@ it in `CausalLMLogits(model)` (its logits for input_ids, without a KV cache) bef
 `model` holds Int8Weights (from `quantize_`, `from_pretrained`, or a model compiled with backend="llmint8" and run
 once). The exported program is decomposed to core ATen: each int8 linear is one llmint8::linear (or
 llmint8::block_linear) node on the weight's codes and scales, which torch.export lifts from the Int8Weight into plain
-int8 and fp32 (bf16 in block mode) parameters (`<layer>.parametrizations.weight.original0` and `original1`). The
+int8 codes, fp32 scales (bf16 in block mode) and int32 code sums (none in block mode): the parameters
+`<layer>.parametrizations.weight.original0`, `original1` and `original2`. The
 floating-point weight is not in it, except where the Int8Weight keeps its original (`keep_fp_weights`,
 `outlier_weights="original"`, a weight also read in floating point).
 
