@@ -12,12 +12,14 @@ The checkpoints carry Llama 2's SentencePiece vocabulary (from llama.cpp's model
 to the vocabulary size), which the converter needs; neither side tokenizes text here.
 
 llama.cpp: `llama-bench -p PROMPT -n 0` (prefill of PROMPT tokens) and `-p 0 -n STEPS` (STEPS tokens generated from
-an empty context), `-t THREADS -r 3`, with its default weight repacking (its AMX and VNNI layouts) and with
+an empty context), `-t THREADS -r 1`, with its default weight repacking (its AMX and VNNI layouts) and with
 `--repack 0`; a run that fails is reported as failed. llmint8 and bf16 eager (HF transformers): a PROMPT-token
 prefill (logits of the last token only, as llama.cpp computes), then STEPS decode steps with a KV cache after it (so
 each attends to PROMPT more tokens than llama.cpp's), timing the forward passes (the greedy choice of the next token
-between them is not timed: llama-bench samples nothing), best of 3, each variant in its own process with a fresh
-Inductor cache. llmint8 runs with the output head in bf16 (the default) and in int8 (skip_modules=[]), and once more
+between them is not timed: llama-bench samples nothing). Each of those variants is a worker process with a fresh
+Inductor cache, started and compiled one at a time, then kept waiting. The variants take turns, ROUNDS rounds of one
+measurement each: this host's memory bandwidth drifts over minutes, so each round's ratio to the best llama.cpp
+Q8_0 of the same round is what is compared (its median over the rounds), beside each variant's best round. llmint8 runs with the output head in bf16 (the default) and in int8 (skip_modules=[]), and once more
 with the int8 head and PyTorch's guard_filter_fn=torch.compiler.skip_guard_on_all_nn_modules_unsafe (Dynamo then
 checks no module attributes or parameters before each call: right for a model that is only run, not changed).
 
@@ -33,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -140,36 +143,105 @@ def prepare_model(name: str, tree: Path, work: Path) -> tuple[Path, dict[str, Pa
 
 
 def llama_bench(tree: Path, gguf: Path, test: list[str], threads: int, repack: bool) -> dict | str:
-    """One llama-bench test (["-p", "64", "-n", "0"] or ["-p", "0", "-n", "16"]), 3 repetitions: its JSON record, or
-    why it failed (llama.cpp's AMX repacking crashed prefill with SIGILL on the AMX machine measured)."""
+    """One llama-bench test (["-p", "64", "-n", "0"] or ["-p", "0", "-n", "16"]), one repetition after its warm-up:
+    its JSON record, or why it failed (llama.cpp's AMX repacking crashed prefill with SIGILL on the AMX machine
+    measured)."""
     out = subprocess.run([str(tree / "build" / "bin" / "llama-bench"), "-m", str(gguf), *test, "-t", str(threads),
-                          "-r", "3", "--repack", str(int(repack)), "-o", "json"], capture_output=True, text=True)
+                          "-r", "1", "--repack", str(int(repack)), "-o", "json"], capture_output=True, text=True)
     if out.returncode != 0:
         return f"exit {out.returncode}" + (" (SIGILL)" if out.returncode in (-4, 132) else "")
     return json.loads(out.stdout)[0]
 
 
-def llama_cpp_rows(tree: Path, name: str, ggufs: dict[str, Path], prompt: int, steps: int, threads: int) -> list[dict]:
+class LlamaCpp:
+    """One llama.cpp variant (a GGUF, with or without repacking): a measurement is a llama-bench prefill and decode."""
+
+    def __init__(self, tree: Path, outtype: str, gguf: Path, repack: bool, prompt: int, steps: int, threads: int):
+        self.name = f"llama.cpp {outtype.upper()}" + ("" if repack else ", --repack 0")
+        self.tree, self.gguf, self.repack, self.prompt, self.steps, self.threads = tree, gguf, repack, prompt, steps, threads
+        self.facts: dict = {}
+
+    def measure(self) -> dict:
+        result = {}
+        for metric, test in (("prefill_tokens_per_s", ["-p", str(self.prompt), "-n", "0"]),
+                             ("decode_tokens_per_s", ["-p", "0", "-n", str(self.steps)])):
+            record = llama_bench(self.tree, self.gguf, test, self.threads, self.repack)
+            if isinstance(record, str):
+                result[metric] = None
+                self.facts.setdefault("failed", []).append(f"{metric.split('_')[0]}: {record}")
+            else:
+                result[metric] = round(record["avg_ts"], 2)
+                self.facts.update(build=record.get("build_commit"), backends=record.get("backends"))
+        return result
+
+    def close(self):
+        pass
+
+
+class Worker:
+    """One PyTorch variant in its own process (a fresh Inductor cache): loaded and compiled when started, then one
+    measurement per request."""
+
+    def __init__(self, variant: str, checkpoint: Path, prompt: int, steps: int):
+        self.name = variant
+        self.cache = tempfile.TemporaryDirectory()
+        self.log = Path(self.cache.name) / "stderr.txt"
+        with self.log.open("w") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, __file__, "--variant", variant, "--checkpoint", str(checkpoint), "--prompt",
+                 str(prompt), "--steps", str(steps)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log,
+                text=True, env={**os.environ, "TORCHINDUCTOR_CACHE_DIR": self.cache.name})
+        self.facts = self._reply()  # load_s, first_generate_s
+
+    def _reply(self) -> dict:
+        """The worker's next JSON line (anything else a library writes to its stdout is skipped)."""
+        for line in self.process.stdout:
+            if line.startswith("{"):
+                return json.loads(line)
+        raise RuntimeError(f"{self.name} exited with {self.process.wait()}:\n{self.log.read_text()[-2000:]}")
+
+    def measure(self) -> dict:
+        self.process.stdin.write("run\n")
+        self.process.stdin.flush()
+        return self._reply()
+
+    def close(self):
+        self.process.stdin.close()
+        self.process.wait()
+        self.cache.cleanup()
+
+
+ROUNDS = 5
+
+
+def model_rows(name: str, variants: list, rounds: int) -> list[dict]:
+    """Each variant measured once per round, the variants taking turns: each variant's best round, and the median over
+    the rounds of its ratio to that round's best llama.cpp Q8_0."""
+    measured = {variant.name: [] for variant in variants}
+    for _ in range(rounds):
+        for variant in variants:
+            measured[variant.name].append(variant.measure())
     rows = []
-    for outtype, gguf in ggufs.items():
-        for repack in (True, False):  # repacking: llama.cpp's AMX / VNNI weight layouts (its default)
-            row = {"model": name, "variant": f"llama.cpp {outtype.upper()}" + ("" if repack else ", --repack 0")}
-            for metric, test, tokens in (("prefill_tokens_per_s", ["-p", str(prompt), "-n", "0"], prompt),
-                                         ("decode_tokens_per_s", ["-p", "0", "-n", str(steps)], steps)):
-                result = llama_bench(tree, gguf, test, threads, repack)
-                if isinstance(result, str):
-                    row[metric] = None
-                    row.setdefault("failed", []).append(f"{metric.split('_')[0]}: {result}")
-                else:
-                    row[metric] = round(result["avg_ts"], 2)
-                    row.update(build=result.get("build_commit"), backends=result.get("backends"))
-            rows.append(row)
-            print(row, flush=True)
+    for variant in variants:
+        row = {"model": name, "variant": variant.name, **variant.facts, "rounds": measured[variant.name]}
+        for metric in ("prefill_tokens_per_s", "decode_tokens_per_s"):
+            values = [round_[metric] for round_ in measured[variant.name] if round_[metric]]
+            row[metric] = max(values) if values else None
+            ratios = []
+            for r in range(rounds):
+                q8 = [measured[v.name][r][metric] for v in variants if v.name.startswith("llama.cpp Q8_0")]
+                ours, best = measured[variant.name][r][metric], max((value for value in q8 if value), default=None)
+                if ours and best:
+                    ratios.append(ours / best)
+            row[metric.replace("tokens_per_s", "vs_q8_0")] = round(statistics.median(ratios), 3) if ratios else None
+        rows.append(row)
+        print({key: value for key, value in row.items() if key != "rounds"}, flush=True)
     return rows
 
 
-def run_variant(variant: str, checkpoint: Path, prompt: int, steps: int) -> dict:
-    """One variant in this process: load, compile, then PROMPT-token prefills and STEPS decode steps."""
+def serve_variant(variant: str, checkpoint: Path, prompt: int, steps: int) -> None:
+    """A worker: load and compile one variant, print its load and compile times, then for each line read from stdin
+    one PROMPT-token prefill and STEPS decode steps, printing their tokens/s (stdout is this protocol's)."""
     import transformers
     from transformers import DynamicCache
 
@@ -203,56 +275,55 @@ def run_variant(variant: str, checkpoint: Path, prompt: int, steps: int) -> dict
             token = logits[:, -1:].argmax(-1)
         return prefill, decode
 
+    reply, sys.stdout = sys.stdout, sys.stderr  # stdout carries the replies only
     with torch.no_grad():
         start = time.perf_counter()
         generate()  # compiles: the prefill, the first decode step, then the dynamic decode graph
         first_s = time.perf_counter() - start
         generate()
-        runs = [generate() for _ in range(3)]
-    prefill, decode = min(run[0] for run in runs), min(run[1] for run in runs)
-    return {"variant": variant, "prefill_tokens_per_s": round(prompt / prefill, 1),
-            "decode_tokens_per_s": round(steps / decode, 2), "load_s": round(load_s, 1),
-            "first_generate_s": round(first_s, 1)}
+        print(json.dumps({"load_s": round(load_s, 1), "first_generate_s": round(first_s, 1)}), file=reply, flush=True)
+        for _ in sys.stdin:  # one measurement per request, until the orchestrator closes stdin
+            prefill, decode = generate()
+            print(json.dumps({"prefill_tokens_per_s": round(prompt / prefill, 1),
+                              "decode_tokens_per_s": round(steps / decode, 2)}), file=reply, flush=True)
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--variant", choices=VARIANTS, help="run one variant in this process and print its JSON")
+    parser.add_argument("--variant", choices=VARIANTS, help="be the worker of one variant (what the main run starts)")
     parser.add_argument("--checkpoint", type=Path)
     parser.add_argument("--llama-cpp", type=Path, help="a llama.cpp source tree with build/bin/llama-bench")
     parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
     parser.add_argument("--prompt", type=int, default=64)
     parser.add_argument("--steps", type=int, default=64)
     parser.add_argument("--work", type=Path, default=None, help="where checkpoints are written (default: the cache)")
+    parser.add_argument("--rounds", type=int, default=ROUNDS)
     args = parser.parse_args()
     threads = torch.get_num_threads()
     if args.variant:
-        print(json.dumps(run_variant(args.variant, args.checkpoint, args.prompt, args.steps)))
+        serve_variant(args.variant, args.checkpoint, args.prompt, args.steps)
         return
     tree = args.llama_cpp or build_llama_cpp()
     work = args.work or cache_root() / "llamacpp-checkpoints"
     rows = []
     for name in args.models:
         checkpoint, ggufs = prepare_model(name, tree, work)
-        rows += llama_cpp_rows(tree, name, ggufs, args.prompt, args.steps, threads)
-        for variant in VARIANTS:
-            with tempfile.TemporaryDirectory() as cache:  # compiles are cold: a fresh Inductor cache per variant
-                out = subprocess.run([sys.executable, __file__, "--variant", variant, "--checkpoint", str(checkpoint),
-                                      "--prompt", str(args.prompt), "--steps", str(args.steps)],
-                                     capture_output=True, text=True, env={**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache})
-            if out.returncode != 0:
-                print(f"{variant} on {name} failed:\n{out.stderr[-2000:]}", file=sys.stderr)
-                continue
-            rows.append({"model": name, **json.loads(out.stdout.strip().splitlines()[-1])})
-            print(rows[-1], flush=True)
-    lines = ["| model | variant | prefill tokens/s | decode tokens/s | prefill vs best llama.cpp Q8_0 | "
-             "decode vs best llama.cpp Q8_0 | first generate s |", "|---|---|---|---|---|---|---|"]
+        variants = [LlamaCpp(tree, outtype, gguf, repack, args.prompt, args.steps, threads)
+                    for outtype, gguf in ggufs.items() for repack in (True, False)]  # repacking: its default
+        try:
+            for variant in VARIANTS:  # started one at a time, so that each compiles alone
+                try:
+                    variants.append(Worker(variant, checkpoint, args.prompt, args.steps))
+                except RuntimeError as error:
+                    print(f"{variant} on {name} failed: {error}", file=sys.stderr)
+            rows += model_rows(name, variants, args.rounds)
+        finally:
+            for variant in variants:
+                variant.close()
+    lines = ["| model | variant | prefill tokens/s | decode tokens/s | prefill vs llama.cpp Q8_0 | "
+             "decode vs llama.cpp Q8_0 | first generate s |", "|---|---|---|---|---|---|---|"]
     for row in rows:
-        q8 = [r for r in rows if r["model"] == row["model"] and r["variant"].startswith("llama.cpp Q8_0")]
-        cells = []
-        for metric in ("prefill_tokens_per_s", "decode_tokens_per_s"):
-            best = max((r[metric] for r in q8 if r[metric]), default=None)
-            cells.append(f"{row[metric] / best:.2f}x" if row[metric] and best else "n/a")
+        cells = [f"{row[key]:.2f}x" if row[key] else "n/a" for key in ("prefill_vs_q8_0", "decode_vs_q8_0")]
         shown = [str(row[m]) if row[m] is not None else "failed" for m in ("prefill_tokens_per_s", "decode_tokens_per_s")]
         lines.append(f"| {row['model']} | {row['variant']} | {shown[0]} | {shown[1]} | {cells[0]} | {cells[1]} | "
                      f"{row.get('first_generate_s', '')} |")
@@ -260,7 +331,9 @@ def main():
     caption = (f"Prefill of {args.prompt} tokens, {args.steps} decode steps, batch 1, {threads} threads on both sides. "
                + "; ".join(f"{name}: d={s['hidden']}, {s['layers']} layers, ffn {s['ffn']}, vocab {s['vocab']}"
                            for name, s in MODELS.items() if name in args.models)
-               + f". llama.cpp {rows[0].get('build')} ({rows[0].get('backends')}), with its default weight repacking "
+               + f". {args.rounds} rounds, the variants taking turns: tokens/s are each variant's best round, the "
+               "ratios the median over the rounds of each round's ratio to that round's faster llama.cpp Q8_0. "
+               f"llama.cpp {rows[0].get('build')} ({rows[0].get('backends')}), with its default weight repacking "
                "and with --repack 0; failures: "
                + ("; ".join(f"{r['variant']} on {r['model']}: {', '.join(r['failed'])}" for r in rows if r.get("failed"))
                   or "none") + f". {summary(machine)}")
