@@ -86,10 +86,10 @@ def decompose(x, weight_q, weight_scale, bias, threshold, outlier_weight=None, c
 
 
 def register_input_and_bias_grads(op, dequantize) -> None:
-    """Gradients of an int8 linear op (x, weight_q, weight_scale, bias, then what `dequantize` takes after the codes
-    and scales) for x and the bias (a frozen int8 weight with a trainable bias, or adapters trained on its output): through the weight
-    `dequantize(weight_q, weight_scale, *the other two)` gives, as bitsandbytes' Linear8bitLt; the codes and scales
-    get none."""
+    """Gradients of an int8 linear op (x, weight_q, weight_scale, bias, then the rest of its arguments) for x and the
+    bias (a frozen int8 weight with a trainable bias, or adapters trained on its output): through the weight
+    `dequantize(weight_q, weight_scale, *the rest)` gives, as bitsandbytes' Linear8bitLt; the codes, the scales and
+    the rest get none."""
 
     def setup_context(ctx, inputs, output):
         x, weight_q, weight_scale, bias, *rest = inputs
