@@ -11,21 +11,24 @@ run the same weights:
 The checkpoints carry Llama 2's SentencePiece vocabulary (from llama.cpp's models/ggml-vocab-llama-spm.gguf, padded
 to the vocabulary size), which the converter needs; neither side tokenizes text here.
 
-llama.cpp: `llama-bench -p PROMPT -n 0` (prefill of PROMPT tokens) and `-p 0 -n STEPS` (STEPS tokens generated from
-an empty context), `-t THREADS -r 1`, with its default weight repacking (its AMX and VNNI layouts) and with
+llama.cpp: `llama-bench -p PROMPT -n 0` (prefill of PROMPT tokens) and `-p 0 -n STEPS -d PROMPT` (STEPS tokens
+generated after a context of PROMPT tokens), `-t THREADS -r 1`, with its default weight repacking (its AMX and VNNI layouts) and with
 `--repack 0`; a run that fails is reported as failed. llmint8 and bf16 eager (HF transformers): a PROMPT-token
-prefill (logits of the last token only, as llama.cpp computes), then STEPS decode steps with a KV cache after it (so
-each attends to PROMPT more tokens than llama.cpp's), timing the forward passes (the greedy choice of the next token
+prefill (logits of the last token only, as llama.cpp computes), then STEPS decode steps with a KV cache after it (the
+same context as llama.cpp's decode), timing the forward passes (the greedy choice of the next token
 between them is not timed: llama-bench samples nothing). Each of those variants is a worker process with a fresh
 Inductor cache, started and compiled one at a time, then kept waiting. The variants take turns, ROUNDS rounds of one
 measurement each: this host's memory bandwidth drifts over minutes, so each round's ratio to the best llama.cpp
 Q8_0 of the same round is what is compared (its median over the rounds), beside each variant's best round. llmint8 runs with the output head in bf16 (the default) and in int8 (skip_modules=[]), and once more
 with the int8 head and PyTorch's guard_filter_fn=torch.compiler.skip_guard_on_all_nn_modules_unsafe (Dynamo then
-checks no module attributes or parameters before each call: right for a model that is only run, not changed).
+checks no module attributes or parameters before each call: right for a model that is only run, not changed), and
+once with the int8 head and cpu_attention="native" (PyTorch's own bf16 attention kernel, where the default on CPUs
+without AMX computes attention in float32: int8pass/attention.py). --variants picks some of the PyTorch variants;
+--prompt sets the context (a long one shows the attention's share), and --name the results' file name.
 
 llama.cpp is built from the llama-cpp-python sdist on PyPI (vendor/llama.cpp, cmake, about 20 minutes on 2 cores)
 into ~/.cache/int8pass/llama.cpp unless --llama-cpp names a built tree. Prints a table, writes
-benchmarks/results/llamacpp.{json,md}.
+benchmarks/results/NAME.{json,md} (default llamacpp).
 
     bash tools/dev.sh bench-llamacpp
 """
@@ -53,7 +56,8 @@ MODELS = {
     "llama": dict(layers=8, hidden=2048, ffn=5632, vocab=32000),
     "small linears, large vocabulary": dict(layers=18, hidden=640, ffn=2048, vocab=262144),
 }
-VARIANTS = ["llmint8", "llmint8, int8 head", "llmint8, int8 head, no module guards", "bf16 eager"]
+VARIANTS = ["llmint8", "llmint8, int8 head", "llmint8, int8 head, no module guards",
+            "llmint8, int8 head, native attention", "bf16 eager"]
 
 
 def cache_root() -> Path:
@@ -164,7 +168,7 @@ class LlamaCpp:
     def measure(self) -> dict:
         result = {}
         for metric, test in (("prefill_tokens_per_s", ["-p", str(self.prompt), "-n", "0"]),
-                             ("decode_tokens_per_s", ["-p", "0", "-n", str(self.steps)])):
+                             ("decode_tokens_per_s", ["-p", "0", "-n", str(self.steps), "-d", str(self.prompt)])):
             record = llama_bench(self.tree, self.gguf, test, self.threads, self.repack)
             if isinstance(record, str):
                 result[metric] = None
@@ -254,9 +258,10 @@ def serve_variant(variant: str, checkpoint: Path, prompt: int, steps: int) -> No
     else:
         options = {"skip_modules": []} if "int8 head" in variant else {}
         model = int8pass.from_pretrained(checkpoint, dtype=torch.bfloat16, **options)
-        guards = ({"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
-                  if variant.endswith("no module guards") else None)
-        forward = torch.compile(model.forward, backend="llmint8", options=guards)
+        compile_options = {"cpu_attention": "native"} if variant.endswith("native attention") else {}
+        if variant.endswith("no module guards"):
+            compile_options["guard_filter_fn"] = torch.compiler.skip_guard_on_all_nn_modules_unsafe
+        forward = torch.compile(model.forward, backend="llmint8", options=compile_options)
     load_s = time.perf_counter() - start
     vocab = model.config.vocab_size
 
@@ -298,6 +303,8 @@ def main():
     parser.add_argument("--steps", type=int, default=64)
     parser.add_argument("--work", type=Path, default=None, help="where checkpoints are written (default: the cache)")
     parser.add_argument("--rounds", type=int, default=ROUNDS)
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=VARIANTS, help="the PyTorch variants run")
+    parser.add_argument("--name", default="llamacpp", help="results file name under benchmarks/results")
     args = parser.parse_args()
     threads = torch.get_num_threads()
     if args.variant:
@@ -311,7 +318,7 @@ def main():
         variants = [LlamaCpp(tree, outtype, gguf, repack, args.prompt, args.steps, threads)
                     for outtype, gguf in ggufs.items() for repack in (True, False)]  # repacking: its default
         try:
-            for variant in VARIANTS:  # started one at a time, so that each compiles alone
+            for variant in args.variants:  # started one at a time, so that each compiles alone
                 try:
                     variants.append(Worker(variant, checkpoint, args.prompt, args.steps))
                 except RuntimeError as error:
@@ -328,7 +335,8 @@ def main():
         lines.append(f"| {row['model']} | {row['variant']} | {shown[0]} | {shown[1]} | {cells[0]} | {cells[1]} | "
                      f"{row.get('first_generate_s', '')} |")
     machine = describe()
-    caption = (f"Prefill of {args.prompt} tokens, {args.steps} decode steps, batch 1, {threads} threads on both sides. "
+    caption = (f"Prefill of {args.prompt} tokens, {args.steps} decode steps after them (llama-bench -d {args.prompt}), "
+               f"batch 1, {threads} threads on both sides. "
                + "; ".join(f"{name}: d={s['hidden']}, {s['layers']} layers, ffn {s['ffn']}, vocab {s['vocab']}"
                            for name, s in MODELS.items() if name in args.models)
                + f". {args.rounds} rounds, the variants taking turns: tokens/s are each variant's best round, the "
@@ -340,8 +348,8 @@ def main():
     table = caption + "\n\n" + "\n".join(lines)
     print("\n" + table)
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "llamacpp.md").write_text(table + "\n")
-    (RESULTS / "llamacpp.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
+    (RESULTS / f"{args.name}.md").write_text(table + "\n")
+    (RESULTS / f"{args.name}.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
                                                        "machine": machine, "rows": rows}, indent=2) + "\n")
 
 

@@ -9,7 +9,7 @@ import torch
 
 from int8pass import lowering
 from int8pass.lowering import inductor_api as inductor
-from int8pass import fx_pass, inspect, process_memory
+from int8pass import attention, fx_pass, inspect, process_memory
 from int8pass.options import Options
 from int8pass.report import log, new_report
 
@@ -37,6 +37,7 @@ def llmint8(gm: torch.fx.GraphModule, example_inputs, *, options: dict[str, Any]
     before = inspect.readable(gm) if opts.dump_dir else ""
     with inductor.config.patch(config_patches):  # new int8 weights take the layout this compile reads
         fx_pass.rewrite_linears(gm, example_inputs, opts, report)
+    report.float32_attention = attention.compute_in_float32(gm, opts.cpu_attention, report.graph_id)
     if opts.dump_dir:
         config_patches.update(inspect.inductor_trace_patches(opts.dump_dir, report))
     compiled = inductor.compile_fx(gm, example_inputs, config_patches=config_patches)

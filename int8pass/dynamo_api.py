@@ -120,8 +120,9 @@ def calling_module(node: torch.fx.Node, root_expression: str) -> tuple[str, type
     return (shown[len(root) + 1:], cls) if shown.startswith(root + ".") else None
 
 
-# F.linear as Dynamo records it in a graph
+# F.linear and F.scaled_dot_product_attention as Dynamo records them in a graph
 TRACED_LINEAR = torch._C._nn.linear
+TRACED_SDPA = torch._C._nn.scaled_dot_product_attention
 
 
 def uncompiled(module: torch.nn.Module) -> torch.nn.Module:

@@ -19,6 +19,7 @@ DEFAULT_THRESHOLD = 6.0
 BLOCK_DEFAULT_THRESHOLD = 0.0
 DTYPE_NAMES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 OUTLIER_WEIGHTS = ("dequantized", "original")
+CPU_ATTENTION = ("auto", "float32", "native")
 
 ModulePredicate = Callable[[str], bool]
 
@@ -42,6 +43,10 @@ class Options:
     block_size: 0 (the default: LLM.int8(), one scale per row of W and of X), or 32, 64 or 128: block mode
         (docs/design.md §1b), one scale per block of that many consecutive input features of each weight row and of
         each activation row, calibrate-free; its threshold defaults to BLOCK_DEFAULT_THRESHOLD (no outlier split).
+    cpu_attention: "auto" (the default), "float32" or "native": how scaled_dot_product_attention on bf16/fp16 CPU
+        tensors runs. "float32" casts q, k, v to float32 and the result back, "native" leaves PyTorch's kernel,
+        "auto" is "float32" on CPUs without AMX, where PyTorch's reduced-precision kernel is 2.8-4x slower at
+        decode (int8pass/attention.py).
     stats: collect runtime outlier statistics per layer (int8pass.outlier_stats(); cost in int8pass/stats.py).
     dump_dir: directory for graph/report dumps (default: $INT8PASS_DUMP_DIR if set).
     inductor: extra Inductor config patches, passed through to compile_fx.
@@ -54,6 +59,7 @@ class Options:
     outlier_weights: str = "dequantized"
     keep_fp_weights: bool = False
     block_size: int = 0
+    cpu_attention: str = "auto"
     stats: bool = False
     dump_dir: str | None = None
     inductor: dict[str, Any] = field(default_factory=dict)
@@ -77,6 +83,7 @@ class Options:
             outlier_weights=_choice("outlier_weights", values.get("outlier_weights", "dequantized"), OUTLIER_WEIGHTS),
             keep_fp_weights=_bool("keep_fp_weights", values.get("keep_fp_weights", False)),
             block_size=_choice("block_size", values.get("block_size", 0), (0, *BLOCK_SIZES)),
+            cpu_attention=_choice("cpu_attention", values.get("cpu_attention", "auto"), CPU_ATTENTION),
             stats=_bool("stats", values.get("stats", False)),
             dump_dir=_dump_dir(values.get("dump_dir", os.environ.get("INT8PASS_DUMP_DIR"))),
             inductor=_inductor(values.get("inductor", {})),

@@ -21,7 +21,7 @@ from int8pass.options import Options
 from int8pass.report import log
 
 # Options that only mean something to a compile
-COMPILE_ONLY = ("stats", "dump_dir", "inductor")
+COMPILE_ONLY = ("stats", "dump_dir", "inductor", "cpu_attention")
 
 
 def load_options(options: dict) -> Options:

@@ -35,6 +35,7 @@ class CompileReport:
     graph_id: int
     layers: list[LayerRecord] = field(default_factory=list)
     released_bytes: int = 0  # fp weight storage freed after this graph was compiled
+    float32_attention: int = 0  # bf16/fp16 CPU attention calls computed in float32 (option cpu_attention)
 
     @property
     def rewritten(self) -> list[LayerRecord]:
