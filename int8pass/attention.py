@@ -1,10 +1,10 @@
 """Attention on CPUs: bfloat16/float16 scaled_dot_product_attention computed in float32 (option cpu_attention).
 
 PyTorch's CPU flash attention multiplies reduced-precision q, k and v with the BLAS's bf16 GEMV/GEMM. Without AMX
-that path is slow: on a Zen 4 EPYC (AVX512-BF16, no AMX), 2 threads, one decode query of 5 heads x 128 against 1
-KV head, 135 us at 100 keys and 1056 us at 1000, against 48 and 249 us for the same call in float32, casts
-included (benchmarks/cpu_attention.py). At 18 layers that is more than a decode step's int8 linears. So on such
-CPUs the backend casts q, k, v (and a floating-point mask) to float32 and the result back to the inputs' dtype.
+that path is slow at decode: on a Zen 4 EPYC (AVX512-BF16, no AMX), 2 threads, one query token of 5 heads x 128
+against 1 KV head took 113 us at 128 keys and 699 us at 1024, against 56 and 185 us for the same call in float32,
+casts included (2.0-4.9x over the shapes of benchmarks/cpu_attention.py; a prefill costs 0.84-1.02x as much either
+way). So on such CPUs the backend casts q, k, v (and a floating-point mask) to float32 and the result back.
 The softmax and both products then round as fp32 throughout, which is at least as accurate as the bf16 kernel
 (whose accumulators are fp32 too); the output is rounded to the inputs' dtype once, as before.
 """

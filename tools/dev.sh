@@ -11,6 +11,7 @@
 #   bash tools/dev.sh bench-model   # model-level: prefill/decode tokens/s and memory vs the same peers
 #   bash tools/dev.sh bench-llamacpp  # model level vs llama.cpp Q8_0 and BF16 on the same checkpoints (builds
 #                                     # llama.cpp from the llama-cpp-python sdist the first time: ~20 minutes)
+#   bash tools/dev.sh bench-attention  # CPU attention: PyTorch's bf16 kernel against the float32 call (cpu_attention)
 #   bash tools/dev.sh bench-memory  # process RSS loading a 1.1 GiB bf16 checkpoint: bf16, llmint8, bitsandbytes
 #   bash tools/dev.sh bench-big     # a bf16 checkpoint larger than RAM (26.6 GiB written to disk), int8 via int8pass
 #   bash tools/dev.sh bench-deploy  # AOTInductor packages, bf16 and int8: size, fresh-process load, tokens/s
@@ -131,8 +132,9 @@ case "${1:-}" in
   bench-linear) shift; exec "$PY" benchmarks/linear.py "$@" ;;
   bench-model) shift; exec "$PY" benchmarks/cpu_model.py "$@" ;;
   bench-llamacpp) shift; exec "$PY" benchmarks/llamacpp.py "$@" ;;
+  bench-attention) shift; exec "$PY" benchmarks/cpu_attention.py "$@" ;;
   bench-memory) shift; exec "$PY" benchmarks/memory.py "$@" ;;
   bench-big) shift; exec "$PY" benchmarks/big_model.py "$@" ;;
   bench-deploy) shift; exec "$PY" benchmarks/deploy.py "$@" ;;
-  *) echo "usage: bash tools/dev.sh demo|test|test-oldest|bench|accuracy|bench-linear|bench-model|bench-llamacpp|bench-memory|bench-big|bench-deploy|test-torch211 [args]" >&2; exit 2 ;;
+  *) echo "usage: bash tools/dev.sh demo|test|test-oldest|bench|accuracy|bench-linear|bench-model|bench-llamacpp|bench-attention|bench-memory|bench-big|bench-deploy|test-torch211 [args]" >&2; exit 2 ;;
 esac
