@@ -15,6 +15,7 @@ import torch
 import torch.fx as fx
 
 from int8pass import cpu_api, dynamo_api
+from int8pass.fx_pass import argument, example_value
 from int8pass.report import log
 
 SDPA_FUNCTIONS = {dynamo_api.TRACED_SDPA, torch.nn.functional.scaled_dot_product_attention,
@@ -28,15 +29,6 @@ def runs_in_float32(choice: str) -> bool:
     return choice == "float32" or (choice == "auto" and not cpu_api.has_amx())
 
 
-def _value(node) -> torch.Tensor | None:
-    value = node.meta.get("example_value", node.meta.get("val")) if isinstance(node, fx.Node) else None
-    return value if isinstance(value, torch.Tensor) else None
-
-
-def _operand(node: fx.Node, index: int, name: str):
-    return node.args[index] if len(node.args) > index else node.kwargs.get(name)
-
-
 def compute_in_float32(gm: fx.GraphModule, choice: str, graph_id: int) -> int:
     """Rewrite each CPU scaled_dot_product_attention of `gm` on bf16/fp16 inputs to run in float32 (see the module
     docstring) when cpu_attention=`choice` says so; returns how many were rewritten."""
@@ -46,14 +38,14 @@ def compute_in_float32(gm: fx.GraphModule, choice: str, graph_id: int) -> int:
     for node in list(graph.nodes):
         if node.op != "call_function" or node.target not in SDPA_FUNCTIONS:
             continue
-        query = _value(_operand(node, 0, "query"))
+        query = example_value(argument(node, 0, "query"))
         if query is None or query.device.type != "cpu" or query.dtype not in REDUCED:
             continue
         args, kwargs = list(node.args), dict(node.kwargs)
         with graph.inserting_before(node):
             for index, name in enumerate(("query", "key", "value", "attn_mask")):
-                operand = _operand(node, index, name)
-                value = _value(operand)
+                operand = argument(node, index, name)
+                value = example_value(operand)
                 if value is None or not value.is_floating_point():
                     continue  # no mask, or a boolean one
                 cast = graph.call_method("to", (operand, torch.float32))

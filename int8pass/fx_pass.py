@@ -46,7 +46,8 @@ class LinearMatch:
     problem: str = ""  # a structural reason not to rewrite (alpha/beta, bias shape)
 
 
-def _arg(node: fx.Node, index: int, name: str, default=None):
+def argument(node: fx.Node, index: int, name: str, default=None):
+    """A call node's argument, given by position or by keyword."""
     if len(node.args) > index:
         return node.args[index]
     return node.kwargs.get(name, default)
@@ -82,7 +83,7 @@ def _weight_source(operand: fx.Node) -> tuple[fx.Node, list[fx.Node], int]:
 
 def match_linear(node: fx.Node) -> LinearMatch | None:
     if node.op == "call_function" and node.target in LINEAR_FUNCTIONS:
-        x, w, bias = _arg(node, 0, "input"), _arg(node, 1, "weight"), _arg(node, 2, "bias")
+        x, w, bias = argument(node, 0, "input"), argument(node, 1, "weight"), argument(node, 2, "bias")
         source, chain, flips = _weight_source(w)
         return LinearMatch(node, "linear", x, source, chain, flips % 2 == 1, bias)
     is_mm = (node.op == "call_function" and node.target in MM_FUNCTIONS) or (
@@ -111,7 +112,8 @@ def _mm_name(node: fx.Node) -> str:
     return "matmul" if "matmul" in name else "mm"
 
 
-def _example(node) -> torch.Tensor | None:
+def example_value(node) -> torch.Tensor | None:
+    """The tensor Dynamo (or a fake-tensor pass) recorded for a node, or None."""
     if not isinstance(node, fx.Node):
         return None
     value = node.meta.get("example_value", node.meta.get("val"))
@@ -166,7 +168,7 @@ def rewrite_linears(gm: fx.GraphModule, example_inputs, options: Options, report
         if match is None:
             continue
         param = constants.tensor(match.weight) if isinstance(match.weight, fx.Node) else None
-        weight_value = param if param is not None else _example(match.weight)
+        weight_value = param if param is not None else example_value(match.weight)
         if weight_value is None or weight_value.dim() != 2:
             continue
         if param is None and match.op != "linear" and match.weight.op != "placeholder":
@@ -260,13 +262,13 @@ def _skip_reason(match: LinearMatch, param: torch.Tensor | None, record: LayerRe
         return "weight requires grad and grad mode is on (training/autograd keeps the fp linear)"
     if reason := rules.weight_skip_reason(record.name, param, record.in_features, options):
         return reason
-    x_value = _example(match.x)
+    x_value = example_value(match.x)
     x_dtype = x_value.dtype if x_value is not None else None
     if x_dtype != param.dtype:
         return f"activation dtype {str(x_dtype).replace('torch.', '')} differs from weight dtype {record.dtype}"
     if x_value is not None and x_value.dim() == 0:
         return "activation is a scalar"
-    bias_value = _example(match.bias)
+    bias_value = example_value(match.bias)
     if match.bias is not None and (bias_value is None or tuple(bias_value.shape) != (record.out_features,)):
         return "bias is not a vector of out_features"
     if bias_value is not None and bias_value.dtype != param.dtype:
