@@ -37,7 +37,8 @@ def llmint8(gm: torch.fx.GraphModule, example_inputs, *, options: dict[str, Any]
     before = inspect.readable(gm) if opts.dump_dir else ""
     with inductor.config.patch(config_patches):  # new int8 weights take the layout this compile reads
         fx_pass.rewrite_linears(gm, example_inputs, opts, report)
-    report.float32_attention = attention.compute_in_float32(gm, opts.cpu_attention, report.graph_id)
+    report.float32_attention, report.decode_attention = attention.compute_in_float32(gm, opts.cpu_attention,
+                                                                                     report.graph_id)
     if opts.dump_dir:
         config_patches.update(inspect.inductor_trace_patches(opts.dump_dir, report))
     compiled = inductor.compile_fx(gm, example_inputs, config_patches=config_patches)

@@ -36,6 +36,7 @@ class CompileReport:
     layers: list[LayerRecord] = field(default_factory=list)
     released_bytes: int = 0  # fp weight storage freed after this graph was compiled
     float32_attention: int = 0  # bf16/fp16 CPU attention calls computed in float32 (option cpu_attention)
+    decode_attention: int = 0  # of those, the calls run by llmint8::cpu_decode_attention (one query token)
 
     @property
     def rewritten(self) -> list[LayerRecord]:

@@ -1,5 +1,6 @@
 // llmint8::cpu_linear: the LLM.int8() linear on x86-64 CPUs in one call (the kernels: cpu_linear_kernels.h), and
-// llmint8::cpu_block_linear, the block-scaled linear of docs/design.md §1b (cpu_block_linear_kernels.h).
+// llmint8::cpu_block_linear, the block-scaled linear of docs/design.md §1b (cpu_block_linear_kernels.h), and
+// llmint8::cpu_decode_attention, attention of one query token on a bf16/fp16/fp32 KV cache (cpu_attention_kernels.h).
 // Registered with PyTorch's dispatcher here, in C++, so that a compiled graph calls it with no Python in between and
 // an AOTInductor package runs it by loading this library alone. Built by torch.utils.cpp_extension (cpu_linear.py).
 #include <ATen/core/Tensor.h>
@@ -10,6 +11,7 @@
 #include <string>
 #include <utility>
 
+#include "cpu_attention_kernels.h"
 #include "cpu_block_linear_kernels.h"
 
 namespace {
@@ -112,6 +114,43 @@ at::Tensor cpu_block_linear(const at::Tensor& x, const at::Tensor& weight_q, con
   return y;
 }
 
+// out [B, H, 1, Dv] = softmax(query . key^T * scale) . value for one query token per head: query [B, H, 1, D], key
+// [B, KVH, S, D], value [B, KVH, S, Dv], query heads h attending to key/value head h / (H / KVH) (grouped-query
+// attention, as scaled_dot_product_attention's enable_gqa; KVH = H is plain multi-head attention)
+at::Tensor cpu_decode_attention(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+                                double scale) {
+  const char* op = "llmint8::cpu_decode_attention";
+  TORCH_CHECK(query.device().is_cpu() && key.device().is_cpu() && value.device().is_cpu(), op,
+              ": all tensors must be on the CPU");
+  TORCH_CHECK(query.dim() == 4 && key.dim() == 4 && value.dim() == 4, op,
+              ": query, key and value must be 4-D [batch, heads, length, head dim], got ", query.sizes(), ", ",
+              key.sizes(), ", ", value.sizes());
+  const int64_t B = query.size(0), H = query.size(1), KVH = key.size(1), S = key.size(2), D = query.size(3);
+  TORCH_CHECK(query.size(2) == 1, op, ": query must hold one token per head, got ", query.sizes());
+  TORCH_CHECK(key.size(0) == B && value.size(0) == B && value.size(1) == KVH && value.size(2) == S && key.size(3) == D,
+              op, ": key [", B, ", KVH, S, ", D, "] and value [", B, ", KVH, S, Dv] must match query ", query.sizes(),
+              ", got ", key.sizes(), " and ", value.sizes());
+  TORCH_CHECK(KVH > 0 && H % KVH == 0, op, ": the query heads (", H, ") must be a multiple of the key/value heads (",
+              KVH, ")");
+  TORCH_CHECK(S > 0, op, ": the key/value cache is empty");
+  TORCH_CHECK(key.scalar_type() == query.scalar_type() && value.scalar_type() == query.scalar_type(), op,
+              ": query, key and value must have one dtype, got ", query.scalar_type(), ", ", key.scalar_type(), ", ",
+              value.scalar_type());
+  const int dtype = dtype_code(query, "query", op);
+  // only the head dim needs unit stride; a cache slice or an expanded tensor is read in place
+  const at::Tensor q = query.stride(3) == 1 ? query : query.contiguous();
+  const at::Tensor k = key.stride(3) == 1 ? key : key.contiguous();
+  const at::Tensor v = value.stride(3) == 1 ? value : value.contiguous();
+  at::Tensor out = at::empty({B, H, 1, value.size(3)}, query.options().memory_format(at::MemoryFormat::Contiguous));
+  if (B == 0 || H == 0 || value.size(3) == 0) return out;
+  const int8pass::attention::DecodeAttention args{
+      q.data_ptr(), q.stride(0), q.stride(1), k.data_ptr(), k.stride(0), k.stride(1), k.stride(2),
+      v.data_ptr(), v.stride(0), v.stride(1), v.stride(2), dtype, B, H, KVH, S, D, value.size(3), float(scale),
+      out.data_ptr()};
+  int8pass::attention::decode_attention(args);
+  return out;
+}
+
 // Which GEMM kernel a call with `rows` activation rows of `in_features` runs on this machine
 std::string cpu_linear_kernel(int64_t rows, int64_t in_features) {
   return int8pass::kernel_name(int8pass::kernel_for(rows, in_features));
@@ -124,10 +163,12 @@ TORCH_LIBRARY_FRAGMENT(llmint8, m) {
         "Tensor? outlier_weight=None, Tensor? code_sums=None) -> Tensor");
   m.def("cpu_block_linear(Tensor x, Tensor weight_q, Tensor weight_scale, Tensor? bias, int block_size, "
         "float threshold) -> Tensor");
+  m.def("cpu_decode_attention(Tensor query, Tensor key, Tensor value, float scale) -> Tensor");
   m.def("cpu_linear_kernel(int rows, int in_features) -> str", &cpu_linear_kernel);
 }
 
 TORCH_LIBRARY_IMPL(llmint8, CPU, m) {
   m.impl("cpu_linear", &cpu_linear);
   m.impl("cpu_block_linear", &cpu_block_linear);
+  m.impl("cpu_decode_attention", &cpu_decode_attention);
 }

@@ -1,5 +1,6 @@
-"""llmint8::cpu_linear: the whole LLM.int8() linear on an x86-64 CPU in one call of a C++ kernel (and
-llmint8::cpu_block_linear, the block-scaled linear of docs/design.md §1b, from the same library).
+"""llmint8::cpu_linear: the whole LLM.int8() linear on an x86-64 CPU in one call of a C++ kernel (and, from the same
+library, llmint8::cpu_block_linear, the block-scaled linear of docs/design.md §1b, and llmint8::cpu_decode_attention,
+decode attention on a reduced-precision KV cache in float32: int8pass/attention.py).
 
 The op is registered in C++ (cpu_linear.cpp, TORCH_LIBRARY), so a compiled graph calls it through the dispatcher with
 no Python in between, and an AOTInductor package runs it by loading the library alone; this module builds and loads
@@ -36,7 +37,7 @@ from int8pass.lowering.checks import check_block_linear_args, check_linear_args
 log = logging.getLogger("int8pass")
 
 SOURCES = [Path(__file__).with_name(name) for name in
-           ("cpu_linear.cpp", "cpu_linear_kernels.h", "cpu_block_linear_kernels.h")]
+           ("cpu_linear.cpp", "cpu_linear_kernels.h", "cpu_block_linear_kernels.h", "cpu_attention_kernels.h")]
 # -ffp-contract=off: the epilogue's multiplies and adds round one by one, as the reference's do. The AVX512 and AMX
 # kernels are built for those by pragmas in their own regions and run only where the CPU has them.
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-ffp-contract=off"]
@@ -85,6 +86,7 @@ def library_path() -> Path | None:
     path = build / f"{name}.so"
     torch.library.register_fake("llmint8::cpu_linear")(_fake)
     torch.library.register_fake("llmint8::cpu_block_linear")(_fake_block)
+    torch.library.register_fake("llmint8::cpu_decode_attention")(_fake_decode_attention)
     return path
 
 
@@ -96,6 +98,12 @@ def _fake(x, weight_q, weight_scale, bias, threshold, outlier_weight=None, code_
 def _fake_block(x, weight_q, weight_scale, bias, block_size, threshold):
     check_block_linear_args(x, weight_q, weight_scale, bias, block_size)
     return x.new_empty((*x.shape[:-1], weight_q.shape[0]))
+
+
+def _fake_decode_attention(query, key, value, scale):
+    torch._check(query.dim() == 4 and query.shape[2] == 1 and value.dim() == 4,
+                 lambda: f"llmint8::cpu_decode_attention: query must be [B, H, 1, D], got {tuple(query.shape)}")
+    return query.new_empty((*query.shape[:3], value.shape[3]))
 
 
 @torch.compiler.assume_constant_result  # a constant of the machine, read while tracing
