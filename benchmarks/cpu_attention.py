@@ -41,7 +41,7 @@ def float32_call(q, k, v, causal):
 
 
 def kernel_call(q, k, v, causal):
-    return torch.ops.llmint8.cpu_decode_attention(q, k, v, q.shape[-1] ** -0.5)
+    return torch.ops.llmint8.cpu_decode_attention(q, k, v, None, q.shape[-1] ** -0.5)
 
 
 def seconds(call, args) -> float:

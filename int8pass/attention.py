@@ -8,12 +8,12 @@ way). So on such CPUs the backend casts q, k, v (and a floating-point mask) to f
 The softmax and both products then round as fp32 throughout, which is at least as accurate as the bf16 kernel
 (whose accumulators are fp32 too); the output is rounded to the inputs' dtype once, as before.
 
-A decode call (one query token, no mask, no dropout, not causal) runs llmint8::cpu_decode_attention instead, the
-same float32 arithmetic on the cache as it is stored: the cast above writes a float32 copy of the whole KV cache on
+A decode call (one query token, no dropout, not causal; with or without a mask) runs llmint8::cpu_decode_attention
+instead, the same float32 arithmetic on the cache as it is stored: the cast above writes a float32 copy of the whole KV cache on
 every call, and PyTorch's kernel with enable_gqa first expands the key/value heads to the query heads, so at a long
 context those copies, not the products, were the cost (in a compiled decode step of benchmarks/llamacpp.py's
 18-layer model after 1024 tokens, 1.2 ms a layer of 1.5; the kernel reads each cached row once for all its query
-heads). Elsewhere (prefill, masks, or without the C++ library) the casts stay.
+heads). Elsewhere (prefill, or without the C++ library) the casts stay.
 """
 
 from __future__ import annotations
@@ -38,22 +38,29 @@ def runs_in_float32(choice: str) -> bool:
 
 
 def _is_decode(node: fx.Node, query: torch.Tensor) -> bool:
-    """Whether the attention call `node` is what llmint8::cpu_decode_attention computes: one query token per head,
-    no mask, no dropout, not causal, key and value 4-D in the query's dtype with as many heads or grouped
-    (enable_gqa)."""
+    """Whether the attention call `node` is what llmint8::cpu_decode_attention computes: one query token per head, no
+    dropout, not causal, key and value 4-D in the query's dtype with as many heads or grouped (enable_gqa), and no
+    mask or one of [1 or B, 1 or H, 1, S], boolean or in the query's dtype (the op checks S when it runs)."""
     key, value = example_value(argument(node, 1, "key")), example_value(argument(node, 2, "value"))
+    mask_node = argument(node, 3, "attn_mask")
+    mask = example_value(mask_node)
     if key is None or value is None or query.dim() != 4 or key.dim() != 4 or value.dim() != 4:
         return False
-    plain = (argument(node, 3, "attn_mask") is None and argument(node, 4, "dropout_p", 0.0) == 0.0
-             and argument(node, 5, "is_causal", False) is False
+    if mask_node is not None and (mask is None or mask.dim() != 4 or mask.dtype not in (torch.bool, query.dtype)):
+        return False
+    plain = (argument(node, 4, "dropout_p", 0.0) == 0.0 and argument(node, 5, "is_causal", False) is False
              and isinstance(argument(node, 6, "scale"), (float, int, type(None))))
     # only static sizes are compared: a symbolic one would add a guard after Dynamo has finished tracing
-    sizes = (query.shape[1], query.shape[2], query.shape[3], key.shape[1], key.shape[3])
+    sizes = (query.shape[0], query.shape[1], query.shape[2], query.shape[3], key.shape[1], key.shape[3],
+             *(mask.shape[:3] if mask is not None else ()))
     if not all(type(size) is int for size in sizes):
         return False
     heads_match = key.shape[1] == query.shape[1] or argument(node, 7, "enable_gqa", False) is True
     shapes = (query.shape[2] == 1 and key.shape[3] == query.shape[3] and key.dtype == value.dtype == query.dtype
               and key.device.type == value.device.type == "cpu")
+    if mask is not None:
+        shapes = shapes and mask.shape[0] in (1, query.shape[0]) and mask.shape[1] in (1, query.shape[1]) \
+            and mask.shape[2] == 1
     return plain and heads_match and shapes and cpu_linear.available()
 
 
@@ -73,7 +80,8 @@ def compute_in_float32(gm: fx.GraphModule, choice: str, graph_id: int) -> tuple[
         with graph.inserting_before(node):
             if _is_decode(node, query):
                 scale = argument(node, 6, "scale")
-                operands = tuple(argument(node, index, name) for index, name in enumerate(("query", "key", "value")))
+                operands = tuple(argument(node, index, name)
+                                 for index, name in enumerate(("query", "key", "value", "attn_mask")))
                 result = graph.call_function(torch.ops.llmint8.cpu_decode_attention.default,
                                              (*operands, float(query.shape[3] ** -0.5 if scale is None else scale)))
                 decode += 1

@@ -8,8 +8,10 @@
 // is read once per call and serves all the query heads of its group; a call is bound by reading the cache.
 //
 // One call, for each batch b and key/value head g (its query heads h = g * G ... g * G + G - 1):
-//   s[h, j] = (q[h] . k[j]) * scale, m[h] = max_j s[h, j], p[h, j] = exp(s[h, j] - m[h]),
-//   out[h] = (sum_j p[h, j] v[j]) / (sum_j p[h, j]), rounded once to the output's dtype.
+//   s[h, j] = (q[h] . k[j]) * scale (+ mask[h, j] for a floating-point mask; -inf where a boolean one is false),
+//   m[h] = max_j s[h, j], p[h, j] = exp(s[h, j] - m[h]),
+//   out[h] = (sum_j p[h, j] v[j]) / (sum_j p[h, j]), rounded once to the output's dtype; 0 where every s[h, j] is
+//   -inf (every key masked out), as PyTorch's attention gives.
 // The keys are split into chunks (so that one key/value head keeps every thread busy); each chunk keeps its own
 // m, sum and weighted sum, and the chunks are merged with the usual rescaling by exp(m_chunk - m). NaN and Inf in
 // q, k or v propagate as they do in a float32 softmax: a NaN score, or an infinite maximum, makes its row NaN.
@@ -39,6 +41,9 @@ struct DecodeAttention {
   const void* v;  // [B, KVH, S, Dv], last dim contiguous
   int64_t v_stride_b, v_stride_h, v_stride_s;
   int dtype;  // of q, k, v and the output
+  const void* mask;  // nullptr, or [B, H, S] (broadcast dims with stride 0): bool, or in `dtype` and added
+  bool mask_is_bool;
+  int64_t mask_stride_b, mask_stride_h, mask_stride_s;
   int64_t B, H, KVH, S, D, Dv;
   float scale;
   void* out;  // [B, H, Dv], contiguous
@@ -129,6 +134,15 @@ inline void chunk(const DecodeAttention& a, int64_t b, int64_t g, int64_t j0, in
         s = _mm256_add_ps(s, _mm256_load_ps(tail));
       }
       s = _mm256_mul_ps(s, _mm256_set1_ps(a.scale));
+      if (a.mask) {
+        const int64_t base = b * a.mask_stride_b + (g * G + h) * a.mask_stride_h + (j0 + t) * a.mask_stride_s;
+        alignas(32) float add[TILE] = {};
+        for (int64_t jj = 0; jj < keys; ++jj) {
+          const int64_t at = base + jj * a.mask_stride_s;
+          add[jj] = a.mask_is_bool ? (static_cast<const bool*>(a.mask)[at] ? 0.0f : neg_inf) : load(a.mask, at, a.dtype);
+        }
+        s = _mm256_add_ps(s, _mm256_load_ps(add));
+      }
       const __m256 valid = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(int(keys)),
                                                                   _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
       s = _mm256_blendv_ps(_mm256_set1_ps(neg_inf), s, valid);  // keys past the chunk: no weight
@@ -207,25 +221,27 @@ inline void decode_attention(const DecodeAttention& a) {
     float* p = partial.data() + task * stride;
     chunk(a, b, g, j0, j1, qf.data() + (b * a.H + g * G) * a.D, p, p + G, p + 2 * G);
   }
+  const float neg_inf = -std::numeric_limits<float>::infinity();
   std::vector<float> result(a.Dv);
   for (int64_t group = 0; group < groups; ++group) {
     const int64_t b = group / a.KVH, g = group % a.KVH;
     for (int64_t h = 0; h < G; ++h) {
-      float m = -std::numeric_limits<float>::infinity();
+      float m = neg_inf;
       for (int64_t c = 0; c < chunks; ++c) {
         const float mc = partial[(group * chunks + c) * stride + h];
-        m = std::isnan(mc) || mc > m ? mc : m;
+        m = std::isnan(mc) || mc > m ? mc : m;  // once NaN, stays NaN
       }
       float l = 0.0f;
       std::fill(result.begin(), result.end(), 0.0f);
-      for (int64_t c = 0; c < chunks; ++c) {
+      for (int64_t c = 0; c < chunks && m != neg_inf; ++c) {  // m = -inf: every key masked out, the output is 0
         const float* p = partial.data() + (group * chunks + c) * stride;
-        if (p[h] == -std::numeric_limits<float>::infinity() && m != p[h]) continue;  // all its scores -inf: no weight
-        const float w = std::exp(p[h] - m);  // NaN when m is NaN or infinite: the row becomes NaN
+        if (p[h] == neg_inf) continue;  // every score of this chunk -inf: no weight
+        const float w = std::exp(p[h] - m);  // NaN when m is NaN or +inf: the row becomes NaN
         l += w * p[G + h];
         axpy(w, p + 2 * G + h * a.Dv, result.data(), a.Dv);
       }
-      for (float& r : result) r /= l;
+      if (m != neg_inf)
+        for (float& r : result) r /= l;
       const int64_t offset = (b * a.H + g * G + h) * a.Dv;
       for (int64_t i = 0; i < a.Dv; ++i) store(a.out, offset + i, result[i], a.dtype);
     }

@@ -116,9 +116,11 @@ at::Tensor cpu_block_linear(const at::Tensor& x, const at::Tensor& weight_q, con
 
 // out [B, H, 1, Dv] = softmax(query . key^T * scale) . value for one query token per head: query [B, H, 1, D], key
 // [B, KVH, S, D], value [B, KVH, S, Dv], query heads h attending to key/value head h / (H / KVH) (grouped-query
-// attention, as scaled_dot_product_attention's enable_gqa; KVH = H is plain multi-head attention)
+// attention, as scaled_dot_product_attention's enable_gqa; KVH = H is plain multi-head attention). attn_mask, as
+// scaled_dot_product_attention's: boolean (false: left out) or in the query's dtype (added to the scores),
+// broadcastable to [B, H, 1, S].
 at::Tensor cpu_decode_attention(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
-                                double scale) {
+                                const std::optional<at::Tensor>& attn_mask, double scale) {
   const char* op = "llmint8::cpu_decode_attention";
   TORCH_CHECK(query.device().is_cpu() && key.device().is_cpu() && value.device().is_cpu(), op,
               ": all tensors must be on the CPU");
@@ -137,6 +139,18 @@ at::Tensor cpu_decode_attention(const at::Tensor& query, const at::Tensor& key, 
               ": query, key and value must have one dtype, got ", query.scalar_type(), ", ", key.scalar_type(), ", ",
               value.scalar_type());
   const int dtype = dtype_code(query, "query", op);
+  at::Tensor mask;
+  if (attn_mask) {
+    TORCH_CHECK(attn_mask->device().is_cpu() && attn_mask->dim() == 4 && attn_mask->size(2) == 1 &&
+                    attn_mask->size(3) == S && (attn_mask->size(0) == 1 || attn_mask->size(0) == B) &&
+                    (attn_mask->size(1) == 1 || attn_mask->size(1) == H),
+                op, ": attn_mask must be a CPU tensor broadcastable to [", B, ", ", H, ", 1, ", S, "], got ",
+                attn_mask->sizes());
+    TORCH_CHECK(attn_mask->scalar_type() == at::kBool || attn_mask->scalar_type() == query.scalar_type(), op,
+                ": attn_mask must be boolean or in the query's dtype ", query.scalar_type(), ", got ",
+                attn_mask->scalar_type());
+    mask = attn_mask->expand({B, H, 1, S});  // broadcast dims read with stride 0
+  }
   // only the head dim needs unit stride; a cache slice or an expanded tensor is read in place
   const at::Tensor q = query.stride(3) == 1 ? query : query.contiguous();
   const at::Tensor k = key.stride(3) == 1 ? key : key.contiguous();
@@ -145,8 +159,10 @@ at::Tensor cpu_decode_attention(const at::Tensor& query, const at::Tensor& key, 
   if (B == 0 || H == 0 || value.size(3) == 0) return out;
   const int8pass::attention::DecodeAttention args{
       q.data_ptr(), q.stride(0), q.stride(1), k.data_ptr(), k.stride(0), k.stride(1), k.stride(2),
-      v.data_ptr(), v.stride(0), v.stride(1), v.stride(2), dtype, B, H, KVH, S, D, value.size(3), float(scale),
-      out.data_ptr()};
+      v.data_ptr(), v.stride(0), v.stride(1), v.stride(2), dtype,
+      attn_mask ? mask.data_ptr() : nullptr, attn_mask && mask.scalar_type() == at::kBool,
+      attn_mask ? mask.stride(0) : 0, attn_mask ? mask.stride(1) : 0, attn_mask ? mask.stride(3) : 0,
+      B, H, KVH, S, D, value.size(3), float(scale), out.data_ptr()};
   int8pass::attention::decode_attention(args);
   return out;
 }
@@ -163,7 +179,7 @@ TORCH_LIBRARY_FRAGMENT(llmint8, m) {
         "Tensor? outlier_weight=None, Tensor? code_sums=None) -> Tensor");
   m.def("cpu_block_linear(Tensor x, Tensor weight_q, Tensor weight_scale, Tensor? bias, int block_size, "
         "float threshold) -> Tensor");
-  m.def("cpu_decode_attention(Tensor query, Tensor key, Tensor value, float scale) -> Tensor");
+  m.def("cpu_decode_attention(Tensor query, Tensor key, Tensor value, Tensor? attn_mask, float scale) -> Tensor");
   m.def("cpu_linear_kernel(int rows, int in_features) -> str", &cpu_linear_kernel);
 }
 

@@ -100,7 +100,7 @@ def _fake_block(x, weight_q, weight_scale, bias, block_size, threshold):
     return x.new_empty((*x.shape[:-1], weight_q.shape[0]))
 
 
-def _fake_decode_attention(query, key, value, scale):
+def _fake_decode_attention(query, key, value, attn_mask, scale):
     torch._check(query.dim() == 4 and query.shape[2] == 1 and value.dim() == 4,
                  lambda: f"llmint8::cpu_decode_attention: query must be [B, H, 1, D], got {tuple(query.shape)}")
     return query.new_empty((*query.shape[:3], value.shape[3]))

@@ -111,34 +111,62 @@ def test_quantize_refuses_the_compile_option():
 needs_kernel = pytest.mark.skipif(not cpu_linear.available(), reason="needs an x86-64 CPU with AVX2 and a C++ compiler")
 
 
-def decode_attention(q, k, v, scale=None):
-    return torch.ops.llmint8.cpu_decode_attention(q, k, v, q.shape[-1] ** -0.5 if scale is None else scale)
+def decode_attention(q, k, v, mask=None, scale=None):
+    return torch.ops.llmint8.cpu_decode_attention(q, k, v, mask, q.shape[-1] ** -0.5 if scale is None else scale)
 
 
 @needs_kernel
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=50, deadline=None)
 @given(batch=st.integers(1, 3), kv_heads=st.integers(1, 3), group=st.integers(1, 5), keys=st.integers(1, 700),
        dim=st.sampled_from([8, 20, 64, 128]), value_dim=st.sampled_from([None, 24]),
        dtype=st.sampled_from([torch.bfloat16, torch.float16, torch.float32]), threads=st.sampled_from([1, 2, 4]),
+       mask_kind=st.sampled_from([None, "bool", "float"]), mask_batch=st.booleans(), mask_heads=st.booleans(),
        seed=st.integers(0, 2**16))
 def test_decode_attention_is_float32_attention_rounded_once(batch, kv_heads, group, keys, dim, value_dim, dtype,
-                                                            threads, seed):
+                                                            threads, mask_kind, mask_batch, mask_heads, seed):
     """Against float64 attention: the float32 arithmetic's error (the keys are split into chunks, merged by
-    rescaling) plus one rounding to the dtype, for any grouping, head dims, thread count and cache length."""
+    rescaling) plus one rounding to the dtype, for any grouping, head dims, thread count, cache length and mask
+    (boolean or added, broadcast over batch and heads or not)."""
     generator = torch.Generator().manual_seed(seed)
-    q = (torch.randn(batch, kv_heads * group, 1, dim, generator=generator) * 2).to(dtype)
+    heads = kv_heads * group
+    q = (torch.randn(batch, heads, 1, dim, generator=generator) * 2).to(dtype)
     k = (torch.randn(batch, kv_heads, keys, dim, generator=generator) * 2).to(dtype)
     v = torch.randn(batch, kv_heads, keys, value_dim or dim, generator=generator).to(dtype)
+    mask = None
+    if mask_kind:
+        shape = (batch if mask_batch else 1, heads if mask_heads else 1, 1, keys)
+        mask = torch.rand(shape, generator=generator) > 0.3
+        if mask_kind == "float":
+            mask = torch.where(mask, torch.randn(shape, generator=generator), float("-inf")).to(dtype)
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        out = decode_attention(q, k, v)
+        out = decode_attention(q, k, v, mask)
     finally:
         torch.set_num_threads(previous)
-    exact = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), enable_gqa=True)
+    exact = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), enable_gqa=True,
+                                           attn_mask=None if mask is None else mask if mask_kind == "bool"
+                                           else mask.double())
     assert out.dtype == dtype and out.shape == exact.shape and out.is_contiguous()
     bound = torch.finfo(dtype).eps * exact.abs() + 1e-5 * v.double().abs().max()
     assert ((out.double() - exact).abs() <= bound).all()
+
+
+@needs_kernel
+@pytest.mark.parametrize("kind", ["bool", "float", "scores"])
+def test_a_row_with_every_key_left_out_is_zero_as_in_pytorch(kind):
+    """Every key masked out (or scoring -inf): 0, as PyTorch's attention gives, not NaN; the other rows unchanged."""
+    torch.manual_seed(6)
+    q, k, v = torch.randn(1, 4, 1, 16), torch.randn(1, 2, 300, 16), torch.randn(1, 2, 300, 16)
+    mask = torch.ones(1, 4, 1, 300, dtype=torch.bool)
+    mask[0, 1] = False
+    if kind == "float":
+        mask = torch.zeros(1, 4, 1, 300).masked_fill(~mask, float("-inf"))
+    elif kind == "scores":
+        mask, q[0, 1, 0, 0], k[0, 0, :, 0] = None, float("-inf"), 1.0
+    out = decode_attention(q, k, v, mask)
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True))
+    assert (out[0, 1] == 0).all()
 
 
 @needs_kernel
@@ -179,6 +207,10 @@ def test_decode_attention_nan_and_inf_propagate_as_in_float32():
     ((torch.randn(1, 4, 1, 8), torch.randn(1, 2, 5, 4), torch.randn(1, 2, 5, 8)), "must match query"),
     ((torch.randn(4, 1, 8), torch.randn(2, 5, 8), torch.randn(2, 5, 8)), "must be 4-D"),
     ((torch.randn(1, 2, 1, 8).double(),) * 3, "must be float32, bfloat16 or float16"),
+    ((torch.randn(1, 4, 1, 8), torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8), torch.ones(1, 1, 1, 6, dtype=torch.bool)),
+     r"attn_mask must be a CPU tensor broadcastable to \[1, 4, 1, 5\]"),
+    ((torch.randn(1, 4, 1, 8), torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8), torch.zeros(1, 1, 1, 5).bfloat16()),
+     "attn_mask must be boolean or in the query's dtype"),
 ])
 def test_decode_attention_bad_input_is_a_clear_error(args, message):
     with pytest.raises(RuntimeError, match=message):
@@ -192,13 +224,16 @@ def compiled_report(model, args, **options):
 
 
 @needs_kernel
-@pytest.mark.parametrize("queries, mask, decode", [(1, None, 1), (3, None, 0), (1, "bool", 0)])
-def test_only_plain_decode_calls_run_the_kernel(queries, mask, decode):
-    """One query token, no mask: the kernel; a prefill or a masked call keeps the float32 casts. Either way the
-    output is the float32 call rounded once (bit for bit where the casts stay)."""
+@pytest.mark.parametrize("queries, kind, decode", [(1, None, 1), (1, "bool", 1), (1, "float", 1), (3, None, 0),
+                                                   (3, "bool", 0)])
+def test_decode_calls_run_the_kernel(queries, kind, decode):
+    """One query token, with or without a mask: the kernel; a prefill keeps the float32 casts. Either way the output
+    is the float32 call rounded once (bit for bit where the casts stay)."""
     torch.manual_seed(4)
     keys = 300
-    mask = torch.rand(1, 1, queries, keys) > 0.3 if mask else None
+    mask = torch.rand(1, 1, queries, keys) > 0.3 if kind else None
+    if kind == "float":
+        mask = torch.randn(1, 1, queries, keys).to(torch.bfloat16).masked_fill(~mask, float("-inf"))
     model = Attention(mask=mask).to(torch.bfloat16).eval()
     args = inputs(t=queries, keys=keys)
     out, count, decoded = compiled_report(model, args, cpu_attention="float32", skip_modules=["q"])
@@ -211,28 +246,34 @@ def test_only_plain_decode_calls_run_the_kernel(queries, mask, decode):
 
 
 @needs_kernel
-def test_a_hf_llama_decoding_with_its_cache_runs_the_kernel_in_every_layer():
+@pytest.mark.parametrize("padded", [False, True])
+def test_a_hf_llama_decoding_with_its_cache_runs_the_kernel_in_every_layer(padded):
     """A transformers Llama compiled whole, decoding token by token with its DynamicCache (the cache grows, so the
-    decode graph has a dynamic length): each layer's attention runs the kernel, and the logits of every step are the
-    float32 model's within bf16 rounding (the linears are left in bf16 here, so only attention changed)."""
+    decode graph has a dynamic length), one sequence or a left-padded batch of two (then each step has a mask):
+    each layer's attention runs the kernel, and the logits of every step are the float32 model's within bf16
+    rounding (the linears are left in bf16 here, so only attention changed)."""
     transformers = pytest.importorskip("transformers")
     config = transformers.LlamaConfig(num_hidden_layers=2, hidden_size=256, intermediate_size=512,
                                       num_attention_heads=4, num_key_value_heads=1, vocab_size=300)
     config._attn_implementation = "sdpa"
     torch.manual_seed(5)
     model = transformers.LlamaForCausalLM(config).eval()
-    ids = torch.randint(0, 300, (1, 14))
+    ids = torch.randint(0, 300, (2 if padded else 1, 14))
+    attention = torch.ones_like(ids)
+    if padded:
+        attention[1, :3] = 0  # the second sequence is 3 tokens shorter, padded on the left
     with torch.no_grad():
-        exact = model(ids).logits[0, 9:]
+        exact = model(ids, attention_mask=attention).logits[:, 9:]
         model = model.to(torch.bfloat16)
         forward = torch.compile(model.forward, backend="llmint8",
                                 options={"cpu_attention": "float32", "min_features": 10**6})
         cache = transformers.DynamicCache()
-        steps = [forward(input_ids=ids[:, :10], past_key_values=cache, use_cache=True).logits[0, -1]]
+        steps = [forward(input_ids=ids[:, :10], attention_mask=attention[:, :10], past_key_values=cache,
+                         use_cache=True).logits[:, -1]]
         for position in range(10, 14):
-            steps.append(forward(input_ids=ids[:, position:position + 1], past_key_values=cache,
-                                 use_cache=True).logits[0, -1])
+            steps.append(forward(input_ids=ids[:, position:position + 1], attention_mask=attention[:, :position + 1],
+                                 past_key_values=cache, use_cache=True).logits[:, -1])
             if position == 10:
                 assert int8pass.last_report().decode_attention == 2
-    error = (torch.stack(steps).float() - exact).abs().max()
+    error = (torch.stack(steps, 1).float() - exact).abs().max()
     assert error <= 0.03 * exact.abs().max()
