@@ -44,9 +44,10 @@ class Options:
         (docs/design.md §1b), one scale per block of that many consecutive input features of each weight row and of
         each activation row, calibrate-free; its threshold defaults to BLOCK_DEFAULT_THRESHOLD (no outlier split).
     cpu_attention: "auto" (the default), "float32" or "native": how scaled_dot_product_attention on bf16/fp16 CPU
-        tensors runs. "float32" casts q, k, v to float32 and the result back, "native" leaves PyTorch's kernel,
-        "auto" is "float32" on CPUs without AMX, where PyTorch's reduced-precision kernel is 2-4.9x slower at
-        decode (int8pass/attention.py).
+        tensors runs. "float32" computes it in float32 (decode calls by llmint8::cpu_decode_attention on the cache as
+        it is stored, other calls on float32 casts of q, k and v), "native" leaves PyTorch's kernel, "auto" is
+        "float32" on CPUs without AMX, where PyTorch's reduced-precision kernel is slow at decode
+        (int8pass/attention.py).
     stats: collect runtime outlier statistics per layer (int8pass.outlier_stats(); cost in int8pass/stats.py).
     dump_dir: directory for graph/report dumps (default: $INT8PASS_DUMP_DIR if set).
     inductor: extra Inductor config patches, passed through to compile_fx.

@@ -83,7 +83,8 @@ inline __m256 exp_nonpositive(__m256 x) {
   __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145752f), xc);
   r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.42860677e-6f), r);
   __m256 poly = _mm256_set1_ps(1.0f / 720);
-  for (const float c : {1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f}) poly = _mm256_fmadd_ps(poly, r, _mm256_set1_ps(c));
+  for (const float c : {1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f})
+    poly = _mm256_fmadd_ps(poly, r, _mm256_set1_ps(c));
   const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
   const __m256 result = _mm256_mul_ps(poly, _mm256_castsi256_ps(bits));
   return _mm256_blendv_ps(_mm256_blendv_ps(result, _mm256_setzero_ps(), too_small), x, is_nan);
@@ -139,7 +140,8 @@ inline void chunk(const DecodeAttention& a, int64_t b, int64_t g, int64_t j0, in
         alignas(32) float add[TILE] = {};
         for (int64_t jj = 0; jj < keys; ++jj) {
           const int64_t at = base + jj * a.mask_stride_s;
-          add[jj] = a.mask_is_bool ? (static_cast<const bool*>(a.mask)[at] ? 0.0f : neg_inf) : load(a.mask, at, a.dtype);
+          add[jj] = a.mask_is_bool ? (static_cast<const bool*>(a.mask)[at] ? 0.0f : neg_inf)
+                                   : load(a.mask, at, a.dtype);
         }
         s = _mm256_add_ps(s, _mm256_load_ps(add));
       }
@@ -196,7 +198,8 @@ inline void chunk(const DecodeAttention& a, int64_t b, int64_t g, int64_t j0, in
 inline void axpy(float w, const float* x, float* acc, int64_t n) {
   const __m256 wv = _mm256_set1_ps(w);
   int64_t i = 0;
-  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(acc + i, _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + i), _mm256_loadu_ps(acc + i)));
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(acc + i, _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + i), _mm256_loadu_ps(acc + i)));
   for (; i < n; ++i) acc[i] += w * x[i];
 }
 
