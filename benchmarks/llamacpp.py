@@ -23,7 +23,9 @@ Q8_0 of the same round is what is compared (its median over the rounds), beside 
 with the int8 head and PyTorch's guard_filter_fn=torch.compiler.skip_guard_on_all_nn_modules_unsafe (Dynamo then
 checks no module attributes or parameters before each call: right for a model that is only run, not changed), and
 once with the int8 head and cpu_attention="native" (PyTorch's own bf16 attention kernel, where the default on CPUs
-without AMX computes attention in float32: int8pass/attention.py). --variants picks some of the PyTorch variants;
+without AMX computes attention in float32: int8pass/attention.py), and once with the int8 head and transformers'
+StaticCache (preallocated for PROMPT + STEPS tokens and written in place, where the default DynamicCache
+concatenates every layer's whole K and V into new tensors each step). --variants picks some of the PyTorch variants;
 --prompt sets the context (a long one shows the attention's share), and --name the results' file name.
 
 llama.cpp is built from the llama-cpp-python sdist on PyPI (vendor/llama.cpp, cmake, about 20 minutes on 2 cores)
@@ -57,7 +59,7 @@ MODELS = {
     "small linears, large vocabulary": dict(layers=18, hidden=640, ffn=2048, vocab=262144),
 }
 VARIANTS = ["llmint8", "llmint8, int8 head", "llmint8, int8 head, no module guards",
-            "llmint8, int8 head, native attention", "bf16 eager"]
+            "llmint8, int8 head, native attention", "llmint8, int8 head, static cache", "bf16 eager"]
 
 
 def cache_root() -> Path:
@@ -247,7 +249,7 @@ def serve_variant(variant: str, checkpoint: Path, prompt: int, steps: int) -> No
     """A worker: load and compile one variant, print its load and compile times, then for each line read from stdin
     one PROMPT-token prefill and STEPS decode steps, printing their tokens/s (stdout is this protocol's)."""
     import transformers
-    from transformers import DynamicCache
+    from transformers import DynamicCache, StaticCache
 
     import int8pass
 
@@ -265,17 +267,21 @@ def serve_variant(variant: str, checkpoint: Path, prompt: int, steps: int) -> No
     load_s = time.perf_counter() - start
     vocab = model.config.vocab_size
 
+    static = variant.endswith("static cache")
+
     def generate():
         ids = torch.randint(0, vocab, (1, prompt), generator=torch.Generator().manual_seed(0))
-        cache = DynamicCache()
+        cache = StaticCache(config=model.config, max_cache_len=prompt + steps) if static else DynamicCache()
         start = time.perf_counter()
-        logits = forward(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+        logits = forward(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1,
+                         cache_position=torch.arange(prompt)).logits
         prefill = time.perf_counter() - start
         token = logits[:, -1:].argmax(-1)
         decode = 0.0
-        for _ in range(steps):  # the forward passes, as llama-bench times them (it samples nothing)
+        for step in range(steps):  # the forward passes, as llama-bench times them (it samples nothing)
+            position = torch.tensor([prompt + step])
             start = time.perf_counter()
-            logits = forward(input_ids=token, past_key_values=cache, use_cache=True).logits
+            logits = forward(input_ids=token, past_key_values=cache, use_cache=True, cache_position=position).logits
             decode += time.perf_counter() - start
             token = logits[:, -1:].argmax(-1)
         return prefill, decode
