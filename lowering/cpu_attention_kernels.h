@@ -49,25 +49,20 @@ struct DecodeAttention {
   void* out;  // [B, H, Dv], contiguous
 };
 
-// n values of type `dtype` at p (element offset `offset`) as float32 into dst
-inline void to_float(const void* p, int dtype, int64_t offset, int64_t n, float* dst) {
+// n values of type DTYPE at p (element offset `offset`) as float32 into dst; DTYPE a constant, so that the loads'
+// dtype switch is resolved at compile time, not per 8 values (measured: 20-30% of a call at 1024 keys)
+template <int DTYPE>
+inline void to_float_from(const void* p, int64_t offset, int64_t n, float* dst) {
   int64_t i = 0;
-  if (dtype == F32) {
-    const float* src = static_cast<const float*>(p) + offset;
-    std::copy(src, src + n, dst);
-    return;
-  }
-  const uint16_t* src = static_cast<const uint16_t*>(p) + offset;
-  if (dtype == BF16) {
-    for (; i + 8 <= n; i += 8) {
-      const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i)));
-      _mm256_storeu_ps(dst + i, _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16)));
-    }
-    for (; i < n; ++i) dst[i] = bf16_value(src[i]);
-  } else {
-    for (; i + 8 <= n; i += 8)
-      _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
-    for (; i < n; ++i) dst[i] = _cvtsh_ss(src[i]);
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, load8(p, offset + i, DTYPE));
+  for (; i < n; ++i) dst[i] = load(p, offset + i, DTYPE);
+}
+
+inline void to_float(const void* p, int dtype, int64_t offset, int64_t n, float* dst) {
+  switch (dtype) {
+    case F32: return to_float_from<F32>(p, offset, n, dst);
+    case BF16: return to_float_from<BF16>(p, offset, n, dst);
+    default: return to_float_from<F16>(p, offset, n, dst);
   }
 }
 
