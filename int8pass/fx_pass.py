@@ -198,6 +198,7 @@ def rewrite_linears(gm: fx.GraphModule, example_inputs, options: Options, report
             candidates.append(Candidate(match, param, record))
 
     read_in_fp = _read_in_floating_point(candidates)
+    rewritten: list[tuple[fx.Node, Int8Weight, str]] = []
     for candidate in candidates:
         # matched again: an earlier rewrite may have replaced this linear's input node
         match, record, weight = match_linear(candidate.match.node), candidate.record, candidate.weight
@@ -209,8 +210,9 @@ def rewrite_linears(gm: fx.GraphModule, example_inputs, options: Options, report
         if weight.transposed != match.stored_transposed:
             record.reason = "int8 weight quantized along its other dim (it is used both as W and as W^T)"
             continue
-        _replace(gm, match, weight, options, record.name)
+        rewritten.append((_replace(gm, match, weight, options, record.name), weight, record.name))
         record.rewritten = True
+    report.linear_groups = group_shared_inputs(gm.graph, rewritten)
     if read_in_fp:
         log.debug("llmint8 graph %d: %d int8 weights are also read in floating point (they keep their original)",
                   report.graph_id, len(read_in_fp))
@@ -287,7 +289,8 @@ def _check_outlier_weights(weight: torch.Tensor, record: LayerRecord, options: O
             "or compile with outlier_weights='dequantized'")
 
 
-def _replace(gm, match: LinearMatch, weight: Int8Weight, options: Options, layer: str) -> None:
+def _replace(gm, match: LinearMatch, weight: Int8Weight, options: Options, layer: str) -> fx.Node:
+    """Replace the matched linear by llmint8::linear (or block_linear) on the weight's codes; returns the new node."""
     graph = gm.graph
     node = match.node
     with graph.inserting_before(node):
@@ -317,3 +320,58 @@ def _replace(gm, match: LinearMatch, weight: Int8Weight, options: Options, layer
     for transpose in match.chain:
         if not transpose.users:
             graph.erase_node(transpose)
+    return new
+
+
+def _takes_a_gradient(node) -> bool:
+    """Whether autograd could send a gradient to this input: grad mode is on and it requires grad."""
+    value = example_value(node)
+    return torch.is_grad_enabled() and value is not None and value.requires_grad
+
+
+def group_shared_inputs(graph: fx.Graph, linears: list[tuple[fx.Node, Int8Weight, str]]) -> list[list[str]]:
+    """Replace llmint8::linear nodes that multiply the same input node with the same threshold by one
+    llmint8::linear_group at the first of them (lowering/linear_group.py: on CPU the input is quantized once and the
+    weights are streamed in one kernel call). Its value is each member's, bit for bit. Left alone: block mode,
+    outlier_weights="original", and linears through which a gradient could flow (the group has no autograd formula).
+    A group has all its members with a bias or none, and with code sums or none. Returns each group's layer names."""
+    position = {node: index for index, node in enumerate(graph.nodes)}
+    groups: dict[tuple, list[tuple[fx.Node, str]]] = {}
+    for node, weight, name in linears:
+        if node.target is not torch.ops.llmint8.linear.default:
+            continue
+        x, _codes, _scale, bias, threshold, outlier_weight, _sums = node.args
+        if outlier_weight is not None or _takes_a_gradient(x) or _takes_a_gradient(bias):
+            continue
+        key = (x, threshold, bias is None, weight.code_sums is None)
+        groups.setdefault(key, []).append((node, name))
+    names = []
+    for (x, threshold, _, no_sums), members in groups.items():
+        members.sort(key=lambda member: position[member[0]])
+        first = members[0][0]
+        # a bias is read at the first member: one computed after it keeps its linear out of the group
+        members = [(node, name) for node, name in members
+                   if node.args[3] is None or position[node.args[3]] < position[first]]
+        if len(members) < 2:
+            continue
+        nodes = [node for node, _ in members]
+        for node in nodes[1:]:  # the members' weight reads (getattr nodes of their own) move up to the first
+            for read in (node.args[1], node.args[2], node.args[6]):
+                first.prepend(read)
+        with graph.inserting_before(first):
+            group = graph.call_function(torch.ops.llmint8.linear_group.default, (
+                x, [node.args[1] for node in nodes], [node.args[2] for node in nodes],
+                [node.args[3] for node in nodes] if nodes[0].args[3] is not None else [], threshold,
+                [] if no_sums else [node.args[6] for node in nodes]))
+        group.meta["example_value"] = [example_value(node) for node in nodes]
+        with graph.inserting_before(first):
+            outputs = [graph.call_function(operator.getitem, (group, index)) for index in range(len(nodes))]
+        for node, output in zip(nodes, outputs):
+            output.meta.update(node.meta)
+            node.replace_all_uses_with(output)
+            sums = node.args[6]
+            graph.erase_node(node)
+            if not sums.users:  # read for nothing: the weights have no code sums
+                graph.erase_node(sums)
+        names.append([name for _, name in members])
+    return names

@@ -37,6 +37,8 @@ class CompileReport:
     released_bytes: int = 0  # fp weight storage freed after this graph was compiled
     float32_attention: int = 0  # bf16/fp16 CPU attention calls computed in float32 (option cpu_attention)
     decode_attention: int = 0  # of those, the calls run by llmint8::cpu_decode_attention (one query token)
+    linear_groups: list[list[str]] = field(default_factory=list)  # rewritten linears computed together, one
+    # llmint8::linear_group each, as they share their input (e.g. q/k/v): each group's layer names
 
     @property
     def rewritten(self) -> list[LayerRecord]:

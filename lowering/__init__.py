@@ -2,6 +2,8 @@
 device kernels and Inductor lowering.
 
     linear.py               llmint8::linear, what the FX pass writes; decomposed by device while AOT autograd traces
+    linear_group.py         llmint8::linear_group          (linears of one activation, as one op: on CPU one call of
+                                                            llmint8::cpu_linear_group, else one linear each)
     block_linear.py         llmint8::block_linear          (block mode, docs/design.md §1b: the CPU kernel's
                                                             llmint8::cpu_block_linear, else the reference math)
     cpu_linear.py           llmint8::cpu_linear            (the CPU linear in one C++ call: cpu_linear.cpp, registered
@@ -28,6 +30,7 @@ from int8pass.lowering import (  # noqa: F401  (each import registers its op)
     fused_linear,
     int8_mm_dequant,
     linear,
+    linear_group,
     outlier_matmul,
     quantize_activation,
     record_outliers,
@@ -48,6 +51,7 @@ def cpu_path() -> str:
 # (not passed to compile_fx), so that its FX graph cache can key and reuse llmint8 graphs: a table passed in is part
 # of the key and cannot be pickled. The op appears only in graphs of int8 weights.
 inductor_api.register_decomposition(torch.ops.llmint8.linear.default)(linear.decompose)
+inductor_api.register_decomposition(torch.ops.llmint8.linear_group.default)(linear_group.decompose)
 inductor_api.register_decomposition(torch.ops.llmint8.block_linear.default)(block_linear.decompose)
 
 __all__ = ["cpu_path"]

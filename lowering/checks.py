@@ -46,3 +46,17 @@ def check_block_linear_args(x, weight_q, weight_scale, bias, block_size) -> None
     if weight_scale.shape != (n, blocks) or weight_scale.dtype != torch.bfloat16:
         raise ValueError(f"llmint8::block_linear expects bf16 [{n}, {blocks}] block scales, got {weight_scale.dtype} "
                          f"{tuple(weight_scale.shape)}")
+
+
+def check_linear_group_args(x, weight_q, weight_scale, bias, code_sums) -> None:
+    """Clear errors for llmint8::linear_group arguments: each member's as llmint8::linear's, and the lists' lengths."""
+    count = len(weight_q)
+    if count == 0:
+        raise ValueError("llmint8::linear_group expects at least one weight")
+    for name, values in (("weight_scale", weight_scale), ("bias", bias), ("code_sums", code_sums)):
+        if len(values) != count and (name == "weight_scale" or values):
+            raise ValueError(f"llmint8::linear_group: {count} weights but {len(values)} {name} "
+                             f"({'one per weight' if name == 'weight_scale' else 'none or one per weight'})")
+    for i in range(count):
+        check_linear_args(x, weight_q[i], weight_scale[i], bias[i] if bias else None,
+                          code_sums[i] if code_sums else None)

@@ -1,4 +1,5 @@
 // llmint8::cpu_linear: the LLM.int8() linear on x86-64 CPUs in one call (the kernels: cpu_linear_kernels.h), and
+// llmint8::cpu_linear_group, several of them on one activation in one call, and
 // llmint8::cpu_block_linear, the block-scaled linear of docs/design.md §1b (cpu_block_linear_kernels.h), and
 // llmint8::cpu_decode_attention, attention of one query token on a bf16/fp16/fp32 KV cache (cpu_attention_kernels.h).
 // Registered with PyTorch's dispatcher here, in C++, so that a compiled graph calls it with no Python in between and
@@ -42,13 +43,70 @@ int check_operands(const char* op, const at::Tensor& x, const at::Tensor& weight
   return dtype_code(x, "x", op);
 }
 
+// The number of rows M of x [..., K]
+int64_t leading_rows(const at::Tensor& x) {
+  int64_t M = 1;
+  for (int64_t d = 0; d + 1 < x.dim(); ++d) M *= x.size(d);
+  return M;
+}
+
 // y [..., N] for x [..., K] (contiguous, in x's dtype), and the number of rows M of x
 std::pair<at::Tensor, int64_t> output_for(const at::Tensor& x, int64_t N) {
   std::vector<int64_t> sizes = x.sizes().vec();
   sizes.back() = N;
-  int64_t M = 1;
-  for (int64_t d = 0; d + 1 < x.dim(); ++d) M *= x.size(d);
-  return {at::empty(sizes, x.options().memory_format(at::MemoryFormat::Contiguous)), M};
+  return {at::empty(sizes, x.options().memory_format(at::MemoryFormat::Contiguous)), leading_rows(x)};
+}
+
+// The checks of one weight of llmint8::cpu_linear (or of a group) beyond check_operands: its scales, outlier weight and
+// code sums
+void check_weight(const char* op, const at::Tensor& weight_q, const at::Tensor& weight_scale,
+                  const std::optional<at::Tensor>& outlier_weight, const std::optional<at::Tensor>& code_sums) {
+  const int64_t N = weight_q.size(0), K = weight_q.size(1);
+  TORCH_CHECK(weight_scale.scalar_type() == at::kFloat && weight_scale.dim() == 1 && weight_scale.size(0) == N, op,
+              ": weight_scale must be float32 [", N, "], got ", weight_scale.scalar_type(), " ", weight_scale.sizes());
+  if (outlier_weight) {
+    TORCH_CHECK(outlier_weight->device().is_cpu() && outlier_weight->dim() == 2 && outlier_weight->size(0) == N &&
+                    outlier_weight->size(1) == K,
+                op, ": outlier_weight must be a CPU [", N, ", ", K, "] tensor, got ", outlier_weight->sizes());
+    dtype_code(*outlier_weight, "outlier_weight", op);
+  }
+  if (code_sums)
+    TORCH_CHECK(code_sums->device().is_cpu() && code_sums->scalar_type() == at::kInt && code_sums->dim() == 1 &&
+                    code_sums->size(0) == N,
+                op, ": code_sums must be a CPU int32 [", N, "] tensor, got ", code_sums->scalar_type(), " ",
+                code_sums->sizes());
+}
+
+// One weight of a call: its contiguous tensors (kept alive for the call) and what the kernel reads of them
+struct WeightOperands {
+  at::Tensor codes, scale, bias, outlier_weight, code_sums, y;
+
+  WeightOperands(const at::Tensor& x, const at::Tensor& weight_q, const at::Tensor& weight_scale,
+                 const std::optional<at::Tensor>& bias_, const std::optional<at::Tensor>& outlier_weight_,
+                 const std::optional<at::Tensor>& code_sums_)
+      : codes(weight_q.contiguous()), scale(weight_scale.contiguous()),
+        bias(bias_ ? bias_->contiguous() : at::Tensor()),
+        outlier_weight(outlier_weight_ ? outlier_weight_->contiguous() : at::Tensor()),
+        code_sums(code_sums_ ? code_sums_->contiguous() : at::Tensor()), y(output_for(x, weight_q.size(0)).first) {}
+
+  int8pass::Weight view() const {
+    return {codes.data_ptr<int8_t>(), codes.size(0),
+            code_sums.defined() ? code_sums.data_ptr<int32_t>() : nullptr, scale.data_ptr<float>(),
+            bias.defined() ? bias.data_ptr() : nullptr, bias.defined() ? dtype_code(bias, "bias") : 0,
+            outlier_weight.defined() ? outlier_weight.data_ptr() : nullptr,
+            outlier_weight.defined() ? dtype_code(outlier_weight, "outlier_weight") : 0, y.data_ptr()};
+  }
+};
+
+// Runs the kernel for x (contiguous) and the weights, each of which has its output allocated
+void run_linear(const at::Tensor& x_c, int x_dtype, double threshold, const std::vector<WeightOperands>& operands) {
+  const int64_t K = x_c.size(-1), M = leading_rows(x_c);
+  std::vector<int8pass::Weight> weights;
+  for (const WeightOperands& operand : operands)
+    if (operand.codes.size(0) > 0) weights.push_back(operand.view());
+  if (M == 0 || weights.empty()) return;
+  const int8pass::Activation activation{x_c.data_ptr(), x_dtype, M, K, float(threshold)};
+  int8pass::linear(activation, weights.data(), int64_t(weights.size()), int8pass::kernel_for(M, K));
 }
 
 // y [..., N] = llmint8 linear of x [..., K] with codes weight_q [N, K] and row absmax weight_scale [N]: docs/design.md
@@ -58,37 +116,42 @@ std::pair<at::Tensor, int64_t> output_for(const at::Tensor& x, int64_t N) {
 at::Tensor cpu_linear(const at::Tensor& x, const at::Tensor& weight_q, const at::Tensor& weight_scale,
                       const std::optional<at::Tensor>& bias, double threshold,
                       const std::optional<at::Tensor>& outlier_weight, const std::optional<at::Tensor>& code_sums) {
-  const int x_dtype = check_operands("llmint8::cpu_linear", x, weight_q, weight_scale, bias);
-  const int64_t N = weight_q.size(0), K = weight_q.size(1);
-  TORCH_CHECK(weight_scale.scalar_type() == at::kFloat && weight_scale.dim() == 1 && weight_scale.size(0) == N,
-              "llmint8::cpu_linear: weight_scale must be float32 [", N, "], got ", weight_scale.scalar_type(), " ",
-              weight_scale.sizes());
-  if (outlier_weight) {
-    TORCH_CHECK(outlier_weight->device().is_cpu() && outlier_weight->dim() == 2 && outlier_weight->size(0) == N &&
-                    outlier_weight->size(1) == K,
-                "llmint8::cpu_linear: outlier_weight must be a CPU [", N, ", ", K, "] tensor, got ",
-                outlier_weight->sizes());
-    dtype_code(*outlier_weight, "outlier_weight");
+  const char* op = "llmint8::cpu_linear";
+  const int x_dtype = check_operands(op, x, weight_q, weight_scale, bias);
+  check_weight(op, weight_q, weight_scale, outlier_weight, code_sums);
+  std::vector<WeightOperands> operands;
+  operands.emplace_back(x, weight_q, weight_scale, bias, outlier_weight, code_sums);
+  run_linear(x.contiguous(), x_dtype, threshold, operands);
+  return operands[0].y;
+}
+
+// [y_i] = [cpu_linear(x, weight_q[i], weight_scale[i], bias[i], threshold, None, code_sums[i])] for weights that
+// multiply the same x, in one call: x is quantized once and the weights are streamed in one parallel loop. bias and
+// code_sums are empty (none) or one per weight.
+std::vector<at::Tensor> cpu_linear_group(const at::Tensor& x, at::TensorList weight_q, at::TensorList weight_scale,
+                                         at::TensorList bias, double threshold, at::TensorList code_sums) {
+  const char* op = "llmint8::cpu_linear_group";
+  const size_t count = weight_q.size();
+  TORCH_CHECK(count > 0, op, ": no weights");
+  TORCH_CHECK(weight_scale.size() == count, op, ": ", count, " weights but ", weight_scale.size(), " weight_scales");
+  TORCH_CHECK(bias.empty() || bias.size() == count, op, ": bias must be empty or one per weight (", count, "), got ",
+              bias.size());
+  TORCH_CHECK(code_sums.empty() || code_sums.size() == count, op, ": code_sums must be empty or one per weight (",
+              count, "), got ", code_sums.size());
+  int x_dtype = 0;
+  std::vector<WeightOperands> operands;
+  operands.reserve(count);
+  for (size_t i = 0; i < count; ++i) {
+    const std::optional<at::Tensor> bias_i = bias.empty() ? std::nullopt : std::optional<at::Tensor>(bias[i]);
+    const std::optional<at::Tensor> sums_i = code_sums.empty() ? std::nullopt : std::optional<at::Tensor>(code_sums[i]);
+    x_dtype = check_operands(op, x, weight_q[i], weight_scale[i], bias_i);
+    check_weight(op, weight_q[i], weight_scale[i], std::nullopt, sums_i);
+    operands.emplace_back(x, weight_q[i], weight_scale[i], bias_i, std::nullopt, sums_i);
   }
-  if (code_sums)
-    TORCH_CHECK(code_sums->device().is_cpu() && code_sums->scalar_type() == at::kInt && code_sums->dim() == 1 &&
-                    code_sums->size(0) == N,
-                "llmint8::cpu_linear: code_sums must be a CPU int32 [", N, "] tensor, got ", code_sums->scalar_type(),
-                " ", code_sums->sizes());
-  const at::Tensor x_c = x.contiguous(), w_c = weight_q.contiguous(), s_c = weight_scale.contiguous();
-  const at::Tensor b_c = bias ? bias->contiguous() : at::Tensor();
-  const at::Tensor o_c = outlier_weight ? outlier_weight->contiguous() : at::Tensor();
-  const at::Tensor c_c = code_sums ? code_sums->contiguous() : at::Tensor();
-  auto [y, M] = output_for(x, N);
-  if (M == 0 || N == 0) return y;
-  const int8pass::Linear args{
-      x_c.data_ptr(), x_dtype, M, K, w_c.data_ptr<int8_t>(), N, code_sums ? c_c.data_ptr<int32_t>() : nullptr,
-      s_c.data_ptr<float>(),
-      bias ? b_c.data_ptr() : nullptr, bias ? dtype_code(b_c, "bias") : 0, float(threshold),
-      outlier_weight ? o_c.data_ptr() : nullptr, outlier_weight ? dtype_code(o_c, "outlier_weight") : 0,
-      y.data_ptr()};
-  int8pass::linear(args, int8pass::kernel_for(M, K));
-  return y;
+  run_linear(x.contiguous(), x_dtype, threshold, operands);
+  std::vector<at::Tensor> outputs;
+  for (const WeightOperands& operand : operands) outputs.push_back(operand.y);
+  return outputs;
 }
 
 // y [..., N] from x [..., K], codes weight_q [N, K] and bf16 block scales weight_scale [N, ceil(K / block_size)]
@@ -177,6 +240,8 @@ std::string cpu_linear_kernel(int64_t rows, int64_t in_features) {
 TORCH_LIBRARY_FRAGMENT(llmint8, m) {
   m.def("cpu_linear(Tensor x, Tensor weight_q, Tensor weight_scale, Tensor? bias, float threshold, "
         "Tensor? outlier_weight=None, Tensor? code_sums=None) -> Tensor");
+  m.def("cpu_linear_group(Tensor x, Tensor[] weight_q, Tensor[] weight_scale, Tensor[] bias, float threshold, "
+        "Tensor[] code_sums) -> Tensor[]");
   m.def("cpu_block_linear(Tensor x, Tensor weight_q, Tensor weight_scale, Tensor? bias, int block_size, "
         "float threshold) -> Tensor");
   m.def("cpu_decode_attention(Tensor query, Tensor key, Tensor value, Tensor? attn_mask, float scale) -> Tensor");
@@ -185,6 +250,7 @@ TORCH_LIBRARY_FRAGMENT(llmint8, m) {
 
 TORCH_LIBRARY_IMPL(llmint8, CPU, m) {
   m.impl("cpu_linear", &cpu_linear);
+  m.impl("cpu_linear_group", &cpu_linear_group);
   m.impl("cpu_block_linear", &cpu_block_linear);
   m.impl("cpu_decode_attention", &cpu_decode_attention);
 }

@@ -1,6 +1,7 @@
 """llmint8::cpu_linear: the whole LLM.int8() linear on an x86-64 CPU in one call of a C++ kernel (and, from the same
-library, llmint8::cpu_block_linear, the block-scaled linear of docs/design.md §1b, and llmint8::cpu_decode_attention,
-decode attention on a reduced-precision KV cache in float32: int8pass/attention.py).
+library, llmint8::cpu_linear_group, the linears of one activation in one call (linear_group.py), llmint8::cpu_block_linear,
+the block-scaled linear of docs/design.md §1b, and llmint8::cpu_decode_attention, decode attention on a
+reduced-precision KV cache in float32: int8pass/attention.py).
 
 The op is registered in C++ (cpu_linear.cpp, TORCH_LIBRARY), so a compiled graph calls it through the dispatcher with
 no Python in between, and an AOTInductor package runs it by loading the library alone; this module builds and loads
@@ -32,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from int8pass.lowering.checks import check_block_linear_args, check_linear_args
+from int8pass.lowering.checks import check_block_linear_args, check_linear_args, check_linear_group_args
 
 log = logging.getLogger("int8pass")
 
@@ -85,6 +86,7 @@ def library_path() -> Path | None:
         return None
     path = build / f"{name}.so"
     torch.library.register_fake("llmint8::cpu_linear")(_fake)
+    torch.library.register_fake("llmint8::cpu_linear_group")(_fake_group)
     torch.library.register_fake("llmint8::cpu_block_linear")(_fake_block)
     torch.library.register_fake("llmint8::cpu_decode_attention")(_fake_decode_attention)
     return path
@@ -93,6 +95,11 @@ def library_path() -> Path | None:
 def _fake(x, weight_q, weight_scale, bias, threshold, outlier_weight=None, code_sums=None):
     check_linear_args(x, weight_q, weight_scale, bias)
     return x.new_empty((*x.shape[:-1], weight_q.shape[0]))
+
+
+def _fake_group(x, weight_q, weight_scale, bias, threshold, code_sums):
+    check_linear_group_args(x, weight_q, weight_scale, bias, code_sums)
+    return [x.new_empty((*x.shape[:-1], w.shape[0])) for w in weight_q]
 
 
 def _fake_block(x, weight_q, weight_scale, bias, block_size, threshold):

@@ -784,50 +784,67 @@ inline void outlier_block(const float* x_o, const int32_t* cols, int64_t n_cols,
   }
 }
 
-struct Linear {
-  const void* x;  // [M, K], contiguous, in x_dtype (fp32, bf16, fp16); y is [M, N] in the same dtype
+// The activation of a linear: X [M, K], contiguous, in x_dtype (fp32, bf16, fp16), and the outlier threshold
+struct Activation {
+  const void* x;
   int x_dtype;
   int64_t M, K;
+  float threshold;  // <= 0: no magnitude outliers
+};
+
+// One weight multiplying it, and its output y [M, N] in x_dtype
+struct Weight {
   const int8_t* w;  // [N, K] codes, contiguous
   int64_t N;
   const int32_t* code_sums;  // [N], each row's sum of codes (what the VNNI and AMX kernels take off), or nullptr
   const float* s_w;  // [N]
   const void* bias;  // [N] in bias_dtype, or nullptr
   int bias_dtype;
-  float threshold;  // <= 0: no magnitude outliers
   const void* outlier_weight;  // [N, K] floating point in outlier_dtype, or nullptr: the dequantized codes
   int outlier_dtype;
   void* y;
 };
 
-// The whole linear (steps 1-4) with the given GEMM kernel
-inline void linear(const Linear& a, Kernel kernel) {
-  const int64_t M = a.M, K = a.K, N = a.N;
+// The whole linear (steps 1-4) with the given GEMM kernel, for `count` weights that multiply the same activation (the
+// q, k and v projections of an attention layer, say): X is quantized once, and one parallel loop goes over the row
+// blocks of all of them, so a group costs one call's fixed costs and its threads stream the weights back to back.
+// Each output is what a call with its weight alone gives, bit for bit.
+inline void linear(const Activation& a, const Weight* weights, int64_t count, Kernel kernel) {
+  const int64_t M = a.M, K = a.K;
   const float limit = a.threshold > 0 ? a.threshold : INFINITY;
   // X_q + 128 (u8), what vpdpbusd multiplies: as rows for the VNNI kernel's dot products (and the AMX kernel's
   // tails), or packed in 16-row tiles from PACKED_MIN_ROWS rows
   const bool packed_rows = kernel == Kernel::Avx512Vnni && M >= vnni::PACKED_MIN_ROWS;
-  const bool unsigned_codes = (kernel == Kernel::Avx512Vnni && !packed_rows) || (kernel == Kernel::Amx && (K % 64 || N % 16));
+  bool amx_tails = false;
+  for (int64_t i = 0; i < count; ++i) amx_tails |= weights[i].N % 16 != 0;
+  const bool unsigned_codes = (kernel == Kernel::Avx512Vnni && !packed_rows) || (kernel == Kernel::Amx && (K % 64 || amx_tails));
   const int64_t tile_bytes = kernel == Kernel::Amx ? (M + 15) / 16 * (K / 64) * 1024
                              : packed_rows         ? (M + 15) / 16 * 16 * (K / 4 * 4)
                                                    : 0;
-  Scratch scratch(K * (1 + 4 + 4) + M * 4 + M * K * (unsigned_codes ? 2 : 1) + tile_bytes, 0);
+  // the row blocks of all the weights, in order: block b is rows [n0, n0 + NC) of weight block_weight[b]
+  int64_t blocks = 0;
+  for (int64_t i = 0; i < count; ++i) blocks += (weights[i].N + NC - 1) / NC;
+  Scratch scratch(K * (1 + 4 + 4) + M * 4 + M * K * (unsigned_codes ? 2 : 1) + tile_bytes + blocks * 16, 0);
   uint8_t* is_outlier = scratch.take<uint8_t>(K);
   uint32_t* keep = scratch.take<uint32_t>(K);
   float* s_x = scratch.take<float>(M);
   int8_t* x_q = scratch.take<int8_t>(M * K);
+  int64_t* block_weight = scratch.take<int64_t>(blocks);
+  int64_t* block_row = scratch.take<int64_t>(blocks);
+  for (int64_t i = 0, b = 0; i < count; ++i)
+    for (int64_t n0 = 0; n0 < weights[i].N; n0 += NC, ++b) block_weight[b] = i, block_row[b] = n0;
   outlier_mask(a.x, a.x_dtype, M, K, limit, is_outlier, keep);
   quantize(a.x, a.x_dtype, M, K, is_outlier, keep, s_x, x_q);
   uint8_t* x_u8 = unsigned_codes ? scratch.take<uint8_t>(M * K) : nullptr;
   if (unsigned_codes) {
-    const int64_t count = M * K, vector_count = count / 32 * 32;
+    const int64_t elements = M * K, vector_count = elements / 32 * 32;
     const __m256i top_bits = _mm256_set1_epi8(char(0x80));
-#pragma omp parallel for schedule(static) if (count >= PARALLEL_MIN_ELEMENTS)
+#pragma omp parallel for schedule(static) if (elements >= PARALLEL_MIN_ELEMENTS)
     for (int64_t i = 0; i < vector_count; i += 32) {
       const __m256i codes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x_q + i));
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(x_u8 + i), _mm256_xor_si256(codes, top_bits));
     }
-    for (int64_t i = vector_count; i < count; ++i) x_u8[i] = uint8_t(x_q[i]) ^ 0x80;
+    for (int64_t i = vector_count; i < elements; ++i) x_u8[i] = uint8_t(x_q[i]) ^ 0x80;
   }
   int8_t* b_tiles = kernel == Kernel::Amx ? scratch.take<int8_t>(tile_bytes) : nullptr;
   if (b_tiles) pack_b_tiles(x_q, M, K, b_tiles);
@@ -836,8 +853,6 @@ inline void linear(const Linear& a, Kernel kernel) {
   int32_t* cols = scratch.take<int32_t>(K);
   const int64_t n_cols = outlier_list(is_outlier, K, cols);
   const std::vector<float> x_o = outlier_values(a.x, a.x_dtype, M, K, cols, n_cols);
-  const OutlierWeight outlier_weight{a.w, a.outlier_weight, a.outlier_dtype};
-  const int64_t blocks = (N + NC - 1) / NC;
   // Activation rows go a chunk at a time, so that the chunk's codes stay in L2 while every block of weight rows
   // passes (for AMX, its packed tiles: a multiple of 32 rows); the weight is read once per chunk
   const int64_t m_chunk = std::min(M, std::max<int64_t>(32, CHUNK_BYTES / std::max<int64_t>(K, 1) / 32 * 32));
@@ -857,8 +872,9 @@ inline void linear(const Linear& a, Kernel kernel) {
       const uint8_t* xp = x_packed ? x_packed + m0 * (K / 4 * 4) : nullptr;  // m0 is a multiple of 16
 #pragma omp for schedule(static)
       for (int64_t b = 0; b < blocks; ++b) {
-        const int64_t n0 = b * NC, rows = std::min(N, n0 + NC) - n0;
-        const int8_t* w = a.w + n0 * K;
+        const Weight& p = weights[block_weight[b]];
+        const int64_t N = p.N, n0 = block_row[b], rows = std::min(N, n0 + NC) - n0;
+        const int8_t* w = p.w + n0 * K;
         uint32_t offsets[NC];
         if (kernel == Kernel::Amx) {  // full 16-row groups over full 64-column tiles; the rest by VNNI
           const int64_t k_main = K / 64 * 64;
@@ -868,25 +884,27 @@ inline void linear(const Linear& a, Kernel kernel) {
             vnni::gemm_block(xu, w, acc, NC, mc, K, done, k_main, K, true, offsets);
           }
           if (done < rows) {
-            vnni::row_offsets(a.code_sums, w + done * K, K, n0 + done, rows - done, K, offsets);
+            vnni::row_offsets(p.code_sums, w + done * K, K, n0 + done, rows - done, K, offsets);
             vnni::gemm_block(xu, w + done * K, acc + done, NC, mc, K, rows - done, 0, K, false, offsets);
           }
         } else if (xp) {
-          vnni::row_offsets(a.code_sums, w, K, n0, rows, K / 4 * 4, offsets);
+          vnni::row_offsets(p.code_sums, w, K, n0, rows, K / 4 * 4, offsets);
           vnni::packed_gemm_block(xp, xq, w, acc, NC, mc, K, rows, offsets, transposed);
         } else if (kernel == Kernel::Avx512Vnni) {
-          vnni::row_offsets(a.code_sums, w, K, n0, rows, K, offsets);
+          vnni::row_offsets(p.code_sums, w, K, n0, rows, K, offsets);
           vnni::gemm_block(xu, w, acc, NC, mc, K, rows, 0, K, false, offsets);
         } else {
           avx2::gemm_block(xq, w, acc, NC, mc, K, rows);
         }
-        if (n_cols)
+        if (n_cols) {
+          const OutlierWeight outlier_weight{p.w, p.outlier_weight, p.outlier_dtype};
           outlier_block(x_o.data() + m0 * n_cols, cols, n_cols, outlier_weight, n0, outliers, mc, K, rows, w_o);
+        }
         float acc_scale[NC], outlier_scale[NC], b_n[NC];
         for (int64_t n = 0; n < rows; ++n) {
-          acc_scale[n] = a.s_w[n0 + n] / (Q_MAX * Q_MAX);
-          outlier_scale[n] = a.outlier_weight ? 1.0f : a.s_w[n0 + n] / Q_MAX;
-          b_n[n] = a.bias ? load(a.bias, n0 + n, a.bias_dtype) : 0.0f;
+          acc_scale[n] = p.s_w[n0 + n] / (Q_MAX * Q_MAX);
+          outlier_scale[n] = p.outlier_weight ? 1.0f : p.s_w[n0 + n] / Q_MAX;
+          b_n[n] = p.bias ? load(p.bias, n0 + n, p.bias_dtype) : 0.0f;
         }
         for (int64_t n = rows; n < NC; ++n) acc_scale[n] = outlier_scale[n] = b_n[n] = 0.0f;
         float product[NC] = {};
@@ -899,10 +917,10 @@ inline void linear(const Linear& a, Kernel kernel) {
             const __m256 acc8 = _mm256_cvtepi32_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(acc + m * NC + n)));
             __m256 v = _mm256_add_ps(_mm256_mul_ps(acc8, _mm256_mul_ps(s_x8, _mm256_loadu_ps(acc_scale + n))),
                                      _mm256_loadu_ps(product + n));
-            if (a.bias) v = _mm256_add_ps(v, _mm256_loadu_ps(b_n + n));
+            if (p.bias) v = _mm256_add_ps(v, _mm256_loadu_ps(b_n + n));
             _mm256_storeu_ps(value + n, v);
           }
-          store_row(a.y, (m0 + m) * N + n0, value, rows, a.x_dtype);
+          store_row(p.y, (m0 + m) * N + n0, value, rows, a.x_dtype);
         }
       }
     }

@@ -207,3 +207,49 @@ def test_compiled_linears_are_one_call_of_the_kernel(tmp_path):
         torch.testing.assert_close(compiled(x), want, rtol=2 * eps, atol=1e-5)
     (code,) = [path.read_text() for path in tmp_path.rglob("output_code.py")]
     assert code.count("torch.ops.llmint8.cpu_linear.default(") == 1 and "cpp_fused" not in code
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@settings(max_examples=25, deadline=None)
+@given(m=st.integers(0, 40), ns=st.lists(st.integers(0, 150), min_size=1, max_size=4), k=st.integers(1, 300),
+       dtype=st.sampled_from(DTYPES), bias=st.booleans(), sums=st.booleans(), threshold=st.sampled_from([0.0, 6.0]),
+       seed=st.integers(0, 2**16))
+def test_group_is_each_linear_bit_for_bit(kernel, m, ns, k, dtype, bias, sums, threshold, seed):
+    # the weights of a group share one quantized x and one parallel loop over all their row blocks: each output must be
+    # what the weight's own call gives, including weights with no rows and blocks that straddle two weights
+    g = torch.Generator().manual_seed(seed)
+    x = outlier_activation(m, k, dtype, outlier_cols=[c for c in (0, k // 2) if c < k], seed=seed)
+    w_qs = [torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8) for n in ns]
+    s_ws = [torch.rand(n, generator=g) + 0.1 for n in ns]
+    biases = [torch.randn(n, generator=g).to(dtype) for n in ns] if bias else []
+    code_sums_ = [code_sums(w_q) for w_q in w_qs] if sums else []
+    with using(kernel):
+        group = torch.ops.llmint8.cpu_linear_group(x, w_qs, s_ws, biases, threshold, code_sums_)
+        for i, y in enumerate(group):
+            alone = torch.ops.llmint8.cpu_linear(x, w_qs[i], s_ws[i], biases[i] if bias else None, threshold, None,
+                                                 code_sums_[i] if sums else None)
+            assert y.shape == (m, ns[i]) and torch.equal(y, alone)
+
+
+def test_group_rejects_what_it_cannot_run():
+    x, w_q = torch.zeros(2, 32), torch.zeros(8, 32, dtype=torch.int8)
+    group = torch.ops.llmint8.cpu_linear_group
+    with pytest.raises(RuntimeError, match="no weights"):
+        group(x, [], [], [], 6.0, [])
+    with pytest.raises(RuntimeError, match="2 weights but 1 weight_scales"):
+        group(x, [w_q, w_q], [torch.ones(8)], [], 6.0, [])
+    with pytest.raises(RuntimeError, match="bias must be empty or one per weight"):
+        group(x, [w_q, w_q], [torch.ones(8)] * 2, [torch.ones(8)], 6.0, [])
+    with pytest.raises(RuntimeError, match="last dim must be K = 16"):
+        group(x, [w_q, torch.zeros(8, 16, dtype=torch.int8)], [torch.ones(8)] * 2, [], 6.0, [])
+    with pytest.raises(RuntimeError, match="code_sums must be a CPU int32 \\[8\\]"):
+        group(x, [w_q], [torch.ones(8)], [], 6.0, [torch.zeros(8)])
+
+
+def test_group_opcheck():
+    x = outlier_activation(5, 64, torch.bfloat16, outlier_cols=[9])
+    (w1, s1), (w2, s2) = (reference.quantize_weight(torch.randn(n, 64) * 0.1) for n in (16, 70))
+    op = torch.ops.llmint8.cpu_linear_group.default
+    torch.library.opcheck(op, (x, [w1, w2], [s1, s2], [torch.randn(16).bfloat16(), torch.randn(70).bfloat16()], 6.0,
+                               [code_sums(w1), code_sums(w2)]))
+    torch.library.opcheck(op, (x.view(1, 5, 64), [w1, w2], [s1, s2], [], 0.0, []))

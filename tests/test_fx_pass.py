@@ -166,3 +166,54 @@ def test_attention_products_are_not_reported_as_linears():
     report = int8pass.last_report()
     assert [layer.name for layer in report.layers] == ["qkv", "out"]
     assert all(layer.rewritten for layer in report.layers)
+
+
+class SharedInput(torch.nn.Module):
+    """Linears reading one input: q, k and v without bias, gate and up with bias, and `late`, whose bias is computed
+    after the first of them."""
+
+    def __init__(self, d=64):
+        super().__init__()
+        self.q, self.k, self.v = (torch.nn.Linear(d, n, bias=False) for n in (d, 16, 16))
+        self.gate, self.up = torch.nn.Linear(d, 96), torch.nn.Linear(d, 96)
+        self.late = torch.nn.Linear(d, 8)
+        self.out = torch.nn.Linear(d, 8)
+
+    def forward(self, x):
+        q = self.q(x)
+        gate = self.gate(x)
+        shifted = self.late.bias * 2  # computed after gate's linear: `late` cannot join the group formed there
+        late = F.linear(x, self.late.weight, shifted)
+        return (self.out(q), self.k(x), self.v(x), F.silu(gate) * self.up(x), late)
+
+
+def test_linears_sharing_an_input_become_one_group():
+    model = SharedInput().eval().to(torch.bfloat16)
+    x = outlier_activation(6, 64, torch.bfloat16, outlier_cols=[5, 40])
+    eager = SharedInput().eval().to(torch.bfloat16)
+    eager.load_state_dict(model.state_dict())
+    int8pass.quantize_(eager)  # the same codes, each linear called alone
+    with torch.no_grad():
+        want = eager(x)
+        gm, inputs, report, _ = rewrite(model, x)
+        got = gm(*inputs)
+        assert report.linear_groups == [["q", "k", "v"], ["gate", "up"]]
+        assert sum(n.target is torch.ops.llmint8.linear_group.default for n in gm.graph.nodes) == 2
+        assert sum(n.target is torch.ops.llmint8.linear.default for n in gm.graph.nodes) == 2  # late, out
+        for a, b in zip(got, want):
+            assert torch.equal(a, b)  # a group computes each member exactly as its own call does
+        compiled = torch.compile(model, backend="llmint8")(x)  # and through Inductor: one kernel call per group
+        for a, b in zip(compiled, want):
+            torch.testing.assert_close(a, b, rtol=2 * torch.finfo(torch.bfloat16).eps, atol=1e-5)
+        assert int8pass.last_report().linear_groups == [["q", "k", "v"], ["gate", "up"]]
+
+
+def test_linears_a_gradient_flows_through_are_not_grouped():
+    model = SharedInput().eval()
+    x = torch.randn(4, 64, requires_grad=True)
+    model.requires_grad_(False)
+    gm, inputs, report, _ = rewrite(model, x)
+    assert report.linear_groups == [] and all(layer.rewritten for layer in report.layers)
+    y = torch.compile(model, backend="llmint8")(x)
+    sum(t.float().sum() for t in y).backward()
+    assert x.grad is not None and x.grad.isfinite().all()

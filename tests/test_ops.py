@@ -102,3 +102,30 @@ def test_fake_shapes_are_static():
 def test_linear_rejects_bad_arguments(args, message):
     with pytest.raises(ValueError, match=message):
         ops.linear(*args)
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("shape", [(5, 33), (2, 3, 33)])
+def test_linear_group_is_each_linear(with_bias, shape):
+    x = torch.randn(shape).to(torch.bfloat16)
+    x[..., 2] = 30.0
+    members = [reference.quantize_weight(torch.randn(n, 33).to(torch.bfloat16)) for n in (7, 1, 20)]
+    weight_q, weight_scale = [w for w, _ in members], [s for _, s in members]
+    bias = [torch.randn(w.shape[0]).to(torch.bfloat16) for w in weight_q] if with_bias else []
+    sums = [w.sum(1, dtype=torch.int32) for w in weight_q]
+    torch.library.opcheck(ops.linear_group.default, (x, weight_q, weight_scale, bias, 6.0, sums))
+    group = ops.linear_group(x, weight_q, weight_scale, bias, 6.0, [])
+    for i, y in enumerate(group):
+        assert torch.equal(y, ops.linear(x, weight_q[i], weight_scale[i], bias[i] if bias else None, 6.0))
+
+
+def test_linear_group_rejects_bad_lists():
+    x, _, w_q, s_w = weight_and_activation()
+    with pytest.raises(ValueError, match="at least one weight"):
+        ops.linear_group(x, [], [], [], 6.0, [])
+    with pytest.raises(ValueError, match="2 weights but 1 weight_scale"):
+        ops.linear_group(x, [w_q, w_q], [s_w], [], 6.0, [])
+    with pytest.raises(ValueError, match="2 weights but 1 code_sums"):
+        ops.linear_group(x, [w_q, w_q], [s_w, s_w], [], 6.0, [w_q.sum(1, dtype=torch.int32)])
+    with pytest.raises(ValueError, match="does not end in K=33"):
+        ops.linear_group(x[:, :32], [w_q], [s_w], [], 6.0, [])
