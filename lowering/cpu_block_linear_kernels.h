@@ -442,14 +442,14 @@ inline void linear(const BlockLinear& a, bool vnni) {
     const int64_t m_chunk16 = (m_chunk + 15) / 16 * 16;
     Scratch block_scratch(m_chunk16 * NC * 4 * (packed ? 2 : 1) + (packed ? NC * vnni_blocks::PACKED_KC : 0) +
                           NC * blocks * 4 + (vnni ? 0 : 12 * blocks * 4) + m_chunk * NC * 4 * (n_cols ? 1 : 0) +
-                          n_cols * NC * 4, 1);
+                          std::min(n_cols, OUTLIER_CHUNK) * NC * 4, 1);
     float* acc = block_scratch.take<float>(m_chunk16 * NC);
     float* c = block_scratch.take<float>(packed ? m_chunk16 * NC : 0);
     uint8_t* w_u8 = block_scratch.take<uint8_t>(packed ? NC * vnni_blocks::PACKED_KC : 0);
     float* dw = block_scratch.take<float>(NC * blocks);
     float* scale = block_scratch.take<float>(vnni ? 0 : 12 * blocks);
     float* outliers = block_scratch.take<float>(n_cols ? m_chunk * NC : 0);
-    float* w_o = block_scratch.take<float>(n_cols * NC);
+    float* w_o = block_scratch.take<float>(std::min(n_cols, OUTLIER_CHUNK) * NC);
     for (int64_t m0 = 0; m0 < M; m0 += m_chunk) {
       const int64_t mc = std::min(m_chunk, M - m0);
 #pragma omp for schedule(static)
@@ -472,7 +472,8 @@ inline void linear(const BlockLinear& a, bool vnni) {
               acc[m * NC + n] += float(sum) * (d_x[(m0 + m) * blocks + blocks - 1] * dw[n * blocks + blocks - 1]);
             }
         if (n_cols)
-          outlier_block(x_o.data() + m0 * n_cols, cols, n_cols, outlier_weight, n0, outliers, mc, K, rows, w_o);
+          (vnni ? vnni::outlier_block : outlier_block)(x_o.data() + m0 * n_cols, cols, n_cols, outlier_weight, n0,
+                                                       outliers, mc, K, rows, w_o);
         float b_n[NC] = {};
         for (int64_t n = 0; a.bias && n < rows; ++n) b_n[n] = load(a.bias, n0 + n, a.bias_dtype);
         for (int64_t m = 0; m < mc; ++m) {  // the reference's order: int8 part + outlier product + b

@@ -133,6 +133,18 @@ def test_linear_is_the_reference_bit_for_bit(kernel, m, n, k, dtype, bias, seed)
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("m", [1, 2, 3, 6, 7, 40])
+def test_many_outlier_columns_are_the_reference_bit_for_bit(kernel, m):
+    # 250 outlier columns of 600: the outlier product goes 96 columns at a time (continuing each output's sums) and
+    # several activation rows at a time; 70 weight rows: a full 64-row block, then 6 (the kernels' tails)
+    outlier_cols = list(range(0, 600, 12)) + list(range(5, 600, 3))[:200]
+    x, w_q, s_w = integer_valued(m, 600, 70, torch.float32, sorted(set(outlier_cols)), seed=m)
+    with using(kernel):
+        got = torch.ops.llmint8.cpu_linear(x, w_q, s_w, None, 6.0)
+    assert torch.equal(got, reference.linear(x, w_q, s_w, None, 6.0))
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("m", [1, 5, 130])
 def test_linear_within_the_bound_of_real_valued_inputs(kernel, dtype, m):
