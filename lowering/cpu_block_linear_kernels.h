@@ -188,7 +188,7 @@ inline void lane_offsets(const int8_t* x_q, int64_t M, int64_t K, int32_t* off) 
     for (int64_t s = 0; s < steps; ++s) {
       const int64_t k = s * 64;
       const __mmask64 mask = k32 - k >= 64 ? ~__mmask64(0) : (__mmask64(1) << (k32 - k)) - 1;
-      const __m512i sums = _mm512_dpbusd_epi32(_mm512_setzero_si512(), ones, _mm512_maskz_loadu_epi8(mask, x_q + m * K + k));
+      const __m512i sums = vnni::dpbusd(_mm512_setzero_si512(), ones, _mm512_maskz_loadu_epi8(mask, x_q + m * K + k));
       _mm512_storeu_si512(off + (m * steps + s) * 16, _mm512_mullo_epi32(sums, _mm512_set1_epi32(-128)));
     }
 }
@@ -235,7 +235,7 @@ inline void dot_tile(const int8_t* x, const float* dx, const int32_t* off, const
         const __m512i w_u8 = _mm512_xor_si512(_mm512_maskz_loadu_epi8(mask, w + j * K + k), top_bits);
         if (MB <= 4) _mm_prefetch(reinterpret_cast<const char*>(w + j * K + ahead + k), _MM_HINT_T1);
         for (int i = 0; i < MB; ++i) {
-          const __m512i lanes = _mm512_dpbusd_epi32(_mm512_loadu_si512(off + (i * steps + s) * 16), w_u8, xv[i]);
+          const __m512i lanes = vnni::dpbusd(_mm512_loadu_si512(off + (i * steps + s) * 16), w_u8, xv[i]);
           acc[i][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(lanes), _mm512_permutexvar_ps(_mm512_load_si512(lane_block.index[t]), scale[i][j]),
                                       acc[i][j]);
         }
@@ -308,7 +308,7 @@ inline void packed_tile(const int8_t* x, int64_t tile_bytes, const float* dxp, c
         int32_t quad;
         std::memcpy(&quad, w_u8 + j * ldw + (k - k_base), 4);
         const __m512i wv = _mm512_set1_epi32(quad);
-        for (int v = 0; v < V; ++v) dot[j][v] = _mm512_dpbusd_epi32(dot[j][v], wv, xv[v]);
+        for (int v = 0; v < V; ++v) dot[j][v] = vnni::dpbusd(dot[j][v], wv, xv[v]);
       }
     };
     if (steps == B / 4) {

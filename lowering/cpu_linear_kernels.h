@@ -263,6 +263,15 @@ inline void gemm_block(const int8_t* x_q, const int8_t* w, int32_t* out, int64_t
 
 namespace vnni {
 
+// acc + in each int32 lane the sum of its four u8 x s8 products (vpdpbusd). Written as inline asm because GCC 12
+// compiles the intrinsic, for accumulators held in arrays, with a register copy before and after each instruction,
+// which the tiles' loops then spend their issue slots on (Ice Lake Xeon, one core, operands in L1: 4 x 4 dot-product
+// tiles 2.2 G instructions/s against 3.0, 6 x 4 broadcast tiles 1.3 against 4.1).
+inline __m512i dpbusd(__m512i acc, __m512i u8, __m512i s8) {
+  __asm__("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(u8), "v"(s8));
+  return acc;
+}
+
 // offsets[j] = 128 * sum over k in [k0, k1) of w[j, k] for the `rows` weight rows at w: what multiplying x_u8 =
 // x_q + 128 instead of x_q adds to row j's products, taken off at the end (int32 arithmetic modulo 2^32)
 inline void code_offsets(const int8_t* w, int64_t ldw, int64_t rows, int64_t k0, int64_t k1, uint32_t* offsets) {
@@ -270,9 +279,9 @@ inline void code_offsets(const int8_t* w, int64_t ldw, int64_t rows, int64_t k0,
   for (int64_t j = 0; j < rows; ++j) {
     __m512i sums = _mm512_setzero_si512();
     int64_t k = k0;
-    for (; k + 64 <= k1; k += 64) sums = _mm512_dpbusd_epi32(sums, ones, _mm512_loadu_si512(w + j * ldw + k));
+    for (; k + 64 <= k1; k += 64) sums = dpbusd(sums, ones, _mm512_loadu_si512(w + j * ldw + k));
     if (k < k1)
-      sums = _mm512_dpbusd_epi32(sums, ones, _mm512_maskz_loadu_epi8((__mmask64(1) << (k1 - k)) - 1, w + j * ldw + k));
+      sums = dpbusd(sums, ones, _mm512_maskz_loadu_epi8((__mmask64(1) << (k1 - k)) - 1, w + j * ldw + k));
     offsets[j] = 128u * uint32_t(_mm512_reduce_add_epi32(sums));
   }
 }
@@ -318,7 +327,7 @@ inline void tile(const uint8_t* x, int64_t ldx, const int8_t* w, int64_t ldw, in
     for (int j = 0; j < NB; ++j) {
       const __m512i wv = _mm512_loadu_si512(w + j * ldw + k);
       if (MB <= STREAM_MAX_ROWS) _mm_prefetch(reinterpret_cast<const char*>(w + j * ldw + ahead + k), _MM_HINT_T1);
-      for (int i = 0; i < MB; ++i) acc[i][j] = _mm512_dpbusd_epi32(acc[i][j], xv[i], wv);
+      for (int i = 0; i < MB; ++i) acc[i][j] = dpbusd(acc[i][j], xv[i], wv);
     }
   }
   if (k < k1) {  // the tail, zeros beyond it on both sides
@@ -327,7 +336,7 @@ inline void tile(const uint8_t* x, int64_t ldx, const int8_t* w, int64_t ldw, in
     for (int i = 0; i < MB; ++i) xv[i] = _mm512_maskz_loadu_epi8(mask, x + i * ldx + k);
     for (int j = 0; j < NB; ++j) {
       const __m512i wv = _mm512_maskz_loadu_epi8(mask, w + j * ldw + k);
-      for (int i = 0; i < MB; ++i) acc[i][j] = _mm512_dpbusd_epi32(acc[i][j], xv[i], wv);
+      for (int i = 0; i < MB; ++i) acc[i][j] = dpbusd(acc[i][j], xv[i], wv);
     }
   }
   for (int i = 0; i < MB; ++i)
@@ -423,7 +432,7 @@ inline void packed_tile(const uint8_t* x, int64_t tile_bytes, const int8_t* w, i
         int32_t quad;
         std::memcpy(&quad, w + j * K + k, 4);
         const __m512i wv = _mm512_set1_epi32(quad);
-        for (int v = 0; v < V; ++v) acc[j][v] = _mm512_dpbusd_epi32(acc[j][v], xv[v], wv);
+        for (int v = 0; v < V; ++v) acc[j][v] = dpbusd(acc[j][v], xv[v], wv);
       }
     }
   }
