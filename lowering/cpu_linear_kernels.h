@@ -18,11 +18,12 @@
 //                never saturates; vpmaddwd widens to int32. Tiles of 3 activation rows x 4 weight rows.
 //   AVX512-VNNI: vpdpbusd adds four u8 x s8 products into int32 without saturating. Fed X_q + 128 (u8) and W_q,
 //                it sums X_q . w + 128 * sum(w); sum(w) comes from the same instruction on a vector of ones and is
-//                taken off at the end (int32 arithmetic modulo 2^32, exact since the result fits). Up to 11 rows,
+//                taken off at the end (int32 arithmetic modulo 2^32, exact since the result fits). Up to 4 rows,
 //                dot products along K: tiles of up to 4 activation rows x 4 weight rows (1 x 4 for decode, where it
-//                is the weight stream that counts), masked loads for the K tail. From 12 rows, X_q is packed in
-//                16-row tiles and each instruction takes 4 codes of one weight row broadcast: 16 outputs at once,
-//                no horizontal sums, the weight still read as it is stored.
+//                is the weight stream that counts), masked loads for the K tail. From 5 to 16 rows, X_q is packed
+//                4 rows to a vector and each instruction takes 16 codes of one weight row broadcast to the 4 rows'
+//                lanes. From 17 rows, X_q is packed in 16-row tiles and each instruction takes 4 codes of one weight
+//                row broadcast: 16 outputs at once, no horizontal sums. The weight is always read as it is stored.
 //   AMX:         tdpbssd multiplies s8 x s8 tiles into int32 tiles. The weight is tile A as it is stored (16 rows of
 //                64 codes, stride K); X_q, repacked once per call into tile B's layout (16 columns of 4 codes per
 //                row), is tile B; so C = W_q . X_q^T, 2 x 2 tiles of 16 x 16 at a time. Rows beyond the last full
@@ -382,16 +383,17 @@ __attribute__((noinline)) inline void gemm_block(const uint8_t* x_u8, const int8
     for (int64_t j = 0; j < rows; ++j) out[m * ldo + j] = int32_t(uint32_t(out[m * ldo + j]) - offsets[j]);
 }
 
-// ---- the same GEMM from 16 activation rows at a time, for prefill (PACKED_MIN_ROWS rows and more) ------------------
+// ---- the same GEMM from 16 activation rows at a time, for prefill (more than QUAD_MAX_ROWS rows) --------------------
 // Each zmm holds 4 consecutive codes of 16 activation rows (X_q + 128, packed once per call by pack_rows), and one
 // vpdpbusd multiplies it by 4 codes of one weight row broadcast to every lane: 16 outputs per instruction with no
 // horizontal sums, and the weight read as it is stored. (The dot products above spend a reduction per output and
 // reach about a third of the instruction's throughput at these sizes.)
 
-// From 12 rows: one tile then does as much as the dot products at 12 rows and more from there (Zen 4, 4096 x 4096 at
-// 16 rows: 1.12 ms against 1.44; 4096 x 14336: 3.6 against 5.9), although a single tile takes one broadcast load per
-// instruction and pads the rows to 16
-constexpr int64_t PACKED_MIN_ROWS = 12;
+// From 5 rows the dot products lose to packed rows: up to QUAD_MAX_ROWS rows packed 4 to a vector (quad_gemm_block,
+// below; Ice Lake Xeon, op time against the dot products at 5-11 rows 1.0-1.11x, against one 16-row tile at 12-16 rows
+// 1.2-1.7x), beyond that 16 to a vector (Zen 4, 4096 x 4096 at 16 rows: 1.12 ms against the dot products' 1.44).
+constexpr int64_t PACKED_MIN_ROWS = 5;
+constexpr int64_t QUAD_MAX_ROWS = 16;
 constexpr int64_t PACKED_KC = 512;  // columns per pass: 48 packed rows of them (24 KB) stay in L1 while 64 weight rows pass
 constexpr int64_t PACKED_PREFETCH_LINES = 4;  // how far ahead each weight row is fetched
 
@@ -510,6 +512,92 @@ __attribute__((noinline)) inline void packed_gemm_block(const uint8_t* packed, c
   for (int64_t m = 0; m < M; ++m)  // the last K % 4 columns
     for (int64_t j = 0; j < rows; ++j)
       for (int64_t k = k4; k < K; ++k) out[m * ldo + j] += int32_t(x_q[m * K + k]) * int32_t(w[j * K + k]);
+}
+
+// ---- 5 to 16 activation rows: 4 rows to a vector ------------------------------------------------------------------
+// One 16-row tile of the packed GEMM above takes a broadcast load for every vpdpbusd, and is bound by the loads (Ice
+// Lake Xeon, one core, in L1: 2.2 G instructions/s). Here a zmm holds 16 consecutive codes (+ 128) of 4 rows, one
+// row to a 128-bit lane, and one vpdpbusd multiplies it by 16 codes of one weight row broadcast to the 4 lanes
+// (vbroadcasti32x4): each dword sums 4 of a row's products, and a row's 4 dwords in a lane are added at the end.
+// 4 x 6 tiles take 10 loads per 24 instructions (same machine: 3.4-3.9 G/s).
+constexpr int64_t QUAD_KC = 1024;  // columns per pass: the 16 rows' codes (16 KB) stay in L1 while 64 weight rows pass
+
+// X_q [M, K] (M <= 16) for quad_gemm_block, over the first K / 16 * 16 columns: for each 16 columns c and each group
+// g of 4 rows, 64 bytes at (c * groups + g) * 64 whose 16 bytes at 16i are row 4g + i's codes + 128 (rows past M: 0)
+inline void pack_row_quads(const int8_t* x_q, int64_t M, int64_t K, uint8_t* packed) {
+  const int64_t groups = (M + 3) / 4, chunks = K / 16;
+  const __m128i top_bits = _mm_set1_epi8(char(0x80));
+  for (int64_t c = 0; c < chunks; ++c)
+    for (int64_t m = 0; m < groups * 4; ++m) {
+      const __m128i codes = m < M ? _mm_xor_si128(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x_q + m * K + 16 * c)), top_bits)
+                                  : _mm_setzero_si128();
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(packed + (c * groups + m / 4) * 64 + m % 4 * 16), codes);
+    }
+}
+
+// raw[j][g] (+)= the lane products of G row groups with NB weight rows over 16-column chunks [c0, c1)
+template <int G, int NB>
+inline void quad_tile(const uint8_t* x, const int8_t* w, int64_t K, int64_t c0, int64_t c1, int32_t* raw, bool add) {
+  __m512i acc[NB * G];
+  for (int a = 0; a < NB * G; ++a) acc[a] = add ? _mm512_loadu_si512(raw + 16 * a) : _mm512_setzero_si512();
+  for (int64_t c = c0; c < c1;) {
+    const int64_t stop = std::min(c + 4, c1);  // a line of each weight row
+    for (int j = 0; j < NB; ++j)
+      _mm_prefetch(reinterpret_cast<const char*>(w + j * K + 16 * c + 64 * PACKED_PREFETCH_LINES), _MM_HINT_T0);
+    for (; c < stop; ++c) {
+      __m512i xv[G];
+      for (int g = 0; g < G; ++g) xv[g] = _mm512_loadu_si512(x + (c * G + g) * 64);
+      for (int j = 0; j < NB; ++j) {
+        const __m512i wv = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + j * K + 16 * c)));
+        for (int g = 0; g < G; ++g) acc[j * G + g] = dpbusd(acc[j * G + g], xv[g], wv);
+      }
+    }
+  }
+  for (int a = 0; a < NB * G; ++a) _mm512_storeu_si512(raw + 16 * a, acc[a]);
+}
+
+template <int G, int NB>
+void quad_rows(const uint8_t* x, const int8_t* w, int64_t K, int64_t rows, int32_t* raw) {
+  const int64_t chunks = K / 16;
+  for (int64_t c0 = 0; c0 < chunks; c0 += QUAD_KC / 16) {
+    const int64_t c1 = std::min(c0 + QUAD_KC / 16, chunks);
+    int64_t j = 0;
+    for (; j + NB <= rows; j += NB) quad_tile<G, NB>(x, w + j * K, K, c0, c1, raw + j * G * 16, c0 > 0);
+    for (; j < rows; ++j) quad_tile<G, 1>(x, w + j * K, K, c0, c1, raw + j * G * 16, c0 > 0);
+  }
+}
+
+// out[m, j] = X_q[m, :] . w[j, :] for the M (PACKED_MIN_ROWS to QUAD_MAX_ROWS) rows of `packed` (pack_row_quads) and
+// the `rows` (at most NC) weight rows at w, offsets[j] being 128 * the sum of w[j, k] over the first K / 16 * 16
+// columns (row_offsets); out has room for 16 rows and NC columns. `raw` is scratch of NC x 64 int32.
+__attribute__((noinline)) inline void quad_gemm_block(const uint8_t* packed, const int8_t* x_q, const int8_t* w,
+                                                      int32_t* out, int64_t ldo, int64_t M, int64_t K, int64_t rows,
+                                                      const uint32_t* offsets, int32_t* raw) {
+  const int64_t groups = (M + 3) / 4, rows4 = (rows + 3) / 4 * 4;
+  if (groups == 4) quad_rows<4, 6>(packed, w, K, rows, raw);
+  else if (groups == 3) quad_rows<3, 8>(packed, w, K, rows, raw);
+  else quad_rows<2, 12>(packed, w, K, rows, raw);
+  if (K < 16) std::fill(raw, raw + rows * groups * 16, 0);
+  std::fill(raw + rows * groups * 16, raw + rows4 * groups * 16, 0);
+  uint32_t padded[NC + 3] = {};
+  std::copy(offsets, offsets + rows, padded);
+  for (int64_t j = 0; j < rows4; j += 4)  // 4 weight rows x 4 activation rows at a time: lane i's sums are row 4g + i's
+    for (int64_t g = 0; g < groups; ++g) {
+      const auto lanes = [&](int64_t t) { return _mm512_loadu_si512(raw + ((j + t) * groups + g) * 16); };
+      const __m512i a0 = lanes(0), a1 = lanes(1), a2 = lanes(2), a3 = lanes(3);
+      const __m512i s01 = _mm512_add_epi32(_mm512_unpacklo_epi32(a0, a1), _mm512_unpackhi_epi32(a0, a1));
+      const __m512i s23 = _mm512_add_epi32(_mm512_unpacklo_epi32(a2, a3), _mm512_unpackhi_epi32(a2, a3));
+      const __m512i sums = _mm512_add_epi32(_mm512_unpacklo_epi64(s01, s23), _mm512_unpackhi_epi64(s01, s23));
+      const __m512i exact = _mm512_sub_epi32(
+          sums, _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(padded + j))));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(out + (4 * g) * ldo + j), _mm512_extracti32x4_epi32(exact, 0));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(out + (4 * g + 1) * ldo + j), _mm512_extracti32x4_epi32(exact, 1));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(out + (4 * g + 2) * ldo + j), _mm512_extracti32x4_epi32(exact, 2));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(out + (4 * g + 3) * ldo + j), _mm512_extracti32x4_epi32(exact, 3));
+    }
+  for (int64_t m = 0; m < M; ++m)  // the last K % 16 columns
+    for (int64_t j = 0; j < rows; ++j)
+      for (int64_t k = K / 16 * 16; k < K; ++k) out[m * ldo + j] += int32_t(x_q[m * K + k]) * int32_t(w[j * K + k]);
 }
 
 }  // namespace vnni
@@ -896,13 +984,15 @@ inline void linear(const Activation& a, const Weight* weights, int64_t count, Ke
   const int64_t M = a.M, K = a.K;
   const float limit = a.threshold > 0 ? a.threshold : INFINITY;
   // X_q + 128 (u8), what vpdpbusd multiplies: as rows for the VNNI kernel's dot products (and the AMX kernel's
-  // tails), or packed in 16-row tiles from PACKED_MIN_ROWS rows
-  const bool packed_rows = kernel == Kernel::Avx512Vnni && M >= vnni::PACKED_MIN_ROWS;
+  // tails), from PACKED_MIN_ROWS rows 4 rows to a vector up to QUAD_MAX_ROWS, packed in 16-row tiles beyond
+  const bool vnni_packs = kernel == Kernel::Avx512Vnni && M >= vnni::PACKED_MIN_ROWS;
+  const bool quad_rows = vnni_packs && M <= vnni::QUAD_MAX_ROWS, packed_rows = vnni_packs && !quad_rows;
   bool amx_tails = false;
   for (int64_t i = 0; i < count; ++i) amx_tails |= weights[i].N % 16 != 0;
-  const bool unsigned_codes = (kernel == Kernel::Avx512Vnni && !packed_rows) || (kernel == Kernel::Amx && (K % 64 || amx_tails));
+  const bool unsigned_codes = (kernel == Kernel::Avx512Vnni && !vnni_packs) || (kernel == Kernel::Amx && (K % 64 || amx_tails));
   const int64_t tile_bytes = kernel == Kernel::Amx ? (M + 15) / 16 * (K / 64) * 1024
                              : packed_rows         ? (M + 15) / 16 * 16 * (K / 4 * 4)
+                             : quad_rows           ? (M + 3) / 4 * 4 * (K / 16 * 16)
                                                    : 0;
   // the row blocks of all the weights, in order: block b is rows [n0, n0 + NC) of weight block_weight[b]
   int64_t blocks = 0;
@@ -933,6 +1023,8 @@ inline void linear(const Activation& a, const Weight* weights, int64_t count, Ke
   if (b_tiles) pack_b_tiles(x_q, M, K, b_tiles);
   uint8_t* x_packed = packed_rows ? scratch.take<uint8_t>(tile_bytes) : nullptr;
   if (x_packed) vnni::pack_rows(x_q, M, K, x_packed);
+  uint8_t* x_quads = quad_rows ? scratch.take<uint8_t>(tile_bytes) : nullptr;
+  if (x_quads) vnni::pack_row_quads(x_q, M, K, x_quads);
   int32_t* cols = scratch.take<int32_t>(K);
   const int64_t n_cols = outlier_list(is_outlier, K, cols);
   const std::vector<float> x_o = outlier_values(a.x, a.x_dtype, M, K, cols, n_cols);
@@ -943,10 +1035,11 @@ inline void linear(const Activation& a, const Weight* weights, int64_t count, Ke
 #pragma omp parallel
   {
     const int64_t m_chunk16 = (m_chunk + 15) / 16 * 16;  // the packed GEMM writes whole 16-row tiles
-    Scratch block_scratch(m_chunk16 * NC * 4 * (x_packed ? 2 : 1) + m_chunk * NC * 4 * (n_cols ? 1 : 0) +
+    const int64_t gemm_scratch = x_packed ? m_chunk16 * NC : x_quads ? NC * 64 : 0;  // int32
+    Scratch block_scratch(m_chunk16 * NC * 4 + gemm_scratch * 4 + m_chunk * NC * 4 * (n_cols ? 1 : 0) +
                               std::min(n_cols, OUTLIER_CHUNK) * NC * 4, 1);
     int32_t* acc = block_scratch.take<int32_t>(m_chunk16 * NC);
-    int32_t* transposed = block_scratch.take<int32_t>(x_packed ? m_chunk16 * NC : 0);
+    int32_t* transposed = block_scratch.take<int32_t>(gemm_scratch);
     float* outliers = block_scratch.take<float>(n_cols ? m_chunk * NC : 0);
     float* w_o = block_scratch.take<float>(std::min(n_cols, OUTLIER_CHUNK) * NC);
     for (int64_t m0 = 0; m0 < M; m0 += m_chunk) {
@@ -975,6 +1068,9 @@ inline void linear(const Activation& a, const Weight* weights, int64_t count, Ke
         } else if (xp) {
           vnni::row_offsets(p.code_sums, w, K, n0, rows, K / 4 * 4, offsets);
           vnni::packed_gemm_block(xp, xq, w, acc, NC, mc, K, rows, offsets, transposed);
+        } else if (x_quads) {  // all M rows are one chunk
+          vnni::row_offsets(p.code_sums, w, K, n0, rows, K / 16 * 16, offsets);
+          vnni::quad_gemm_block(x_quads, xq, w, acc, NC, mc, K, rows, offsets, transposed);
         } else if (kernel == Kernel::Avx512Vnni) {
           vnni::row_offsets(p.code_sums, w, K, n0, rows, K, offsets);
           vnni::gemm_block(xu, w, acc, NC, mc, K, rows, 0, K, false, offsets);

@@ -65,8 +65,9 @@ def test_kernel_choice_follows_the_rows_and_the_cap():
 @given(m=st.integers(1, 40), n=st.integers(1, 150), k=st.integers(1, 300), seed=st.integers(0, 2**16),
        with_sums=st.booleans())
 def test_accumulator_is_the_reference_at_every_tile_edge(kernel, m, n, k, seed, with_sums):
-    # m, n and k straddle every kernel's tiles (3 x 4 x 32, 4 x 4 x 64, VNNI's packed 16-row tiles: one alone from 12
-    # rows, in twos and threes from 17; AMX's 16 x 16 x 64) and the 64-row blocks
+    # m, n and k straddle every kernel's tiles (3 x 4 x 32, 4 x 4 x 64, VNNI's 4-row vectors from 5 to 16 rows in 2, 3
+    # or 4 groups over 16 columns, its packed 16-row tiles in ones, twos and threes from 17; AMX's 16 x 16 x 64) and
+    # the 64-row blocks
     x_q, w_q = codes(m, k, n, seed)
     with using(kernel):
         assert torch.equal(accumulator(x_q, w_q, with_sums), reference.exact_int_matmul(x_q, w_q).float())
@@ -74,9 +75,10 @@ def test_accumulator_is_the_reference_at_every_tile_edge(kernel, m, n, k, seed, 
 
 @pytest.mark.parametrize("kernel", KERNELS)
 # (600, ...): three chunks of activation rows; (48, ...): the VNNI kernel's packed tiles, three of them, and K % 4 = 2;
-# (4, ...): VNNI's 4 x 4 tiles streaming a long K; (16, ...): one packed tile
-@pytest.mark.parametrize("m, n, k", [(1, 4096, 4096), (4, 300, 14336), (16, 130, 4160), (33, 64, 4096), (100, 70, 1000),
-                                     (600, 70, 4096), (48, 100, 4102)])
+# (4, ...): VNNI's 4 x 4 tiles streaming a long K; (16, ...), (13, ...), (7, ...): 4 rows to a vector, 4 and 2 groups,
+# several column passes, K % 16 = 4 and 10
+@pytest.mark.parametrize("m, n, k", [(1, 4096, 4096), (4, 300, 14336), (16, 130, 4160), (13, 70, 4100), (7, 70, 2058),
+                                     (33, 64, 4096), (100, 70, 1000), (600, 70, 4096), (48, 100, 4102)])
 @pytest.mark.parametrize("with_sums", [False, True])
 def test_accumulator_is_the_reference_at_model_sizes(kernel, m, n, k, with_sums):
     x_q, w_q = codes(m, k, n, seed=m, limit=31)  # |acc| < 2^24: exact in the fp32 output
@@ -85,7 +87,7 @@ def test_accumulator_is_the_reference_at_model_sizes(kernel, m, n, k, with_sums)
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
-@pytest.mark.parametrize("m", [1, 7, 64])
+@pytest.mark.parametrize("m", [1, 7, 13, 64])
 @pytest.mark.parametrize("with_sums", [False, True])
 def test_extreme_codes_never_saturate(kernel, m, with_sums):
     # |x_q| = 127 against w_q = -128 and 127: every int16 pair of AVX2's vpmaddubsw at its largest magnitude, and
