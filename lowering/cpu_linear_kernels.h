@@ -951,6 +951,76 @@ inline void outlier_block(const float* x_o, const int32_t* cols, int64_t n_cols,
   }
 }
 
+// ---- the outlier product for decode: 16 columns at a time ---------------------------------------------------------
+// For one or two activation rows, gathering the outlier columns' codes costs more than the product (one scalar load,
+// conversion and store each: ~0.4 ns a code, Ice Lake Xeon). Here each weight row goes once over the 16-column pieces
+// of K that hold an outlier column: its 16 codes widened to fp32 and multiplied by those columns of X, zero at the
+// others (XPieces), 16 lanes at a time, then summed across the lanes. Real LMs have outliers in 13% of the columns at
+// threshold 6, and 89% of their 16-column pieces then hold one. Measured on the op, the same machine, 13% outlier
+// columns: 1 row 1.4-1.8x faster (4096 x 4096: 1.52 -> 0.96 ms), 2 rows 1.03-1.31x; 3 rows and more lost to the gather,
+// which serves all of them, and so did pieces holding one outlier column on average (0.5% outlier columns). Each
+// output sums the same products as the column-ordered chain of outlier_block, in another order (the reference's
+// matmul fixes none).
+
+// The pieces: their first columns (multiples of 16), and for each piece and activation row the 16 values of X there,
+// 0 outside the outlier columns ([piece][row][16])
+constexpr int64_t PIECES_MAX_ROWS = 2;  // and the pieces hold 2 outlier columns or more on average
+
+struct XPieces {
+  std::vector<int32_t> starts;
+  std::vector<float> values;
+};
+
+inline XPieces x_pieces(const float* x_o, const int32_t* cols, int64_t n_cols, int64_t M) {
+  XPieces pieces;
+  for (int64_t i = 0; i < n_cols; ++i) {
+    const int32_t start = cols[i] / 16 * 16;  // cols ascend
+    if (pieces.starts.empty() || pieces.starts.back() != start) {
+      pieces.starts.push_back(start);
+      pieces.values.resize(pieces.values.size() + M * 16, 0.0f);
+    }
+    float* piece = pieces.values.data() + (pieces.starts.size() - 1) * M * 16;
+    for (int64_t m = 0; m < M; ++m) piece[m * 16 + cols[i] % 16] = x_o[m * n_cols + i];
+  }
+  return pieces;
+}
+
+// out[m, j] for R weight rows from w (stride K), MR activation rows
+template <int MR, int R>
+inline void outlier_piece_rows(const XPieces& pieces, const int8_t* w, int64_t K, float* out) {
+  __m512 acc[R][MR];
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < MR; ++m) acc[r][m] = _mm512_setzero_ps();
+  const float* x = pieces.values.data();
+  for (const int32_t start : pieces.starts) {
+    const __mmask16 present = K - start >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (K - start)) - 1);
+    __m512 xv[MR];
+    for (int m = 0; m < MR; ++m) xv[m] = _mm512_loadu_ps(x + m * 16);
+    x += MR * 16;
+    for (int r = 0; r < R; ++r) {
+      const __m512 wv = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(present, w + r * K + start)));
+      for (int m = 0; m < MR; ++m) acc[r][m] = _mm512_fmadd_ps(xv[m], wv, acc[r][m]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < MR; ++m) out[m * NC + r] = _mm512_reduce_add_ps(acc[r][m]);
+}
+
+// out[m, j] = sum over the outlier columns k of x[m, k] * w[j, k] (the codes) for the `rows` weight rows at w and the
+// MR (at most PIECES_MAX_ROWS) rows of `pieces`; 4 weight rows at a time, so 4 * MR independent sums hide the FMA
+// latency
+template <int MR>
+void outlier_pieces(const XPieces& pieces, const int8_t* w, int64_t K, int64_t rows, float* out) {
+  int64_t j = 0;
+  for (; j + 4 <= rows; j += 4) outlier_piece_rows<MR, 4>(pieces, w + j * K, K, out + j);
+  for (; j < rows; ++j) outlier_piece_rows<MR, 1>(pieces, w + j * K, K, out + j);
+}
+
+inline void outlier_pieces(const XPieces& pieces, const int8_t* w, int64_t K, int64_t M, int64_t rows, float* out) {
+  if (M == 1) outlier_pieces<1>(pieces, w, K, rows, out);
+  else outlier_pieces<2>(pieces, w, K, rows, out);
+}
+
 }  // namespace vnni
 
 #pragma GCC pop_options
@@ -1028,6 +1098,11 @@ inline void linear(const Activation& a, const Weight* weights, int64_t count, Ke
   int32_t* cols = scratch.take<int32_t>(K);
   const int64_t n_cols = outlier_list(is_outlier, K, cols);
   const std::vector<float> x_o = outlier_values(a.x, a.x_dtype, M, K, cols, n_cols);
+  // decode: the outlier product by 16-column pieces, for the weights multiplied by their codes, where the pieces
+  // hold two outlier columns or more on average
+  const bool few_rows = kernel != Kernel::Avx2 && n_cols > 0 && M <= vnni::PIECES_MAX_ROWS;
+  vnni::XPieces pieces = few_rows ? vnni::x_pieces(x_o.data(), cols, n_cols, M) : vnni::XPieces{};
+  const bool by_pieces = few_rows && n_cols >= 2 * int64_t(pieces.starts.size());
   // Activation rows go a chunk at a time, so that the chunk's codes stay in L2 while every block of weight rows
   // passes (for AMX, its packed tiles: a multiple of 32 rows); the weight is read once per chunk
   const int64_t chunk_bytes = packed_rows ? PACKED_CHUNK_BYTES : CHUNK_BYTES;
@@ -1077,7 +1152,9 @@ inline void linear(const Activation& a, const Weight* weights, int64_t count, Ke
         } else {
           avx2::gemm_block(xq, w, acc, NC, mc, K, rows);
         }
-        if (n_cols) {
+        if (by_pieces && p.outlier_weight == nullptr) {
+          vnni::outlier_pieces(pieces, w, K, mc, rows, outliers);
+        } else if (n_cols) {
           const OutlierWeight outlier_weight{p.w, p.outlier_weight, p.outlier_dtype};
           (kernel == Kernel::Avx2 ? outlier_block : vnni::outlier_block)(x_o.data() + m0 * n_cols, cols, n_cols,
                                                                           outlier_weight, n0, outliers, mc, K, rows, w_o);

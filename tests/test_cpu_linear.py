@@ -186,6 +186,23 @@ def test_threshold_zero_and_non_finite_values_propagate():
         torch.testing.assert_close(y, want, rtol=2 * torch.finfo(torch.bfloat16).eps, atol=1e-5, equal_nan=True)
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("m", [1, 2])
+def test_decode_rows_propagate_non_finite_outlier_columns(kernel, m):
+    # for one or two rows and dense outlier columns (here one in 7) the VNNI kernel takes the outlier product 16
+    # columns at a time, with zeros beside the outlier columns: a NaN or an Inf must still reach every output of its
+    # row, and only its row's
+    x = outlier_activation(m, 300, torch.bfloat16, outlier_cols=list(range(0, 300, 7)))
+    x[m - 1, 8] = float("nan") if m == 1 else float("inf")
+    w_q = torch.randint(1, 128, (70, 300), generator=torch.Generator().manual_seed(2), dtype=torch.int8)
+    s_w = torch.rand(70) + 0.5
+    with using(kernel):
+        y = torch.ops.llmint8.cpu_linear(x, w_q, s_w, None, 6.0)
+    assert (y[m - 1].isnan() if m == 1 else y[m - 1].isinf()).all() and y[: m - 1].isfinite().all()
+    want = reference.linear(x, w_q, s_w, None, 6.0)
+    torch.testing.assert_close(y, want, rtol=2 * torch.finfo(torch.bfloat16).eps, atol=1e-5, equal_nan=True)
+
+
 def test_rejects_what_it_cannot_run():
     w_q = torch.zeros(8, 32, dtype=torch.int8)
     with pytest.raises(RuntimeError, match="x must be float32, bfloat16 or float16"):
