@@ -962,10 +962,10 @@ inline void outlier_block(const float* x_o, const int32_t* cols, int64_t n_cols,
 // output sums the same products as the column-ordered chain of outlier_block, in another order (the reference's
 // matmul fixes none).
 
-// The pieces: their first columns (multiples of 16), and for each piece and activation row the 16 values of X there,
-// 0 outside the outlier columns ([piece][row][16])
 constexpr int64_t PIECES_MAX_ROWS = 2;  // and the pieces hold 2 outlier columns or more on average
 
+// The pieces: their first columns (multiples of 16), and for each piece and activation row the 16 values of X there,
+// 0 outside the outlier columns ([piece][row][16])
 struct XPieces {
   std::vector<int32_t> starts;
   std::vector<float> values;
@@ -1101,7 +1101,7 @@ inline void linear(const Activation& a, const Weight* weights, int64_t count, Ke
   // decode: the outlier product by 16-column pieces, for the weights multiplied by their codes, where the pieces
   // hold two outlier columns or more on average
   const bool few_rows = kernel != Kernel::Avx2 && n_cols > 0 && M <= vnni::PIECES_MAX_ROWS;
-  vnni::XPieces pieces = few_rows ? vnni::x_pieces(x_o.data(), cols, n_cols, M) : vnni::XPieces{};
+  const vnni::XPieces pieces = few_rows ? vnni::x_pieces(x_o.data(), cols, n_cols, M) : vnni::XPieces{};
   const bool by_pieces = few_rows && n_cols >= 2 * int64_t(pieces.starts.size());
   // Activation rows go a chunk at a time, so that the chunk's codes stay in L2 while every block of weight rows
   // passes (for AMX, its packed tiles: a multiple of 32 rows); the weight is read once per chunk
@@ -1110,11 +1110,12 @@ inline void linear(const Activation& a, const Weight* weights, int64_t count, Ke
 #pragma omp parallel
   {
     const int64_t m_chunk16 = (m_chunk + 15) / 16 * 16;  // the packed GEMM writes whole 16-row tiles
-    const int64_t gemm_scratch = x_packed ? m_chunk16 * NC : x_quads ? NC * 64 : 0;  // int32
-    Scratch block_scratch(m_chunk16 * NC * 4 + gemm_scratch * 4 + m_chunk * NC * 4 * (n_cols ? 1 : 0) +
+    // the packed GEMMs' own scratch: 16-row tiles' sums before their transpose, or 4-row vectors' lane sums
+    const int64_t gemm_scratch_ints = x_packed ? m_chunk16 * NC : x_quads ? NC * 64 : 0;
+    Scratch block_scratch(m_chunk16 * NC * 4 + gemm_scratch_ints * 4 + m_chunk * NC * 4 * (n_cols ? 1 : 0) +
                               std::min(n_cols, OUTLIER_CHUNK) * NC * 4, 1);
     int32_t* acc = block_scratch.take<int32_t>(m_chunk16 * NC);
-    int32_t* transposed = block_scratch.take<int32_t>(gemm_scratch);
+    int32_t* gemm_scratch = block_scratch.take<int32_t>(gemm_scratch_ints);
     float* outliers = block_scratch.take<float>(n_cols ? m_chunk * NC : 0);
     float* w_o = block_scratch.take<float>(std::min(n_cols, OUTLIER_CHUNK) * NC);
     for (int64_t m0 = 0; m0 < M; m0 += m_chunk) {
@@ -1142,10 +1143,10 @@ inline void linear(const Activation& a, const Weight* weights, int64_t count, Ke
           }
         } else if (xp) {
           vnni::row_offsets(p.code_sums, w, K, n0, rows, K / 4 * 4, offsets);
-          vnni::packed_gemm_block(xp, xq, w, acc, NC, mc, K, rows, offsets, transposed);
+          vnni::packed_gemm_block(xp, xq, w, acc, NC, mc, K, rows, offsets, gemm_scratch);
         } else if (x_quads) {  // all M rows are one chunk
           vnni::row_offsets(p.code_sums, w, K, n0, rows, K / 16 * 16, offsets);
-          vnni::quad_gemm_block(x_quads, xq, w, acc, NC, mc, K, rows, offsets, transposed);
+          vnni::quad_gemm_block(x_quads, xq, w, acc, NC, mc, K, rows, offsets, gemm_scratch);
         } else if (kernel == Kernel::Avx512Vnni) {
           vnni::row_offsets(p.code_sums, w, K, n0, rows, K, offsets);
           vnni::gemm_block(xu, w, acc, NC, mc, K, rows, 0, K, false, offsets);
