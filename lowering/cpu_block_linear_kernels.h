@@ -54,9 +54,11 @@ inline int64_t block_count(int64_t K, int64_t B) { return (K + B - 1) / B; }
 // Step 2: d_x [M, blocks] and x_q [M, K], from outlier_mask's is_outlier and keep. Each value is divided by its
 // block's d_x (correctly rounded, as torch divides), rounded half to even and clamped to +-127 (a subnormal d_x can
 // put a quotient past 127.5); d_x = 0 divides by 1, which gives 0 for the (tiny or zero) values of such a block.
+// code_sums (or nullptr): [M, blocks], each block's sum of codes over its columns below K / 32 * 32, which the
+// packed VNNI tiles take off (summed here, while the codes are in registers, rather than in a pass of their own)
 inline void quantize(const void* x, int dtype, int64_t M, int64_t K, int64_t B, const uint8_t* is_outlier,
-                     const uint32_t* keep, float* d_x, int8_t* x_q) {
-  const int64_t blocks = block_count(K, B);
+                     const uint32_t* keep, float* d_x, int8_t* x_q, int32_t* code_sums) {
+  const int64_t blocks = block_count(K, B), k32 = K / 32 * 32;  // k32: a multiple of 8, so whole vectors lie below
   const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
   const __m256 q_max = _mm256_set1_ps(Q_MAX), q_min = _mm256_set1_ps(-Q_MAX);
 #pragma omp parallel for schedule(static) if (M * K >= PARALLEL_MIN_ELEMENTS && M > 1)
@@ -77,16 +79,26 @@ inline void quantize(const void* x, int dtype, int64_t M, int64_t K, int64_t B, 
       const float d = absmax / Q_MAX;
       d_x[m * blocks + b] = d;
       const __m256 safe8 = _mm256_set1_ps(d == 0.0f ? 1.0f : d);
+      __m256i sums8 = _mm256_setzero_si256();
       for (int64_t k = k0; k < k_vec; k += 8) {
         const __m256 v = _mm256_and_ps(load8(x, base + k, dtype), _mm256_loadu_ps(reinterpret_cast<const float*>(keep + k)));
         const __m256 q = _mm256_round_ps(_mm256_div_ps(v, safe8), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
         const __m256i codes = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(q, q_min), q_max));
+        if (k < k32) sums8 = _mm256_add_epi32(sums8, codes);
         const __m128i words = _mm_packs_epi32(_mm256_castsi256_si128(codes), _mm256_extracti128_si256(codes, 1));
         _mm_storel_epi64(reinterpret_cast<__m128i*>(x_q + base + k), _mm_packs_epi16(words, words));
       }
+      int32_t sum = 0;
       for (int64_t k = k_vec; k < k1; ++k) {
         const float value = is_outlier[k] ? 0.0f : load(x, base + k, dtype);
         x_q[base + k] = int8_t(std::clamp(std::nearbyint(value / (d == 0.0f ? 1.0f : d)), -Q_MAX, Q_MAX));
+        if (k < k32) sum += x_q[base + k];
+      }
+      if (code_sums) {
+        int32_t lanes8[8];
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(lanes8), sums8);
+        for (const int32_t lane : lanes8) sum += lane;
+        code_sums[m * blocks + b] = sum;
       }
     }
   }
@@ -287,13 +299,17 @@ inline DotGemm dot_gemm(int64_t B) {
 // (stride ldw) over blocks [b0, b1), whose columns start at k_base in w_u8. vpdpbusd sums (w + 128) x = w x + 128 x,
 // so each block's sum starts at -128 * the block's code sum of each activation row (off) and comes out exact.
 // dxp, off: the tiles' d_x and offsets, [tile][block][16]; dw: the weight rows' d_w, [row][block].
+// The fp32 sums stay in registers beside the int32 sums, at most 3 x 4 of each (Ice Lake Xeon, one core, operands in
+// L1, B = 32: 0.52 of vpdpbusd's peak; 2 x 8 tiles summing in memory 0.36, or 0.54 in a buffer of their own, which
+// measured slower as a whole GEMM). Each block costs a conversion, a multiply and a fused multiply-add per 8 * B / 32
+// vpdpbusd, where the integer tiles of cpu_linear_kernels.h reach 0.77-0.85 of the peak.
 template <int V, int NB, int B>
 inline void packed_tile(const int8_t* x, int64_t tile_bytes, const float* dxp, const int32_t* off, const uint8_t* w_u8,
                         int64_t ldw, int64_t k_base, const float* dw, int64_t blocks, int64_t b0, int64_t b1,
                         int64_t k32, float* c, int64_t ldc, bool add) {
-  // The fp32 sums stay in c (in L1) between blocks: in registers beside the NB x V int32 sums they would spill. A
-  // block's steps are a constant (B / 4), so its sums stay in registers without copies; only a last block cut
-  // short by K counts its steps at run time.
+  __m512 sum[NB][V];
+  for (int j = 0; j < NB; ++j)
+    for (int v = 0; v < V; ++v) sum[j][v] = add ? _mm512_loadu_ps(c + j * ldc + 16 * v) : _mm512_setzero_ps();
   for (int64_t b = b0; b < b1; ++b) {
     const int64_t k0 = b * B, steps = std::min<int64_t>(B, k32 - k0) / 4;
     __m512i dot[NB][V];
@@ -317,21 +333,20 @@ inline void packed_tile(const int8_t* x, int64_t tile_bytes, const float* dxp, c
     } else {
       for (int64_t s = 0; s < steps; ++s) step(k0 + 4 * s);
     }
-    const bool first = b == b0 && !add;
     for (int v = 0; v < V; ++v) {
       const __m512 dxv = _mm512_loadu_ps(dxp + (v * blocks + b) * 16);
-      for (int j = 0; j < NB; ++j) {
-        float* sum = c + j * ldc + 16 * v;
-        const __m512 before = first ? _mm512_setzero_ps() : _mm512_loadu_ps(sum);
-        _mm512_storeu_ps(sum, _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[j][v]),
-                                              _mm512_mul_ps(dxv, _mm512_set1_ps(dw[j * blocks + b])), before));
-      }
+      for (int j = 0; j < NB; ++j)
+        sum[j][v] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[j][v]), _mm512_mul_ps(dxv, _mm512_set1_ps(dw[j * blocks + b])),
+                                    sum[j][v]);
     }
   }
+  for (int j = 0; j < NB; ++j)
+    for (int v = 0; v < V; ++v) _mm512_storeu_ps(c + j * ldc + 16 * v, sum[j][v]);
 }
 
-// Columns per pass: 32 packed rows of them stay in L1/L2 while the block's weight rows pass (a multiple of every B)
-constexpr int64_t PACKED_KC = 2048;
+// Columns per pass: 3 packed tiles' codes over them (24 KB) stay in L1 while the row block's weight rows pass (a
+// multiple of every B)
+constexpr int64_t PACKED_KC = 512;
 
 // out[m, j] = the block-scaled product over the first K / 32 * 32 columns of the M rows of `packed` (vnni::pack_rows
 // with flip 0; their d_x in dxp, offsets in off) and the `rows` (at most NC) weight rows at w; out has room for M
@@ -340,7 +355,7 @@ template <int B>
 __attribute__((noinline)) void packed_gemm_block(const int8_t* packed, const float* dxp, const int32_t* off,
                                                  const int8_t* w, const float* dw, int64_t M, int64_t K, int64_t blocks,
                                                  int64_t rows, float* c, uint8_t* w_u8, float* out, int64_t ldo) {
-  constexpr int NB = 8;
+  constexpr int NB = 4;
   const int64_t tiles = (M + 15) / 16, ldc = tiles * 16, tile_bytes = K / 4 * 64, k32 = K / 32 * 32;
   const int64_t full_blocks = blocks::block_count(k32, B), blocks_per_pass = PACKED_KC / B;
   const __m512i top_bits = _mm512_set1_epi8(char(0x80));
@@ -351,21 +366,25 @@ __attribute__((noinline)) void packed_gemm_block(const int8_t* packed, const flo
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(w_u8 + j * PACKED_KC + (k - k0)),
                             _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + j * K + k)),
                                              _mm512_castsi512_si256(top_bits)));
-    for (int64_t t = 0; t < tiles;) {
-      const int v = tiles - t >= 2 ? 2 : 1;
+    for (int64_t t = 0; t < tiles;) {  // 3 tiles at a time; 2 where 2 or 4 are left, 1 where 1 is
+      const int64_t left = tiles - t, v = left == 1 ? 1 : left == 2 || left == 4 ? 2 : 3;
       const int8_t* x = packed + t * tile_bytes;
       const float* dx = dxp + t * blocks * 16;
       const int32_t* o = off + t * blocks * 16;
       float* ct = c + t * 16;
       int64_t j = 0;  // a single tile takes twice the weight rows: as many independent sums
-      if (v == 2)
+      if (v == 3)
+        for (; j + NB <= rows; j += NB)
+          packed_tile<3, NB, B>(x, tile_bytes, dx, o, w_u8 + j * PACKED_KC, PACKED_KC, k0, dw + j * blocks, blocks, b0, b1, k32, ct + j * ldc, ldc, b0 > 0);
+      else if (v == 2)
         for (; j + NB <= rows; j += NB)
           packed_tile<2, NB, B>(x, tile_bytes, dx, o, w_u8 + j * PACKED_KC, PACKED_KC, k0, dw + j * blocks, blocks, b0, b1, k32, ct + j * ldc, ldc, b0 > 0);
       else
         for (; j + 2 * NB <= rows; j += 2 * NB)
           packed_tile<1, 2 * NB, B>(x, tile_bytes, dx, o, w_u8 + j * PACKED_KC, PACKED_KC, k0, dw + j * blocks, blocks, b0, b1, k32, ct + j * ldc, ldc, b0 > 0);
       for (; j < rows; ++j) {
-        if (v == 2) packed_tile<2, 1, B>(x, tile_bytes, dx, o, w_u8 + j * PACKED_KC, PACKED_KC, k0, dw + j * blocks, blocks, b0, b1, k32, ct + j * ldc, ldc, b0 > 0);
+        if (v == 3) packed_tile<3, 1, B>(x, tile_bytes, dx, o, w_u8 + j * PACKED_KC, PACKED_KC, k0, dw + j * blocks, blocks, b0, b1, k32, ct + j * ldc, ldc, b0 > 0);
+        else if (v == 2) packed_tile<2, 1, B>(x, tile_bytes, dx, o, w_u8 + j * PACKED_KC, PACKED_KC, k0, dw + j * blocks, blocks, b0, b1, k32, ct + j * ldc, ldc, b0 > 0);
         else packed_tile<1, 1, B>(x, tile_bytes, dx, o, w_u8 + j * PACKED_KC, PACKED_KC, k0, dw + j * blocks, blocks, b0, b1, k32, ct + j * ldc, ldc, b0 > 0);
       }
       t += v;
@@ -401,14 +420,16 @@ inline void linear(const BlockLinear& a, bool vnni) {
   const int64_t tiles = (M + 15) / 16;
   const int64_t packed_bytes = packed ? tiles * 16 * (K / 4 * 4) : 0;
   const int64_t lanes = vnni_dots ? M * ((k32 + 63) / 64) * 16 : 0;  // lane_offsets' int32
-  Scratch scratch(K * (1 + 4 + 4) + M * blocks * 4 + M * K + packed_bytes + (packed ? tiles * 16 * blocks * 8 : 0) +
-                  lanes * 4, 0);
+  Scratch scratch(K * (1 + 4 + 4) + M * blocks * 4 * (packed ? 2 : 1) + M * K + packed_bytes +
+                      (packed ? tiles * 16 * blocks * 8 : 0) + lanes * 4,
+                  0);
   uint8_t* is_outlier = scratch.take<uint8_t>(K);
   uint32_t* keep = scratch.take<uint32_t>(K);
   float* d_x = scratch.take<float>(M * blocks);
   int8_t* x_q = scratch.take<int8_t>(M * K);
+  int32_t* code_sums = packed ? scratch.take<int32_t>(M * blocks) : nullptr;
   outlier_mask(a.x, a.x_dtype, M, K, limit, is_outlier, keep);
-  quantize(a.x, a.x_dtype, M, K, B, is_outlier, keep, d_x, x_q);
+  quantize(a.x, a.x_dtype, M, K, B, is_outlier, keep, d_x, x_q, code_sums);
   int8_t* x_packed = packed ? scratch.take<int8_t>(packed_bytes) : nullptr;
   float* dxp = packed ? scratch.take<float>(tiles * 16 * blocks) : nullptr;
   int32_t* off = packed ? scratch.take<int32_t>(tiles * 16 * blocks) : nullptr;
@@ -416,12 +437,10 @@ inline void linear(const BlockLinear& a, bool vnni) {
     vnni::pack_rows(x_q, M, K, reinterpret_cast<uint8_t*>(x_packed), 0);
     for (int64_t t = 0; t < tiles; ++t)  // [tile][block][16 rows], 0 past M
       for (int64_t b = 0; b < blocks; ++b)
-        for (int64_t r = 0, k0 = b * B, k1 = std::min(k0 + B, k32); r < 16; ++r) {
+        for (int64_t r = 0; r < 16; ++r) {
           const int64_t m = t * 16 + r;
-          int32_t sum = 0;
-          for (int64_t k = k0; m < M && k < k1; ++k) sum += x_q[m * K + k];
           dxp[(t * blocks + b) * 16 + r] = m < M ? d_x[m * blocks + b] : 0.0f;
-          off[(t * blocks + b) * 16 + r] = -128 * sum;
+          off[(t * blocks + b) * 16 + r] = m < M ? -128 * code_sums[m * blocks + b] : 0;
         }
   }
   int32_t* lane_off = vnni_dots ? scratch.take<int32_t>(lanes) : nullptr;

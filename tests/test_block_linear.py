@@ -60,8 +60,8 @@ def exactly_scaled(m, k, n, block_size, outlier_cols, seed):
        dtype=st.sampled_from(DTYPES), bias=st.booleans(), seed=st.integers(0, 2**16))
 def test_kernel_is_the_reference_bit_for_bit(kernel, m, n, k, block_size, dtype, bias, seed):
     # m, n and k straddle the AVX2 dot-product tiles (3 x 4 x 32), VNNI's (4 x 4 x 64) and its packed tiles (from 8
-    # rows, in twos, 8 weight rows for a single one), the 64-row blocks, the blocks of columns and a last block
-    # shorter than the others
+    # rows, 3, 2 or 1 at a time, 4 weight rows, 8 for a single one), the 64-row blocks, the blocks of columns and a
+    # last block shorter than the others
     outlier_cols = sorted({c for c in (1, k // 2, k - 1) if 0 < c < k and c % block_size})
     b = torch.randint(-3, 4, (n,)).to(dtype) if bias else None
     for threshold, cols in ((6.0, outlier_cols), (0.0, [])):
@@ -72,6 +72,24 @@ def test_kernel_is_the_reference_bit_for_bit(kernel, m, n, k, block_size, dtype,
         with using(kernel):
             got = torch.ops.llmint8.cpu_block_linear(x, w_q, d_w, b, block_size, threshold)
         assert got.dtype == dtype and torch.equal(got, reference.block_linear(x, w_q, d_w, b, block_size, threshold))
+
+
+@needs_kernel
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("m", [8, 40, 70])
+@pytest.mark.parametrize("block_size", reference.BLOCK_SIZES)
+def test_kernel_is_the_reference_bit_for_bit_over_long_rows(kernel, m, block_size):
+    # k = 1100: VNNI's packed tiles in passes of 512 columns (the third one short), a last block cut short and a
+    # K % 32 tail; m: one 16-row tile, three at once, three then two; n: a 64-row block, then 6 rows (4 + 1 + 1)
+    k, n = 1100, 70
+    b = torch.randint(-3, 4, (n,)).to(torch.bfloat16)
+    for threshold, cols in ((6.0, [5, 600]), (0.0, [])):
+        x, w = exactly_scaled(m, k, n, block_size, [c for c in cols if c % block_size], seed=m + block_size)
+        w_q, d_w = reference.quantize_weight_blocks(w, block_size)
+        x = x.to(torch.bfloat16)
+        with using(kernel):
+            got = torch.ops.llmint8.cpu_block_linear(x, w_q, d_w, b, block_size, threshold)
+        assert torch.equal(got, reference.block_linear(x, w_q, d_w, b, block_size, threshold))
 
 
 @needs_kernel
@@ -95,7 +113,7 @@ def test_kernel_within_the_bound_of_real_valued_inputs(kernel, dtype, m, block_s
 
 @needs_kernel
 def test_kernel_at_model_sizes():
-    # long K (VNNI's packed passes of 2048 columns, three activation chunks), decode, and the 16-row tile alone
+    # long K (VNNI's packed passes of 512 columns, three activation chunks), decode, and the 16-row tile alone
     for m, n, k in [(1, 4096, 4096), (4, 300, 14336), (16, 130, 4160), (600, 70, 4096)]:
         x = outlier_activation(m, k, torch.bfloat16, outlier_cols=[7])
         weight = torch.randn(n, k) * 0.02
