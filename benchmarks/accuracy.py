@@ -26,7 +26,8 @@ included; and llmint8 as it runs by default,
 with the output head in floating point (the int8 head's cost in accuracy; MiniLM has no head). Prints tables and
 writes benchmarks/results/accuracy.json.
 
-    bash tools/dev.sh accuracy
+    bash tools/dev.sh accuracy                 # everything (--llama-cpp: llama.cpp's Q8_0 too)
+    bash tools/dev.sh accuracy --speed-only    # only the compiled forward times of B
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import llamacpp  # noqa: E402
 from cpu_model import bitsandbytes_int8  # noqa: E402
 from llamacpp import cache_root  # noqa: E402
-from machine import describe  # noqa: E402
+from machine import describe, summary  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "accuracy.json"
 
@@ -283,6 +284,14 @@ def real_lm_perplexity(llama_cpp: Path | None) -> dict:
     print("  outlier columns by rows per call (mean over the int8 linears): "
           + ", ".join(f"{rows_}: {100 * share:.1f}%" for rows_, share in by_rows.items()))
     outliers["fraction_by_rows_per_call"] = by_rows
+    return {"model": "Gemma 3 270M (Q4_K_M GGUF, dequantized to fp32)", "n_ctx": N_CTX, "chunks": CHUNKS,
+            "scored_tokens": chunks.shape[0] * (N_CTX // 2 - 1), "perplexity": rows, "outliers": outliers,
+            "forward_ms": forward_speed(model, chunks)}
+
+
+def forward_speed(model, chunks: torch.Tensor) -> dict:
+    """What the outlier split and block mode cost in time: the model compiled at threshold 6, at threshold 0 and in
+    block mode, one forward of BATCH x N_CTX tokens each, taking turns; ms."""
     forwards = {"threshold 6": {"threshold": 6.0}, "threshold 0": {"threshold": 0.0},
                 **{f"block mode {size}": {"block_size": size} for size in reference.BLOCK_SIZES},
                 "block mode 32, threshold 6": {"block_size": 32, "threshold": 6.0}}
@@ -290,9 +299,7 @@ def real_lm_perplexity(llama_cpp: Path | None) -> dict:
                                for name, options in forwards.items()}, chunks[:BATCH])
     print(f"  a compiled forward of {BATCH} x {N_CTX} tokens ({torch.get_num_threads()} threads), taking turns: "
           + ", ".join(f"{name} {1e3 * value:.0f} ms" for name, value in seconds.items()))
-    return {"model": "Gemma 3 270M (Q4_K_M GGUF, dequantized to fp32)", "n_ctx": N_CTX, "chunks": CHUNKS,
-            "scored_tokens": chunks.shape[0] * (N_CTX // 2 - 1), "perplexity": rows, "outliers": outliers,
-            "forward_ms": {name: round(1e3 * value, 1) for name, value in seconds.items()}}
+    return {name: round(1e3 * value, 1) for name, value in seconds.items()}
 
 
 def tiny_lm_perplexity(tokens: int = 128, sequences: int = 8) -> dict:
@@ -335,7 +342,19 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--llama-cpp", action="store_true",
                         help="build llama.cpp from the llama-cpp-python sdist if needed, and score its Q8_0 too")
+    parser.add_argument("--speed-only", action="store_true",
+                        help="only B's compiled forward times (threshold 6, 0, block modes); writes accuracy_speed.json")
     args = parser.parse_args()
+    if args.speed_only:
+        if not gemma3.available():
+            raise SystemExit(f"Gemma 3 270M is not installed: {gemma3.PACKAGES}")
+        model, tokenizer = gemma3.load()
+        print(f"Gemma 3 270M, {summary(describe())}")
+        result = {"forward_ms": forward_speed(model, perplexity_chunks(tokenizer)), "machine": describe()}
+        path = RESULTS.with_name("accuracy_speed.json")
+        path.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"\nwrote {path}")
+        return
     result = {"minilm": minilm_embeddings(), "gemma3_270m": real_lm_perplexity(llama_cpp_tree(args.llama_cpp)),
               "tiny_lm": tiny_lm_perplexity(),
               "machine": describe()}
