@@ -373,7 +373,7 @@ __attribute__((noinline)) void packed_gemm_block(const int8_t* packed, const flo
       const float* dx = dxp + t * blocks * 16;
       const int32_t* o = off + t * blocks * 16;
       float* ct = c + t * 16;
-      int64_t j = 0;  // a single tile takes twice the weight rows: as many independent sums
+      int64_t j = 0;  // a single tile takes twice the weight rows: as many sums as two tiles
       if (v == 3)
         for (; j + NB <= rows; j += NB)
           packed_tile<3, NB, B>(x, tile_bytes, dx, o, w_u8 + j * PACKED_KC, PACKED_KC, k0, dw + j * blocks, blocks, b0, b1, k32, ct + j * ldc, ldc, b0 > 0);
