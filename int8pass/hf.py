@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from int8pass import process_memory, rules
+from int8pass import process_memory, rules, tensor_parallel
 from int8pass.int8_weight import Int8Weight
 from int8pass.options import DEFAULT_THRESHOLD, OUTPUT_HEADS
 from int8pass.quantize import load_options
@@ -117,17 +117,28 @@ class QuantizeWeight(ConversionOps):
         for name, value in input_dict.items():
             value = value[0] if isinstance(value, list) else value
             module_name = name.rpartition(".")[0]
-            transposed = bool(rules.linear_weight_orientation(model.get_submodule(module_name)))
+            module = model.get_submodule(module_name)
+            transposed = bool(rules.linear_weight_orientation(module))
+            placeholder = model.get_parameter_or_buffer(name)
+            distributed = tensor_parallel.is_distributed(placeholder)  # tp_plan: `value` is this rank's slice
+            shard = tensor_parallel.WeightShard.of(name, placeholder, transposed) if distributed else None
             # the rules again, now on the values (param_needs_quantization saw the meta placeholder)
-            if reason := rules.weight_skip_reason(module_name, value, value.shape[0 if transposed else 1], options):
+            reason = rules.weight_skip_reason(module_name, value, value.shape[0 if transposed else 1], options)
+            if shard is not None:
+                reason = tensor_parallel.agree_skip_reason(reason, shard)
+            if reason:
                 log.warning("llmint8: %s stays in floating point: %s", module_name, reason)
                 result[name] = torch.nn.Parameter(value, requires_grad=False)
                 continue
             # a view of the mmap'd file when no cast was needed: read, never written
-            int8 = Int8Weight.from_float(value, threshold=rules.new_weight_threshold(options), transposed=transposed,
-                                         keep_original=rules.keeps_original(options, False),
-                                         block_size=rules.new_weight_block_size(options))
+            int8 = tensor_parallel.quantize(value, shard, threshold=rules.new_weight_threshold(options),
+                                            transposed=transposed, keep_original=rules.keeps_original(options, False),
+                                            block_size=rules.new_weight_block_size(options))
             result[name] = torch.nn.Parameter(int8, requires_grad=False)
+            if distributed:
+                tensor_parallel.adopt(module, result[name], shard)
+                # `value` was copied from the file's pages, which stay resident: the whole weight's, for columns
+                process_memory.release_file_pages(".safetensors")
         process_memory.return_freed_heap()  # the quantization's temporaries: the next weight must not add to them
         return result
 
@@ -223,16 +234,20 @@ class Int8PassQuantizer(HfQuantizer):
 
 def checkpoint_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """model.state_dict() with each Int8Weight as bitsandbytes writes it: `weight` int8 [N, K], `SCB` fp32 [N],
-    `weight_format` uint8 0 (row-major); a block-mode one as `weight` and `weight_block_scale` bf16 [N, blocks]."""
+    `weight_format` uint8 0 (row-major); a block-mode one as `weight` and `weight_block_scale` bf16 [N, blocks].
+    A tensor-parallel model's int8 weights are gathered whole (every rank calls this, as transformers'
+    save_pretrained does)."""
     state = {}
     for key, value in model.state_dict().items():
         if isinstance(value, Int8Weight):
             prefix = key[: -len("weight")]  # "model.layers.0.mlp.up_proj." (or "" for a bare linear)
-            state[key] = value.codes
+            shard = tensor_parallel.shard_of(model.get_submodule(prefix[:-1])) if prefix else None
+            codes, scale = (value.codes, value.scale) if shard is None else tensor_parallel.gather(value, shard)
+            state[key] = codes
             if value.block_size:
-                state[prefix + "weight_block_scale"] = value.scale
+                state[prefix + "weight_block_scale"] = scale
                 continue
-            state[prefix + "SCB"] = value.scale
+            state[prefix + "SCB"] = scale
             state[prefix + "weight_format"] = torch.tensor(ROW_MAJOR, dtype=torch.uint8)
         else:
             state[key] = value
@@ -249,16 +264,28 @@ def from_pretrained(path: str | os.PathLike, dtype: torch.dtype = torch.bfloat16
 
     Options: threshold, skip_modules, min_features, dtypes, keep_fp_weights, outlier_weights, block_size (as
     quantize_'s).
-    Other keyword arguments go to transformers' from_pretrained (e.g. `revision`, `attn_implementation`).
+    Other keyword arguments go to transformers' from_pretrained (e.g. `revision`, `attn_implementation`, and
+    `tp_plan="auto"` under torchrun: each rank reads and quantizes only its slice of each linear, docs/design.md §1c;
+    floating-point checkpoints only).
     """
     import transformers
 
     option_names = ("threshold", "skip_modules", "min_features", "dtypes", "keep_fp_weights", "outlier_weights",
                     "block_size")
     quantization = {name: options.pop(name) for name in option_names if name in options}
+    if options.get("tp_plan") is not None and "distributed_config" not in options:
+        # transformers' own spelling now (a bare tp_plan is deprecated there): the same plan, without the warning
+        options["distributed_config"] = transformers.DistributedConfig(tp_plan=options.pop("tp_plan"),
+                                                                       tp_size=options.pop("tp_size", None))
     config = AutoConfig.from_pretrained(path)
     saved = getattr(config, "quantization_config", None)
     if saved is not None:
+        if any(options.get(name) is not None for name in ("tp_plan", "tp_size", "distributed_config")):
+            # transformers' loader slices every tensor stored under a planned weight like it, and SCB (one scale per
+            # row) and weight_format (a scalar) have fewer dimensions
+            raise ValueError(f"{path} holds int8 weights: int8pass.from_pretrained splits floating-point checkpoints "
+                             "over tensor-parallel ranks (each rank quantizes its slice), not int8 ones; load the "
+                             "floating-point checkpoint with tp_plan, or this one in a single process")
         saved = saved if isinstance(saved, dict) else saved.to_dict()
         if saved.get("quant_method") == "bitsandbytes":
             base = Int8PassConfig.from_bitsandbytes(saved).to_dict()

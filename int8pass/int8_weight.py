@@ -36,10 +36,11 @@ aten = torch.ops.aten
 _QUANTIZE_BLOCK_ELEMENTS = 1 << 20
 
 
-def quantize_rows(weight: torch.Tensor, block_size: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """reference.quantize_weight (block_size 0) or reference.quantize_weight_blocks of a [N, K] weight, a block of
-    rows at a time (rows are independent, so the result is bit-identical) so that no whole-weight fp32 temporary is
-    ever allocated."""
+def quantize_rows(weight: torch.Tensor, block_size: int = 0,
+                  row_absmax: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """reference.quantize_weight (block_size 0; with row_absmax, the whole rows' s_w of a row-parallel shard) or
+    reference.quantize_weight_blocks of a [N, K] weight, a block of rows at a time (rows are independent, so the
+    result is bit-identical) so that no whole-weight fp32 temporary is ever allocated."""
     n, k = weight.shape
     codes = torch.empty((n, k), dtype=torch.int8, device=weight.device)
     process_memory.prefer_huge_pages(codes)  # decode streams the codes once per token
@@ -51,8 +52,11 @@ def quantize_rows(weight: torch.Tensor, block_size: int = 0) -> tuple[torch.Tens
     with torch.no_grad():
         for start in range(0, n, rows):
             block = weight[start:start + rows]
-            codes[start:start + rows], scale[start:start + rows] = (
-                reference.quantize_weight_blocks(block, block_size) if block_size else reference.quantize_weight(block))
+            if block_size:
+                codes[start:start + rows], scale[start:start + rows] = reference.quantize_weight_blocks(block, block_size)
+            else:
+                absmax = None if row_absmax is None else row_absmax[start:start + rows]
+                codes[start:start + rows], scale[start:start + rows] = reference.quantize_weight(block, absmax)
     return codes, scale
 
 
@@ -62,6 +66,14 @@ def code_sums(codes: torch.Tensor) -> torch.Tensor:
     if codes.device.type == "cpu":
         return torch._int_mm(codes, codes.new_ones((codes.shape[1], 8)))[:, 0].contiguous()
     return codes.sum(1, dtype=torch.int32)
+
+
+def row_absmax(weight: torch.Tensor) -> torch.Tensor:
+    """max_k |W[n, k]| of a [N, K] weight as fp32 [N], a block of rows at a time (exact in any float dtype)."""
+    rows = max(1, _QUANTIZE_BLOCK_ELEMENTS // max(1, weight.shape[-1]))
+    if weight.shape[1] == 0:
+        return weight.new_zeros(weight.shape[0], dtype=torch.float32)
+    return torch.cat([block.abs().amax(dim=1).float() for block in weight.detach().split(rows)])
 
 
 def all_finite(weight: torch.Tensor) -> bool:
@@ -113,14 +125,19 @@ class Int8Weight(torch.Tensor):
 
     @classmethod
     def from_float(cls, weight: torch.Tensor, *, threshold: float = DEFAULT_THRESHOLD, transposed: bool = False,
-                   keep_original: bool = False, block_size: int = 0) -> "Int8Weight":
+                   keep_original: bool = False, block_size: int = 0,
+                   row_absmax: torch.Tensor | None = None) -> "Int8Weight":
         """Quantize a floating-point weight ([N, K], or [K, N] with transposed=True) row block by row block; with
-        block_size, one scale per block of that many columns (docs/design.md §1b)."""
+        block_size, one scale per block of that many columns (docs/design.md §1b). row_absmax: fp32 [N], each whole
+        row's absmax when `weight` holds only some of its columns (a row-parallel shard, §1c), which the codes and
+        the scale then use, as the whole weight's would."""
         if not weight.dtype.is_floating_point or weight.dim() != 2:
             raise ValueError(f"Int8Weight.from_float expects a 2-D floating-point weight, got {weight.dtype} {tuple(weight.shape)}")
         _check_block_size(block_size)
+        if row_absmax is not None and block_size:
+            raise ValueError("Int8Weight.from_float: row_absmax is the one scale per row of LLM.int8(), not block mode's")
         weight = weight.detach()
-        codes, scale = quantize_rows(weight.t() if transposed else weight, block_size)
+        codes, scale = quantize_rows(weight.t() if transposed else weight, block_size, row_absmax)
         if not keep_original:  # read from an mmap'd checkpoint, its pages would stay resident: reclaim them
             process_memory.page_out(weight)
         return cls.from_codes(codes, scale, dtype=weight.dtype, transposed=transposed, threshold=threshold,

@@ -11,7 +11,8 @@ Two things keep freed weights in RSS on Linux:
   quantizing, that would mmap every block temporary (loading took twice as long);
 - a weight read from an mmap'd checkpoint (safetensors) is a view of a mapping that other tensors of the same file
   keep alive, so its pages stay resident after the weight is gone: `page_out` asks the kernel to reclaim them
-  (MADV_PAGEOUT: clean file pages are dropped and re-read from the file if touched again; nothing is lost).
+  (MADV_PAGEOUT: clean file pages are dropped and re-read from the file if touched again; nothing is lost), and
+  `release_file_pages` unmaps those of whole files whose tensors were read as copies of slices (tensor parallel).
 Both are no-ops where the platform lacks them. And the other way: `prefer_huge_pages` asks for 2 MiB pages for a new
 int8 weight's codes before they are written (MADV_HUGEPAGE; Linux's transparent huge pages are commonly on
 "madvise"): decode streams every weight once per token, and with 4 KiB pages the TLB misses cost ~7% of the read
@@ -34,6 +35,7 @@ import torch
 log = logging.getLogger("int8pass")
 
 MADV_PAGEOUT = 21  # linux/mman.h, Linux >= 5.4
+MADV_DONTNEED = 4
 MADV_HUGEPAGE = 14
 _PAGE = 4096
 _HUGE_PAGE = 2 << 20
@@ -114,3 +116,39 @@ def page_out(tensor: torch.Tensor) -> int:
         log.debug("llmint8: madvise(MADV_PAGEOUT) failed with errno %d", ctypes.get_errno())
         return 0
     return last - first
+
+
+def release_file_pages(suffix: str) -> int:
+    """Drop this process's resident pages of every mapping of a file whose name ends with `suffix` and whose pages
+    this process never wrote; returns the bytes advised. For checkpoints read by slices (tensor parallel): the slices
+    are copies, the pages they were read from (all of a weight's when its columns are sliced) stay mapped, and the
+    other ranks map the same pages, which MADV_PAGEOUT then skips. MADV_DONTNEED unmaps them from this process only: a
+    later read maps them again from the page cache or the file. A page written through a private mapping would be
+    lost, so a mapping with any (smaps' Anonymous > 0) is left alone."""
+    if _LIBC is None:
+        return 0
+    advised = 0
+    for start, end, file, written in _file_mappings_written():
+        if (file.endswith(suffix) and not written
+                and _LIBC.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), MADV_DONTNEED) == 0):
+            advised += end - start
+    return advised
+
+
+def _file_mappings_written() -> list[tuple[int, int, str, bool]]:
+    """(start, end, file, written) of this process's private file-backed mappings, written: any page of it holds a
+    private copy (copy on write)."""
+    ranges = []
+    current = None
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            fields = line.split(maxsplit=5)
+            if "-" in fields[0] and len(fields) >= 5:  # a mapping's header line
+                current = None
+                if len(fields) == 6 and fields[5].startswith("/") and fields[1][3] == "p":
+                    start, end = (int(value, 16) for value in fields[0].split("-"))
+                    current = [start, end, fields[5].rstrip("\n"), False]
+                    ranges.append(current)
+            elif current is not None and fields[0] == "Anonymous:":
+                current[3] = int(fields[1]) > 0
+    return [tuple(entry) for entry in ranges]

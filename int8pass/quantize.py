@@ -15,7 +15,7 @@ from collections.abc import Mapping
 
 import torch
 
-from int8pass import dynamo_api, process_memory, rules
+from int8pass import dynamo_api, process_memory, rules, tensor_parallel
 from int8pass.int8_weight import Int8Weight
 from int8pass.options import Options
 from int8pass.report import log
@@ -74,6 +74,10 @@ def _targets(model, options: Options, state_dict) -> dict[int, tuple[torch.Tenso
         if not linears or isinstance(params[key], Int8Weight):
             continue
         name, module = linears[0]
+        if tensor_parallel.is_distributed(params[key]):
+            raise ValueError(f"int8pass.quantize_: {name}.weight is a tensor-parallel DTensor; load the model with "
+                             "int8pass.from_pretrained(path, tp_plan=...), which quantizes each rank's slice as the "
+                             "whole weight would be (docs/design.md §1c)")
         source = params[key] if state_dict is None else state_dict.get(_join(name, "weight"), params[key])
         transposed = rules.linear_weight_orientation(module)
         in_features = source.shape[0] if transposed else source.shape[-1]

@@ -24,10 +24,17 @@ def _scale_to_codes(values: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return torch.round(values / safe_scale * Q_MAX).to(torch.int8)
 
 
-def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Vector-wise (per output row) int8 quantization of a [N, K] weight -> (W_q int8 [N, K], s_w fp32 [N])."""
+def quantize_weight(weight: torch.Tensor, row_absmax: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Vector-wise (per output row) int8 quantization of a [N, K] weight -> (W_q int8 [N, K], s_w fp32 [N]).
+
+    row_absmax: s_w when `weight` holds some columns of longer rows (a row-parallel shard, docs/design.md §1c), so
+    that its codes are those columns of the whole weight's codes.
+    """
     w = weight.float()
-    s_w = w.abs().amax(dim=1) if w.shape[1] > 0 else w.new_zeros(w.shape[0])
+    if row_absmax is not None:
+        s_w = row_absmax.float()
+    else:
+        s_w = w.abs().amax(dim=1) if w.shape[1] > 0 else w.new_zeros(w.shape[0])
     return _scale_to_codes(w, s_w[:, None]), s_w
 
 
@@ -157,20 +164,25 @@ def linear(
 
 
 def error_bound(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, threshold: float
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, threshold: float,
+    row_absmax: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """docs/design.md §1 bound on |llmint8(x) - (x W^T + b)| for each output element, in fp64.
 
     Slack terms used: fp32 accumulation of the scaled int32 part, the outlier product and the bias, bounded
     by (K + 4) * 2**-24 * (|X| |W|^T + |b|) plus the same for the quantization terms; and one rounding to
-    X's dtype, half an ulp of (|exact| + bound).
+    X's dtype, half an ulp of (|exact| + bound). row_absmax: s_w when `weight`'s rows are slices of longer ones
+    (quantize_weight's).
     """
     k = weight.shape[1]
     x2d = x.reshape(-1, k).double()
     w = weight.double()
     _, s_x, _, _ = quantize_activation(x.reshape(-1, k), threshold)
     s_x = s_x.double()
-    s_w = w.abs().amax(dim=1) if k > 0 else w.new_zeros(w.shape[0])
+    if row_absmax is not None:
+        s_w = row_absmax.double()
+    else:
+        s_w = w.abs().amax(dim=1) if k > 0 else w.new_zeros(w.shape[0])
     abs_w_rows = w.abs().sum(dim=1)
     abs_x_rows = x2d.abs().sum(dim=1)
     quantization = (
@@ -187,6 +199,38 @@ def error_bound(
     bound = quantization + fp32_slack
     out_eps = torch.finfo(x.dtype).eps if x.dtype.is_floating_point else 2.0**-23
     bound = bound + out_eps * (exact.abs() + bound)
+    return bound.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def shard_bounds(size: int, world_size: int) -> list[tuple[int, int]]:
+    """[start, stop) of each rank's slice when `size` rows or columns are split over `world_size` ranks: DTensor's
+    Shard rule (torch.chunk's: ceil(size / world_size) each, the last ones shorter or empty)."""
+    chunk = -(-size // world_size) if world_size else 0
+    return [(min(rank * chunk, size), min((rank + 1) * chunk, size)) for rank in range(world_size)]
+
+
+def row_parallel_error_bound(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, threshold: float, world_size: int
+) -> torch.Tensor:
+    """docs/design.md §1c bound on |Y - (x W^T + b)| when `world_size` ranks each hold a slice of W's columns
+    (shard_bounds), compute llmint8 of their slice of x (its own s_x, outliers, one rounding to x's dtype), and the
+    partials are summed in x's dtype (all-reduce), then b is added: the slices' §1 bounds with the whole rows' s_w,
+    plus world_size roundings to x's dtype of the partials' magnitudes."""
+    k = weight.shape[1]
+    x2d, w = x.reshape(-1, k), weight.double()
+    s_w = w.abs().amax(dim=1) if k > 0 else w.new_zeros(w.shape[0])
+    bound = x2d.new_zeros(x2d.shape[0], w.shape[0], dtype=torch.float64)
+    magnitude = bound.clone()
+    for start, stop in shard_bounds(k, world_size):
+        if start == stop:  # a rank without columns adds nothing
+            continue
+        part = error_bound(x2d[:, start:stop], weight[:, start:stop], None, threshold, row_absmax=s_w)
+        bound = bound + part
+        magnitude = magnitude + (x2d[:, start:stop].double() @ w[:, start:stop].t()).abs() + part
+    if bias is not None:
+        magnitude = magnitude + bias.double().abs()
+    out_eps = torch.finfo(x.dtype).eps if x.dtype.is_floating_point else 2.0**-23
+    bound = bound + world_size * out_eps * magnitude
     return bound.reshape(*x.shape[:-1], weight.shape[0])
 
 
