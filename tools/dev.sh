@@ -16,6 +16,7 @@
 #   bash tools/dev.sh bench-big     # a bf16 checkpoint larger than RAM (26.6 GiB written to disk), int8 via int8pass
 #   bash tools/dev.sh bench-deploy  # AOTInductor packages, bf16 and int8: size, fresh-process load, tokens/s
 #                                   # against torch.compile(backend="llmint8")
+#   bash tools/dev.sh bench-tp      # tensor parallel over gloo: each rank's memory, tokens/s of 1 and 2 ranks
 #   bash tools/dev.sh test-torch211 # the test suite on torch 2.11 + Triton 3.6 (the GPU machines' versions);
 #                                   # PyPI has only the CUDA build of torch 2.11: this one downloads ~3 GB
 # Set-up: a virtual environment in .venv that sees the system's packages, so a CUDA torch you already have is
@@ -136,5 +137,6 @@ case "${1:-}" in
   bench-memory) shift; exec "$PY" benchmarks/memory.py "$@" ;;
   bench-big) shift; exec "$PY" benchmarks/big_model.py "$@" ;;
   bench-deploy) shift; exec "$PY" benchmarks/deploy.py "$@" ;;
-  *) echo "usage: bash tools/dev.sh demo|test|test-oldest|bench|accuracy|bench-linear|bench-model|bench-llamacpp|bench-attention|bench-memory|bench-big|bench-deploy|test-torch211 [args]" >&2; exit 2 ;;
+  bench-tp) shift; exec "$PY" benchmarks/tensor_parallel.py "$@" ;;
+  *) echo "usage: bash tools/dev.sh demo|test|test-oldest|bench|accuracy|bench-linear|bench-model|bench-llamacpp|bench-attention|bench-memory|bench-big|bench-deploy|bench-tp|test-torch211 [args]" >&2; exit 2 ;;
 esac
