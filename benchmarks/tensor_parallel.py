@@ -31,13 +31,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import llama_checkpoint  # noqa: E402
 import machine  # noqa: E402
+from memory import rss_mib  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 VARIANTS = {"default": {}, "int8-head": {"skip_modules": []}}
-
-
-def rss_mib() -> float:
-    return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 def run_rank(checkpoint: str, variant: str, tokens: int, steps: int) -> None:
