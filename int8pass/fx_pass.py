@@ -257,6 +257,9 @@ def _skip_reason(match: LinearMatch, param: torch.Tensor | None, record: LayerRe
     """The rules (rules.weight_skip_reason), and what only the graph shows: is the weight a constant, does autograd
     need it, do the activation and the bias fit."""
     if param is None:
+        if isinstance(match.weight, fx.Node) and match.weight.op == "call_method" and match.weight.target == "to_local":
+            return ("a tensor-parallel DTensor weight (its local slice is computed in the graph): quantize it while "
+                    "loading, int8pass.from_pretrained(path, tp_plan=...)")
         return "weight is not a constant of the graph (a graph input or a computed value)"
     if match.problem:
         return match.problem

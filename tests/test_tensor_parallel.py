@@ -151,11 +151,19 @@ def _rank_main(rank, port, checkpoint, out):
         int8pass.quantize_(split)
     except ValueError as error:
         results_error = str(error)
+    # and a compile leaves them in floating point, saying why
+    split.forward = torch.compile(split.forward, backend="llmint8")
+    with torch.no_grad():
+        split(torch.tensor(PROMPT))
+    split_reasons = [layer.reason for layer in int8pass.reports()[0].layers]
+    int8pass.clear_reports()
+    torch._dynamo.reset()
     del split
 
     # block mode: its row-parallel slices hold whole blocks (128 columns a rank)
     block = int8pass.from_pretrained(checkpoint, tp_plan="auto", block_size=BLOCK_SIZE)
-    results = {"shards": {}, "bounds": {}, "block_shards": _slices(block), "quantize_error": results_error}
+    results = {"shards": {}, "bounds": {}, "block_shards": _slices(block), "quantize_error": results_error,
+               "compile_reasons": split_reasons}
     int8pass.save_pretrained(block, out / "saved_block")
     del block
 
@@ -283,6 +291,8 @@ def test_two_gloo_ranks_match_one_process(checkpoint, tmp_path):
         same_greedy_tokens_but_ties(rank["tokens"], one_tokens, one, tie=quantization)
 
     assert "tensor-parallel DTensor" in ranks[0]["quantize_error"]
+    assert len(ranks[0]["compile_reasons"]) == len(linears) + 1  # and the head
+    assert all("tensor-parallel DTensor weight" in reason for reason in ranks[0]["compile_reasons"])
 
     # the sharded model saves one ordinary checkpoint: the one-process model's, tensor for tensor
     int8pass.save_pretrained(one, tmp_path / "one")
