@@ -76,16 +76,19 @@ def settle() -> None:
     return_freed_heap()
 
 
+def _private_file_mapping(line: str) -> tuple[int, int, str] | None:
+    """(start, end, file) from a /proc/self/maps (or smaps header) line of a private file-backed mapping, else None."""
+    fields = line.split(maxsplit=5)
+    if len(fields) == 6 and fields[5].startswith("/") and fields[1][3] == "p":
+        start, end = (int(value, 16) for value in fields[0].split("-"))
+        return start, end, fields[5].rstrip("\n")
+    return None
+
+
 def _file_mappings() -> list[tuple[int, int]]:
     """(start, end) of this process's private file-backed mappings."""
-    ranges = []
     with open("/proc/self/maps") as maps:
-        for line in maps:
-            fields = line.split(maxsplit=5)
-            if len(fields) == 6 and fields[5].startswith("/") and fields[1][3] == "p":
-                start, end = (int(value, 16) for value in fields[0].split("-"))
-                ranges.append((start, end))
-    return ranges
+        return [mapping[:2] for mapping in map(_private_file_mapping, maps) if mapping is not None]
 
 
 def prefer_huge_pages(tensor: torch.Tensor) -> None:
@@ -144,10 +147,9 @@ def _file_mappings_written() -> list[tuple[int, int, str, bool]]:
         for line in smaps:
             fields = line.split(maxsplit=5)
             if "-" in fields[0] and len(fields) >= 5:  # a mapping's header line
-                current = None
-                if len(fields) == 6 and fields[5].startswith("/") and fields[1][3] == "p":
-                    start, end = (int(value, 16) for value in fields[0].split("-"))
-                    current = [start, end, fields[5].rstrip("\n"), False]
+                mapping = _private_file_mapping(line)
+                current = None if mapping is None else [*mapping, False]
+                if current is not None:
                     ranges.append(current)
             elif current is not None and fields[0] == "Anonymous:":
                 current[3] = int(fields[1]) > 0

@@ -24,6 +24,11 @@ def _scale_to_codes(values: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return torch.round(values / safe_scale * Q_MAX).to(torch.int8)
 
 
+def _row_absmax(w: torch.Tensor) -> torch.Tensor:
+    """max_k |W[n, k]| of a [N, K] weight, in its dtype (0 for rows without columns)."""
+    return w.abs().amax(dim=1) if w.shape[1] > 0 else w.new_zeros(w.shape[0])
+
+
 def quantize_weight(weight: torch.Tensor, row_absmax: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Vector-wise (per output row) int8 quantization of a [N, K] weight -> (W_q int8 [N, K], s_w fp32 [N]).
 
@@ -31,10 +36,7 @@ def quantize_weight(weight: torch.Tensor, row_absmax: torch.Tensor | None = None
     that its codes are those columns of the whole weight's codes.
     """
     w = weight.float()
-    if row_absmax is not None:
-        s_w = row_absmax.float()
-    else:
-        s_w = w.abs().amax(dim=1) if w.shape[1] > 0 else w.new_zeros(w.shape[0])
+    s_w = _row_absmax(w) if row_absmax is None else row_absmax.float()
     return _scale_to_codes(w, s_w[:, None]), s_w
 
 
@@ -179,10 +181,7 @@ def error_bound(
     w = weight.double()
     _, s_x, _, _ = quantize_activation(x.reshape(-1, k), threshold)
     s_x = s_x.double()
-    if row_absmax is not None:
-        s_w = row_absmax.double()
-    else:
-        s_w = w.abs().amax(dim=1) if k > 0 else w.new_zeros(w.shape[0])
+    s_w = _row_absmax(w) if row_absmax is None else row_absmax.double()
     abs_w_rows = w.abs().sum(dim=1)
     abs_x_rows = x2d.abs().sum(dim=1)
     quantization = (
@@ -218,7 +217,7 @@ def row_parallel_error_bound(
     plus world_size roundings to x's dtype of the partials' magnitudes."""
     k = weight.shape[1]
     x2d, w = x.reshape(-1, k), weight.double()
-    s_w = w.abs().amax(dim=1) if k > 0 else w.new_zeros(w.shape[0])
+    s_w = _row_absmax(w)
     bound = x2d.new_zeros(x2d.shape[0], w.shape[0], dtype=torch.float64)
     magnitude = bound.clone()
     for start, stop in shard_bounds(k, world_size):
