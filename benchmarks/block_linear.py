@@ -4,7 +4,9 @@ columns (|x| 20-60, the rest N(0, 1)); the default at threshold 6 (as shipped) a
 columns per scale at its default threshold 0; and both again on the AVX2 kernels (INT8PASS_CPU_KERNEL=avx2, what a
 CPU without AVX512-VNNI runs), where this one has VNNI. Shapes: Llama-3.1-8B's (docs/design.md §4) and Gemma 3 270M's
 small linears (d = 640, ffn 2048), where decode is bound by the kernel's work per byte rather than by memory.
-Each time is the median of repeats taking turns, so a burst of the host's noise hits every variant alike. Prints a
+Then the linears a layer computes from one input (q/k/v, gate/up of Llama-3.1-8B and Gemma 3 270M) as one group call
+(llmint8::cpu_linear_group, llmint8::cpu_block_linear_group: x quantized once, one parallel loop) against one call
+each, in both modes. Each time is the median of repeats taking turns, so a burst of the host's noise hits every variant alike. Prints a
 table and writes benchmarks/results/block_linear.json.
 
     .venv/bin/python benchmarks/block_linear.py
@@ -32,6 +34,10 @@ from machine import describe, summary  # noqa: E402
 RESULTS = Path(__file__).parent / "results" / "block_linear.json"
 SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336), (1024, 4096), (2048, 640), (640, 2048)]
 ROWS = [1, 4, 16, 128, 512]
+# the members' out_features and their in_features: Llama-3.1-8B's q/k/v and gate/up, Gemma 3 270M's
+GROUPS = {"llama q/k/v": ((4096, 1024, 1024), 4096), "llama gate/up": ((14336, 14336), 4096),
+          "gemma q/k/v": ((1024, 256, 256), 640), "gemma gate/up": ((2048, 2048), 640)}
+GROUP_ROWS = [1, 4, 16, 128]
 
 
 def activation(m: int, k: int) -> torch.Tensor:
@@ -108,9 +114,46 @@ def main():
                 line += f" {ms['avx2 default t6']:>9.3f} {ms['avx2 block 32']:>9.3f} {row['avx2_default_t6_over_block32']:>6.2f}"
             rows.append(row)
             print(line, flush=True)
+    groups = measure_groups()
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({"machine": machine, "rows": rows}, indent=2) + "\n")
+    RESULTS.write_text(json.dumps({"machine": machine, "rows": rows, "groups": groups}, indent=2) + "\n")
     print(f"\nwrote {RESULTS}")
+
+
+def measure_groups() -> list[dict]:
+    """Each group of GROUPS as one group call and as one call per member, default (threshold 6) and block mode 32."""
+    print("\nlinears of one input: ms per group call against one call per member; ratio = separate / group\n")
+    print(f"  {'group':<14} {'M':>4} {'default group':>14} {'separate':>9} {'ratio':>6} {'block 32 group':>15} "
+          f"{'separate':>9} {'ratio':>6}")
+    results = []
+    for name, (outs, k) in GROUPS.items():
+        weights = [torch.randn(n, k, generator=torch.Generator().manual_seed(n + k + i)) * 0.02
+                   for i, n in enumerate(outs)]
+        rowwise = [reference.quantize_weight(w) for w in weights]
+        w_qs, s_ws = [w_q for w_q, _ in rowwise], [s_w for _, s_w in rowwise]
+        sums = [code_sums(w_q) for w_q in w_qs]
+        blockwise = [reference.quantize_weight_blocks(w, 32) for w in weights]
+        b_qs, d_ws = [w_q for w_q, _ in blockwise], [d_w for _, d_w in blockwise]
+        for m in GROUP_ROWS:
+            x = activation(m, k)
+            calls = {
+                "default group": lambda: torch.ops.llmint8.cpu_linear_group(x, w_qs, s_ws, [], 6.0, sums),
+                "default separate": lambda: [torch.ops.llmint8.cpu_linear(x, w_q, s_w, None, 6.0, code_sums=c)
+                                             for w_q, s_w, c in zip(w_qs, s_ws, sums)],
+                "block 32 group": lambda: torch.ops.llmint8.cpu_block_linear_group(x, b_qs, d_ws, [], 32, 0.0),
+                "block 32 separate": lambda: [torch.ops.llmint8.cpu_block_linear(x, w_q, d_w, None, 32, 0.0)
+                                              for w_q, d_w in zip(b_qs, d_ws)],
+            }
+            ms = {call: 1e3 * value for call, value in medians(calls).items()}
+            row = {"group": name, "out_features": list(outs), "k": k, "m": m,
+                   "ms": {call: round(value, 4) for call, value in ms.items()},
+                   "default_separate_over_group": round(ms["default separate"] / ms["default group"], 3),
+                   "block32_separate_over_group": round(ms["block 32 separate"] / ms["block 32 group"], 3)}
+            results.append(row)
+            print(f"  {name:<14} {m:>4} {ms['default group']:>14.3f} {ms['default separate']:>9.3f} "
+                  f"{row['default_separate_over_group']:>6.2f} {ms['block 32 group']:>15.3f} "
+                  f"{ms['block 32 separate']:>9.3f} {row['block32_separate_over_group']:>6.2f}", flush=True)
+    return results
 
 
 if __name__ == "__main__":

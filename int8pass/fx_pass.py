@@ -335,21 +335,28 @@ def _takes_a_gradient(node) -> bool:
 def group_shared_inputs(graph: fx.Graph, linears: list[tuple[fx.Node, Int8Weight, str]]) -> list[list[str]]:
     """Replace llmint8::linear nodes that multiply the same input node with the same threshold by one
     llmint8::linear_group at the first of them (lowering/linear_group.py: on CPU the input is quantized once and the
-    weights are streamed in one kernel call). Its value is each member's, bit for bit. Left alone: block mode,
-    outlier_weights="original", and linears through which a gradient could flow (the group has no autograd formula).
-    A group has all its members with a bias or none, and with code sums or none. Returns each group's layer names."""
+    weights are streamed in one kernel call), and llmint8::block_linear nodes that do so with the same block size by
+    one llmint8::block_linear_group. Its value is each member's, bit for bit. Left alone: outlier_weights="original",
+    and linears through which a gradient could flow (a group has no autograd formula). A group has all its members
+    with a bias or none, and with code sums or none. Returns each group's layer names."""
     position = {node: index for index, node in enumerate(graph.nodes)}
     groups: dict[tuple, list[tuple[fx.Node, str]]] = {}
     for node, weight, name in linears:
-        if node.target is not torch.ops.llmint8.linear.default:
+        x, bias = node.args[0], node.args[3]
+        if node.target is torch.ops.llmint8.linear.default:
+            _x, _codes, _scale, _bias, threshold, outlier_weight, _sums = node.args
+            if outlier_weight is not None:
+                continue
+            key = (node.target, x, threshold, bias is None, weight.code_sums is None)
+        elif node.target is torch.ops.llmint8.block_linear.default:
+            _x, _codes, _scale, _bias, block_size, threshold = node.args
+            key = (node.target, x, (block_size, threshold), bias is None, True)
+        else:
             continue
-        x, _codes, _scale, bias, threshold, outlier_weight, _sums = node.args
-        if outlier_weight is not None or _takes_a_gradient(x) or _takes_a_gradient(bias):
-            continue
-        key = (x, threshold, bias is None, weight.code_sums is None)
-        groups.setdefault(key, []).append((node, name))
+        if not (_takes_a_gradient(x) or _takes_a_gradient(bias)):
+            groups.setdefault(key, []).append((node, name))
     names = []
-    for (x, threshold, _, no_sums), members in groups.items():
+    for (target, x, config, _, no_sums), members in groups.items():
         members.sort(key=lambda member: position[member[0]])
         first = members[0][0]
         # a bias is read at the first member: one computed after it keeps its linear out of the group
@@ -358,23 +365,28 @@ def group_shared_inputs(graph: fx.Graph, linears: list[tuple[fx.Node, Int8Weight
         if len(members) < 2:
             continue
         nodes = [node for node, _ in members]
+        block = target is torch.ops.llmint8.block_linear.default
         for node in nodes[1:]:  # the members' weight reads (getattr nodes of their own) move up to the first
-            for read in (node.args[1], node.args[2], node.args[6]):
+            for read in (node.args[1], node.args[2]) if block else (node.args[1], node.args[2], node.args[6]):
                 first.prepend(read)
+        codes, scales = [node.args[1] for node in nodes], [node.args[2] for node in nodes]
+        biases = [node.args[3] for node in nodes] if nodes[0].args[3] is not None else []
         with graph.inserting_before(first):
-            group = graph.call_function(torch.ops.llmint8.linear_group.default, (
-                x, [node.args[1] for node in nodes], [node.args[2] for node in nodes],
-                [node.args[3] for node in nodes] if nodes[0].args[3] is not None else [], threshold,
-                [] if no_sums else [node.args[6] for node in nodes]))
+            if block:
+                group = graph.call_function(torch.ops.llmint8.block_linear_group.default,
+                                            (x, codes, scales, biases, *config))
+            else:
+                group = graph.call_function(torch.ops.llmint8.linear_group.default, (
+                    x, codes, scales, biases, config, [] if no_sums else [node.args[6] for node in nodes]))
         group.meta["example_value"] = [example_value(node) for node in nodes]
         with graph.inserting_before(first):
             outputs = [graph.call_function(operator.getitem, (group, index)) for index in range(len(nodes))]
         for node, output in zip(nodes, outputs):
             output.meta.update(node.meta)
             node.replace_all_uses_with(output)
-            sums = node.args[6]
+            sums = None if block else node.args[6]
             graph.erase_node(node)
-            if not sums.users:  # read for nothing: the weights have no code sums
+            if sums is not None and not sums.users:  # read for nothing: the weights have no code sums
                 graph.erase_node(sums)
         names.append([name for _, name in members])
     return names

@@ -38,7 +38,8 @@ class CompileReport:
     float32_attention: int = 0  # bf16/fp16 CPU attention calls computed in float32 (option cpu_attention)
     decode_attention: int = 0  # of those, the calls run by llmint8::cpu_decode_attention (one query token)
     linear_groups: list[list[str]] = field(default_factory=list)  # rewritten linears computed together, one
-    # llmint8::linear_group each, as they share their input (e.g. q/k/v): each group's layer names
+    # llmint8::linear_group (block mode: block_linear_group) each, as they share their input (e.g. q/k/v): each
+    # group's layer names
 
     @property
     def rewritten(self) -> list[LayerRecord]:

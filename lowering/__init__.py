@@ -6,6 +6,8 @@ device kernels and Inductor lowering.
                                                             llmint8::cpu_linear_group, else one linear each)
     block_linear.py         llmint8::block_linear          (block mode, docs/design.md §1b: the CPU kernel's
                                                             llmint8::cpu_block_linear, else the reference math)
+    block_linear_group.py   llmint8::block_linear_group    (block-mode linears of one activation: on CPU one call of
+                                                            llmint8::cpu_block_linear_group, else one each)
     cpu_linear.py           llmint8::cpu_linear            (the CPU linear in one C++ call: cpu_linear.cpp, registered
                                                             with TORCH_LIBRARY, and its kernels, cpu_linear_kernels.h)
     quantize_activation.py  llmint8::quantize_activation   (Triton devices: the two-step linear's first step)
@@ -26,6 +28,7 @@ import torch
 
 from int8pass.lowering import (  # noqa: F401  (each import registers its op)
     block_linear,
+    block_linear_group,
     cpu_linear,
     fused_linear,
     int8_mm_dequant,
@@ -53,5 +56,6 @@ def cpu_path() -> str:
 inductor_api.register_decomposition(torch.ops.llmint8.linear.default)(linear.decompose)
 inductor_api.register_decomposition(torch.ops.llmint8.linear_group.default)(linear_group.decompose)
 inductor_api.register_decomposition(torch.ops.llmint8.block_linear.default)(block_linear.decompose)
+inductor_api.register_decomposition(torch.ops.llmint8.block_linear_group.default)(block_linear_group.decompose)
 
 __all__ = ["cpu_path"]

@@ -48,15 +48,28 @@ def check_block_linear_args(x, weight_q, weight_scale, bias, block_size) -> None
                          f"{tuple(weight_scale.shape)}")
 
 
-def check_linear_group_args(x, weight_q, weight_scale, bias, code_sums) -> None:
-    """Clear errors for llmint8::linear_group arguments: each member's as llmint8::linear's, and the lists' lengths."""
+def _check_group_lengths(op: str, weight_q, weight_scale, **optional) -> None:
+    """A group's lists: at least one weight, a scale for each, and each optional list empty or one per weight."""
     count = len(weight_q)
     if count == 0:
-        raise ValueError("llmint8::linear_group expects at least one weight")
-    for name, values in (("weight_scale", weight_scale), ("bias", bias), ("code_sums", code_sums)):
+        raise ValueError(f"llmint8::{op} expects at least one weight")
+    for name, values in (("weight_scale", weight_scale), *optional.items()):
         if len(values) != count and (name == "weight_scale" or values):
-            raise ValueError(f"llmint8::linear_group: {count} weights but {len(values)} {name} "
+            raise ValueError(f"llmint8::{op}: {count} weights but {len(values)} {name} "
                              f"({'one per weight' if name == 'weight_scale' else 'none or one per weight'})")
-    for i in range(count):
+
+
+def check_linear_group_args(x, weight_q, weight_scale, bias, code_sums) -> None:
+    """Clear errors for llmint8::linear_group arguments: each member's as llmint8::linear's, and the lists' lengths."""
+    _check_group_lengths("linear_group", weight_q, weight_scale, bias=bias, code_sums=code_sums)
+    for i in range(len(weight_q)):
         check_linear_args(x, weight_q[i], weight_scale[i], bias[i] if bias else None,
                           code_sums[i] if code_sums else None)
+
+
+def check_block_linear_group_args(x, weight_q, weight_scale, bias, block_size) -> None:
+    """Clear errors for llmint8::block_linear_group arguments: each member's as llmint8::block_linear's, and the
+    lists' lengths."""
+    _check_group_lengths("block_linear_group", weight_q, weight_scale, bias=bias)
+    for i in range(len(weight_q)):
+        check_block_linear_args(x, weight_q[i], weight_scale[i], bias[i] if bias else None, block_size)

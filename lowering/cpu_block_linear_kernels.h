@@ -30,17 +30,22 @@
 namespace int8pass {
 namespace blocks {
 
-struct BlockLinear {
-  const void* x;  // [M, K], contiguous, in x_dtype; y is [M, N] in the same dtype
+// The activation of a block-scaled linear: X [M, K], contiguous, in x_dtype, its block size and outlier threshold
+struct BlockActivation {
+  const void* x;
   int x_dtype;
   int64_t M, K;
+  int64_t block_size;  // a multiple of 32
+  float threshold;     // <= 0: no magnitude outliers
+};
+
+// One weight multiplying it, and its output y [M, N] in x_dtype
+struct BlockWeight {
   const int8_t* w;  // [N, K] codes, contiguous
   int64_t N;
   const uint16_t* d_w;  // [N, blocks] bf16
-  int64_t block_size;   // a multiple of 32
   const void* bias;     // [N] in bias_dtype, or nullptr
   int bias_dtype;
-  float threshold;  // <= 0: no magnitude outliers
   void* y;
 };
 
@@ -413,22 +418,31 @@ inline PackedGemm packed_gemm(int64_t B) {
 
 namespace blocks {
 
-// The whole block-scaled linear (steps 1-3); `vnni`: the CPU has AVX512-VNNI and may use the packed tiles
-inline void linear(const BlockLinear& a, bool vnni) {
-  const int64_t M = a.M, K = a.K, N = a.N, B = a.block_size, blocks = block_count(K, B), k32 = K / 32 * 32;
+// The whole block-scaled linear (steps 1-3) for `count` weights that multiply the same activation (q, k and v, say):
+// X is quantized once and one parallel loop goes over the row blocks of all of them, so a group costs one call's
+// fixed costs. Each output is what a call with its weight alone gives, bit for bit. `vnni`: the CPU has AVX512-VNNI.
+inline void linear(const BlockActivation& a, const BlockWeight* weights, int64_t count, bool vnni) {
+  const int64_t M = a.M, K = a.K, B = a.block_size, blocks = block_count(K, B), k32 = K / 32 * 32;
   const float limit = a.threshold > 0 ? a.threshold : INFINITY;
   const bool packed = vnni && M >= PACKED_MIN_ROWS, vnni_dots = vnni && !packed;
   const int64_t tiles = (M + 15) / 16;
   const int64_t packed_bytes = packed ? tiles * 16 * (K / 4 * 4) : 0;
   const int64_t lanes = vnni_dots ? M * ((k32 + 63) / 64) * 16 : 0;  // lane_offsets' int32
+  // the row blocks of all the weights, in order: row block r is rows [n0, n0 + NC) of weight row_weight[r]
+  int64_t row_blocks = 0;
+  for (int64_t i = 0; i < count; ++i) row_blocks += (weights[i].N + NC - 1) / NC;
   Scratch scratch(K * (1 + 4 + 4) + M * blocks * 4 * (packed ? 2 : 1) + M * K + packed_bytes +
-                      (packed ? tiles * 16 * blocks * 8 : 0) + lanes * 4,
+                      (packed ? tiles * 16 * blocks * 8 : 0) + lanes * 4 + row_blocks * 16,
                   0);
   uint8_t* is_outlier = scratch.take<uint8_t>(K);
   uint32_t* keep = scratch.take<uint32_t>(K);
   float* d_x = scratch.take<float>(M * blocks);
   int8_t* x_q = scratch.take<int8_t>(M * K);
   int32_t* code_sums = packed ? scratch.take<int32_t>(M * blocks) : nullptr;
+  int64_t* row_weight = scratch.take<int64_t>(row_blocks);
+  int64_t* row_start = scratch.take<int64_t>(row_blocks);
+  for (int64_t i = 0, r = 0; i < count; ++i)
+    for (int64_t n0 = 0; n0 < weights[i].N; n0 += NC, ++r) row_weight[r] = i, row_start[r] = n0;
   outlier_mask(a.x, a.x_dtype, M, K, limit, is_outlier, keep);
   quantize(a.x, a.x_dtype, M, K, B, is_outlier, keep, d_x, x_q, code_sums);
   int8_t* x_packed = packed ? scratch.take<int8_t>(packed_bytes) : nullptr;
@@ -449,11 +463,6 @@ inline void linear(const BlockLinear& a, bool vnni) {
   int32_t* cols = scratch.take<int32_t>(K);
   const int64_t n_cols = outlier_list(is_outlier, K, cols);
   const std::vector<float> x_o = outlier_values(a.x, a.x_dtype, M, K, cols, n_cols);
-  OutlierWeight outlier_weight{a.w, nullptr, 0};
-  outlier_weight.block_scale = a.d_w;
-  outlier_weight.blocks = blocks;
-  outlier_weight.block_size = B;
-  const int64_t row_blocks = (N + NC - 1) / NC;
   // Activation rows go a chunk at a time (a multiple of 16 rows), so that the chunk's codes stay in L2 while every
   // block of weight rows passes
   const int64_t m_chunk = std::min(M, std::max<int64_t>(32, CHUNK_BYTES / std::max<int64_t>(K, 1) / 32 * 32));
@@ -474,9 +483,10 @@ inline void linear(const BlockLinear& a, bool vnni) {
       const int64_t mc = std::min(m_chunk, M - m0);
 #pragma omp for schedule(static)
       for (int64_t rb = 0; rb < row_blocks; ++rb) {
-        const int64_t n0 = rb * NC, rows = std::min(N, n0 + NC) - n0;
-        const int8_t* w = a.w + n0 * K;
-        bf16_to_float(a.d_w + n0 * blocks, rows * blocks, dw);
+        const BlockWeight& p = weights[row_weight[rb]];
+        const int64_t N = p.N, n0 = row_start[rb], rows = std::min(N, n0 + NC) - n0;
+        const int8_t* w = p.w + n0 * K;
+        bf16_to_float(p.d_w + n0 * blocks, rows * blocks, dw);
         if (packed)
           vnni_blocks::packed_gemm(B)(x_packed + m0 * (K / 4 * 4), dxp + m0 / 16 * blocks * 16,
                                       off + m0 / 16 * blocks * 16, w, dw, mc, K, blocks, rows, c, w_u8, acc, NC);
@@ -491,20 +501,22 @@ inline void linear(const BlockLinear& a, bool vnni) {
               for (int64_t k = k32; k < K; ++k) sum += int32_t(x_q[(m0 + m) * K + k]) * int32_t(w[n * K + k]);
               acc[m * NC + n] += float(sum) * (d_x[(m0 + m) * blocks + blocks - 1] * dw[n * blocks + blocks - 1]);
             }
-        if (n_cols)
+        if (n_cols) {
+          const OutlierWeight outlier_weight{p.w, nullptr, 0, p.d_w, blocks, B};
           (vnni ? vnni::outlier_block : outlier_block)(x_o.data() + m0 * n_cols, cols, n_cols, outlier_weight, n0,
                                                        outliers, mc, K, rows, w_o);
+        }
         float b_n[NC] = {};
-        for (int64_t n = 0; a.bias && n < rows; ++n) b_n[n] = load(a.bias, n0 + n, a.bias_dtype);
+        for (int64_t n = 0; p.bias && n < rows; ++n) b_n[n] = load(p.bias, n0 + n, p.bias_dtype);
         for (int64_t m = 0; m < mc; ++m) {  // the reference's order: int8 part + outlier product + b
           float* value = acc + m * NC;
           for (int64_t n = 0; n < NC; n += 8) {
             __m256 v = _mm256_loadu_ps(value + n);
             if (n_cols) v = _mm256_add_ps(v, _mm256_loadu_ps(outliers + m * NC + n));
-            if (a.bias) v = _mm256_add_ps(v, _mm256_loadu_ps(b_n + n));
+            if (p.bias) v = _mm256_add_ps(v, _mm256_loadu_ps(b_n + n));
             _mm256_storeu_ps(value + n, v);
           }
-          store_row(a.y, (m0 + m) * N + n0, value, rows, a.x_dtype);
+          store_row(p.y, (m0 + m) * N + n0, value, rows, a.x_dtype);
         }
       }
     }

@@ -1,6 +1,7 @@
 // llmint8::cpu_linear: the LLM.int8() linear on x86-64 CPUs in one call (the kernels: cpu_linear_kernels.h), and
 // llmint8::cpu_linear_group, several of them on one activation in one call, and
 // llmint8::cpu_block_linear, the block-scaled linear of docs/design.md §1b (cpu_block_linear_kernels.h), and
+// llmint8::cpu_block_linear_group, several of those on one activation in one call, and
 // llmint8::cpu_decode_attention, attention of one query token on a bf16/fp16/fp32 KV cache (cpu_attention_kernels.h).
 // Registered with PyTorch's dispatcher here, in C++, so that a compiled graph calls it with no Python in between and
 // an AOTInductor package runs it by loading this library alone. Built by torch.utils.cpp_extension (cpu_linear.py).
@@ -154,27 +155,72 @@ std::vector<at::Tensor> cpu_linear_group(const at::Tensor& x, at::TensorList wei
   return outputs;
 }
 
-// y [..., N] from x [..., K], codes weight_q [N, K] and bf16 block scales weight_scale [N, ceil(K / block_size)]
-at::Tensor cpu_block_linear(const at::Tensor& x, const at::Tensor& weight_q, const at::Tensor& weight_scale,
-                            const std::optional<at::Tensor>& bias, int64_t block_size, double threshold) {
-  const int x_dtype = check_operands("llmint8::cpu_block_linear", x, weight_q, weight_scale, bias);
-  TORCH_CHECK(block_size > 0 && block_size % 32 == 0,
-              "llmint8::cpu_block_linear: block_size must be a positive multiple of 32, got ", block_size);
+// The checks of one weight of llmint8::cpu_block_linear (or of a group): its codes, bias and bf16 block scales
+// [N, ceil(K / block_size)]; returns x's dtype code
+int check_block_weight(const char* op, const at::Tensor& x, const at::Tensor& weight_q, const at::Tensor& weight_scale,
+                       const std::optional<at::Tensor>& bias, int64_t block_size) {
+  const int x_dtype = check_operands(op, x, weight_q, weight_scale, bias);
+  TORCH_CHECK(block_size > 0 && block_size % 32 == 0, op, ": block_size must be a positive multiple of 32, got ",
+              block_size);
   const int64_t N = weight_q.size(0), K = weight_q.size(1), blocks = int8pass::blocks::block_count(K, block_size);
   TORCH_CHECK(weight_scale.scalar_type() == at::kBFloat16 && weight_scale.dim() == 2 && weight_scale.size(0) == N &&
                   weight_scale.size(1) == blocks,
-              "llmint8::cpu_block_linear: weight_scale must be bfloat16 [", N, ", ", blocks, "], got ",
-              weight_scale.scalar_type(), " ", weight_scale.sizes());
-  const at::Tensor x_c = x.contiguous(), w_c = weight_q.contiguous(), s_c = weight_scale.contiguous();
-  const at::Tensor b_c = bias ? bias->contiguous() : at::Tensor();
-  auto [y, M] = output_for(x, N);
-  if (M == 0 || N == 0) return y;
-  const int8pass::blocks::BlockLinear args{
-      x_c.data_ptr(), x_dtype, M, K, w_c.data_ptr<int8_t>(), N,
-      reinterpret_cast<const uint16_t*>(s_c.data_ptr<at::BFloat16>()), block_size,
-      bias ? b_c.data_ptr() : nullptr, bias ? dtype_code(b_c, "bias") : 0, float(threshold), y.data_ptr()};
-  int8pass::blocks::linear(args, int8pass::kernel_for(M, K) != int8pass::Kernel::Avx2);
-  return y;
+              op, ": weight_scale must be bfloat16 [", N, ", ", blocks, "], got ", weight_scale.scalar_type(), " ",
+              weight_scale.sizes());
+  return x_dtype;
+}
+
+// [y_i] = the block-scaled linears of x (already checked with each weight) in one kernel call
+std::vector<at::Tensor> run_block_linear(const at::Tensor& x, int x_dtype, at::TensorList weight_q,
+                                         at::TensorList weight_scale, at::TensorList bias, int64_t block_size,
+                                         double threshold) {
+  const at::Tensor x_c = x.contiguous();
+  std::vector<at::Tensor> kept, outputs;  // the contiguous operands, alive for the call
+  std::vector<int8pass::blocks::BlockWeight> weights;
+  const int64_t M = leading_rows(x);
+  for (size_t i = 0; i < weight_q.size(); ++i) {
+    const at::Tensor w = weight_q[i].contiguous(), s = weight_scale[i].contiguous();
+    const at::Tensor b = bias.empty() ? at::Tensor() : bias[i].contiguous();
+    outputs.push_back(output_for(x, w.size(0)).first);
+    kept.insert(kept.end(), {w, s, b});
+    if (w.size(0) > 0)
+      weights.push_back({w.data_ptr<int8_t>(), w.size(0), reinterpret_cast<const uint16_t*>(s.data_ptr<at::BFloat16>()),
+                         b.defined() ? b.data_ptr() : nullptr, b.defined() ? dtype_code(b, "bias") : 0,
+                         outputs.back().data_ptr()});
+  }
+  if (M == 0 || weights.empty()) return outputs;
+  const int8pass::blocks::BlockActivation activation{x_c.data_ptr(), x_dtype, M, x.size(-1), block_size,
+                                                     float(threshold)};
+  int8pass::blocks::linear(activation, weights.data(), int64_t(weights.size()),
+                           int8pass::kernel_for(M, x.size(-1)) != int8pass::Kernel::Avx2);
+  return outputs;
+}
+
+// y [..., N] from x [..., K], codes weight_q [N, K] and bf16 block scales weight_scale [N, ceil(K / block_size)]
+at::Tensor cpu_block_linear(const at::Tensor& x, const at::Tensor& weight_q, const at::Tensor& weight_scale,
+                            const std::optional<at::Tensor>& bias, int64_t block_size, double threshold) {
+  const int x_dtype = check_block_weight("llmint8::cpu_block_linear", x, weight_q, weight_scale, bias, block_size);
+  std::vector<at::Tensor> biases;
+  if (bias) biases.push_back(*bias);
+  return run_block_linear(x, x_dtype, weight_q, weight_scale, biases, block_size, threshold)[0];
+}
+
+// [y_i] = [cpu_block_linear(x, weight_q[i], weight_scale[i], bias[i], block_size, threshold)] for weights that
+// multiply the same x, in one call: x is quantized once and the weights are streamed in one parallel loop. bias is
+// empty (none) or one per weight.
+std::vector<at::Tensor> cpu_block_linear_group(const at::Tensor& x, at::TensorList weight_q, at::TensorList weight_scale,
+                                               at::TensorList bias, int64_t block_size, double threshold) {
+  const char* op = "llmint8::cpu_block_linear_group";
+  const size_t count = weight_q.size();
+  TORCH_CHECK(count > 0, op, ": no weights");
+  TORCH_CHECK(weight_scale.size() == count, op, ": ", count, " weights but ", weight_scale.size(), " weight_scales");
+  TORCH_CHECK(bias.empty() || bias.size() == count, op, ": bias must be empty or one per weight (", count, "), got ",
+              bias.size());
+  int x_dtype = 0;
+  for (size_t i = 0; i < count; ++i)
+    x_dtype = check_block_weight(op, x, weight_q[i], weight_scale[i],
+                                 bias.empty() ? std::nullopt : std::optional<at::Tensor>(bias[i]), block_size);
+  return run_block_linear(x, x_dtype, weight_q, weight_scale, bias, block_size, threshold);
 }
 
 // out [B, H, 1, Dv] = softmax(query . key^T * scale) . value for one query token per head: query [B, H, 1, D], key
@@ -244,6 +290,8 @@ TORCH_LIBRARY_FRAGMENT(llmint8, m) {
         "Tensor[] code_sums) -> Tensor[]");
   m.def("cpu_block_linear(Tensor x, Tensor weight_q, Tensor weight_scale, Tensor? bias, int block_size, "
         "float threshold) -> Tensor");
+  m.def("cpu_block_linear_group(Tensor x, Tensor[] weight_q, Tensor[] weight_scale, Tensor[] bias, int block_size, "
+        "float threshold) -> Tensor[]");
   m.def("cpu_decode_attention(Tensor query, Tensor key, Tensor value, Tensor? attn_mask, float scale) -> Tensor");
   m.def("cpu_linear_kernel(int rows, int in_features) -> str", &cpu_linear_kernel);
 }
@@ -252,5 +300,6 @@ TORCH_LIBRARY_IMPL(llmint8, CPU, m) {
   m.impl("cpu_linear", &cpu_linear);
   m.impl("cpu_linear_group", &cpu_linear_group);
   m.impl("cpu_block_linear", &cpu_block_linear);
+  m.impl("cpu_block_linear_group", &cpu_block_linear_group);
   m.impl("cpu_decode_attention", &cpu_decode_attention);
 }

@@ -1,6 +1,6 @@
 """llmint8::cpu_linear: the whole LLM.int8() linear on an x86-64 CPU in one call of a C++ kernel (and, from the same
 library, llmint8::cpu_linear_group, the linears of one activation in one call (linear_group.py), llmint8::cpu_block_linear,
-the block-scaled linear of docs/design.md §1b, and llmint8::cpu_decode_attention, decode attention on a
+the block-scaled linear of docs/design.md §1b, llmint8::cpu_block_linear_group (block_linear_group.py), and llmint8::cpu_decode_attention, decode attention on a
 reduced-precision KV cache in float32: int8pass/attention.py).
 
 The op is registered in C++ (cpu_linear.cpp, TORCH_LIBRARY), so a compiled graph calls it through the dispatcher with
@@ -33,7 +33,12 @@ from pathlib import Path
 
 import torch
 
-from int8pass.lowering.checks import check_block_linear_args, check_linear_args, check_linear_group_args
+from int8pass.lowering.checks import (
+    check_block_linear_args,
+    check_block_linear_group_args,
+    check_linear_args,
+    check_linear_group_args,
+)
 
 log = logging.getLogger("int8pass")
 
@@ -88,6 +93,7 @@ def library_path() -> Path | None:
     torch.library.register_fake("llmint8::cpu_linear")(_fake)
     torch.library.register_fake("llmint8::cpu_linear_group")(_fake_group)
     torch.library.register_fake("llmint8::cpu_block_linear")(_fake_block)
+    torch.library.register_fake("llmint8::cpu_block_linear_group")(_fake_block_group)
     torch.library.register_fake("llmint8::cpu_decode_attention")(_fake_decode_attention)
     return path
 
@@ -105,6 +111,11 @@ def _fake_group(x, weight_q, weight_scale, bias, threshold, code_sums):
 def _fake_block(x, weight_q, weight_scale, bias, block_size, threshold):
     check_block_linear_args(x, weight_q, weight_scale, bias, block_size)
     return x.new_empty((*x.shape[:-1], weight_q.shape[0]))
+
+
+def _fake_block_group(x, weight_q, weight_scale, bias, block_size, threshold):
+    check_block_linear_group_args(x, weight_q, weight_scale, bias, block_size)
+    return [x.new_empty((*x.shape[:-1], w.shape[0])) for w in weight_q]
 
 
 def _fake_decode_attention(query, key, value, attn_mask, scale):

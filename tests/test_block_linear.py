@@ -166,6 +166,58 @@ def test_non_finite_values_propagate():
 
 
 @needs_kernel
+@pytest.mark.parametrize("kernel", KERNELS)
+@settings(max_examples=25, deadline=None)
+@given(m=st.integers(0, 40), ns=st.lists(st.integers(0, 150), min_size=1, max_size=4), k=st.integers(1, 300),
+       block_size=st.sampled_from(reference.BLOCK_SIZES), dtype=st.sampled_from(DTYPES), bias=st.booleans(),
+       threshold=st.sampled_from([0.0, 6.0]), seed=st.integers(0, 2**16))
+def test_group_is_each_linear_bit_for_bit(kernel, m, ns, k, block_size, dtype, bias, threshold, seed):
+    # one quantized x and one parallel loop over all the weights' row blocks (weights with no rows, row blocks that
+    # straddle two weights): each output must be what the weight's own call gives
+    g = torch.Generator().manual_seed(seed)
+    x = outlier_activation(m, k, dtype, outlier_cols=[c for c in (0, k // 2) if c < k], seed=seed)
+    weights = [reference.quantize_weight_blocks(torch.randn(n, k, generator=g), block_size) for n in ns]
+    biases = [torch.randn(n, generator=g).to(dtype) for n in ns] if bias else []
+    w_qs, d_ws = [w for w, _ in weights], [d for _, d in weights]
+    with using(kernel):
+        group = torch.ops.llmint8.cpu_block_linear_group(x, w_qs, d_ws, biases, block_size, threshold)
+        for i, y in enumerate(group):
+            alone = torch.ops.llmint8.cpu_block_linear(x, w_qs[i], d_ws[i], biases[i] if bias else None, block_size,
+                                                       threshold)
+            assert y.shape == (m, ns[i]) and torch.equal(y, alone)
+        eager = torch.ops.llmint8.block_linear_group(x, w_qs, d_ws, biases, block_size, threshold)  # the op's kernel
+        assert all(torch.equal(a, b) for a, b in zip(eager, group))
+
+
+@needs_kernel
+def test_group_rejects_what_it_cannot_run():
+    x, w_q, d_w = torch.zeros(2, 64), torch.zeros(8, 64, dtype=torch.int8), torch.ones(8, 2, dtype=torch.bfloat16)
+    group = torch.ops.llmint8.cpu_block_linear_group
+    with pytest.raises(RuntimeError, match="no weights"):
+        group(x, [], [], [], 32, 0.0)
+    with pytest.raises(RuntimeError, match="2 weights but 1 weight_scales"):
+        group(x, [w_q, w_q], [d_w], [], 32, 0.0)
+    with pytest.raises(RuntimeError, match="bias must be empty or one per weight"):
+        group(x, [w_q, w_q], [d_w, d_w], [torch.ones(8)], 32, 0.0)
+    with pytest.raises(RuntimeError, match="weight_scale must be bfloat16 \\[8, 1\\]"):
+        group(x, [w_q], [d_w], [], 64, 0.0)
+    with pytest.raises(ValueError, match="2 weights but 1 weight_scale"):
+        torch.ops.llmint8.block_linear_group(x, [w_q, w_q], [d_w], [], 32, 0.0)
+    with pytest.raises(ValueError, match="block_size must be one of"):
+        torch.ops.llmint8.block_linear_group(x, [w_q], [d_w], [], 48, 0.0)
+
+
+@needs_kernel
+def test_group_opcheck():
+    x = outlier_activation(5, 64, torch.bfloat16, outlier_cols=[9])
+    (w1, d1), (w2, d2) = (reference.quantize_weight_blocks(torch.randn(n, 64) * 0.1, 32) for n in (16, 70))
+    for op in (torch.ops.llmint8.cpu_block_linear_group.default, torch.ops.llmint8.block_linear_group.default):
+        torch.library.opcheck(op, (x, [w1, w2], [d1, d2], [torch.randn(16).bfloat16(), torch.randn(70).bfloat16()],
+                                   32, 6.0))
+        torch.library.opcheck(op, (x.view(1, 5, 64), [w1, w2], [d1, d2], [], 32, 0.0))
+
+
+@needs_kernel
 def test_rejects_what_it_cannot_run():
     w_q = torch.zeros(8, 64, dtype=torch.int8)
     d_w = torch.ones(8, 2, dtype=torch.bfloat16)

@@ -187,22 +187,26 @@ class SharedInput(torch.nn.Module):
         return (self.out(q), self.k(x), self.v(x), F.silu(gate) * self.up(x), late)
 
 
-def test_linears_sharing_an_input_become_one_group():
+@pytest.mark.parametrize("block_size", [0, 32])
+def test_linears_sharing_an_input_become_one_group(block_size):
     model = SharedInput().eval().to(torch.bfloat16)
     x = outlier_activation(6, 64, torch.bfloat16, outlier_cols=[5, 40])
     eager = SharedInput().eval().to(torch.bfloat16)
     eager.load_state_dict(model.state_dict())
-    int8pass.quantize_(eager)  # the same codes, each linear called alone
+    int8pass.quantize_(eager, block_size=block_size)  # the same codes, each linear called alone
+    group_op, linear_op = ((torch.ops.llmint8.block_linear_group.default, torch.ops.llmint8.block_linear.default)
+                           if block_size else (torch.ops.llmint8.linear_group.default, torch.ops.llmint8.linear.default))
     with torch.no_grad():
         want = eager(x)
-        gm, inputs, report, _ = rewrite(model, x)
+        gm, inputs, report, _ = rewrite(model, x, options={"block_size": block_size})
         got = gm(*inputs)
         assert report.linear_groups == [["q", "k", "v"], ["gate", "up"]]
-        assert sum(n.target is torch.ops.llmint8.linear_group.default for n in gm.graph.nodes) == 2
-        assert sum(n.target is torch.ops.llmint8.linear.default for n in gm.graph.nodes) == 2  # late, out
+        assert sum(n.target is group_op for n in gm.graph.nodes) == 2
+        assert sum(n.target is linear_op for n in gm.graph.nodes) == 2  # late, out
         for a, b in zip(got, want):
             assert torch.equal(a, b)  # a group computes each member exactly as its own call does
-        compiled = torch.compile(model, backend="llmint8")(x)  # and through Inductor: one kernel call per group
+        compiled = torch.compile(model, backend="llmint8", options={"block_size": block_size})(x)  # and through
+        # Inductor: one kernel call per group
         for a, b in zip(compiled, want):
             torch.testing.assert_close(a, b, rtol=2 * torch.finfo(torch.bfloat16).eps, atol=1e-5)
         assert int8pass.last_report().linear_groups == [["q", "k", "v"], ["gate", "up"]]
