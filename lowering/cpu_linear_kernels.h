@@ -102,14 +102,17 @@ inline Kernel best_supported_kernel() {
   return best;
 }
 
-// Whether the CPU has AVX512-VBMI2 (vpcompressb), which the decode kernel uses to collect the outlier columns' codes
-inline bool has_vbmi2() {
+// Whether the decode kernel collects the outlier columns' codes with vpcompressb (vbmi2::gemm_rows): the CPU has
+// AVX512-VBMI2 and INT8PASS_CPU_VBMI2=0 does not turn it off (to compare the paths on one machine, as
+// INT8PASS_CPU_KERNEL does for the GEMMs; read at every call)
+inline bool uses_vbmi2() {
   static const bool vbmi2 = [] {
     uint32_t r[4];
     cpuid(7, 0, r);
     return best_supported_kernel() != Kernel::Avx2 && (r[2] & (1u << 6));
   }();
-  return vbmi2;
+  const char* off = std::getenv("INT8PASS_CPU_VBMI2");
+  return vbmi2 && !(off != nullptr && std::string(off) == "0");
 }
 
 // INT8PASS_CPU_KERNEL=avx2|avx512_vnni caps the choice (to measure or compare the paths on one machine), as
@@ -641,75 +644,95 @@ inline void pack_b_tiles(const int8_t* x_q, int64_t M, int64_t K, int8_t* tiles)
 
 namespace vbmi2 {
 
-// One activation row's decode GEMM (vnni::gemm_block for M = 1) that also collects the outlier columns' codes of each
-// weight row while its 64-column chunks are in registers (vpcompressb), rather than reading them again from L2
-// afterwards (vnni::outlier_pieces, outlier_block's gather): masks[c] has bit b set where column 64 c + b is an
-// outlier column; weight row j's codes at those columns go, in column order, to codes + j * stride (stride: the
-// outlier count + 64, for the whole-vector stores). Zen 5 EPYC, the op at one row, 2 threads: with 5% outlier columns
-// 1.6-2.6x faster than gathering them afterwards (4096 x 4096: 560 -> 213 us, against 148 at threshold 0), with 0.5%
-// within the host's noise of it.
-template <int NB>
-inline void tile(const uint8_t* x, const int8_t* w, int64_t K, int32_t* out, const uint64_t* masks, int8_t* codes,
-                 int64_t stride) {
+// The codes are collected where there is an outlier column per this many columns or more, on average
+constexpr int64_t COLLECT_MIN_DENSITY = 64;
+
+// The decode GEMM (vnni::gemm_block for up to STREAM_MAX_ROWS activation rows) that also collects the outlier
+// columns' codes of each weight row while its 64-column chunks are in registers (vpcompressb), rather than reading
+// them again from L2 afterwards (vnni::outlier_pieces, outlier_block's gather): masks[c] has bit b set where column
+// 64 c + b is an outlier column; weight row j's codes at those columns go, in column order, to codes + j * stride
+// (stride: the outlier count + 64, for the whole-vector stores). Zen 5 EPYC, the op at one row, 2 threads: with 5%
+// outlier columns 1.6-2.6x faster than gathering them afterwards (4096 x 4096: 560 -> 213 us, against 148 at
+// threshold 0), 1-4 rows 1.09-1.78x over five shapes; with 0.5% (a third of the 64-column chunks holding one) it was
+// 0.73-0.98x as fast as the gather at 14 of 15 shapes and row counts, hence COLLECT_MIN_DENSITY.
+template <int MB, int NB>
+inline void tile(const uint8_t* x, const int8_t* w, int64_t K, int32_t* out, int64_t ldo, const uint64_t* masks,
+                 int8_t* codes, int64_t stride) {
   const int64_t ahead = NB * std::max<int64_t>(1, vnni::PREFETCH_BYTES / (NB * K)) * K;
-  __m512i acc[NB];
-  for (int j = 0; j < NB; ++j) acc[j] = _mm512_setzero_si512();
+  __m512i acc[MB][NB];
+  for (int i = 0; i < MB; ++i)
+    for (int j = 0; j < NB; ++j) acc[i][j] = _mm512_setzero_si512();
   int64_t k = 0, at = 0;
   for (; k + 64 <= K; k += 64) {
-    const __m512i xv = _mm512_loadu_si512(x + k);
+    __m512i xv[MB];
+    for (int i = 0; i < MB; ++i) xv[i] = _mm512_loadu_si512(x + i * K + k);
     const uint64_t mask = masks[k / 64];
     for (int j = 0; j < NB; ++j) {
       const __m512i wv = _mm512_loadu_si512(w + j * K + k);
       _mm_prefetch(reinterpret_cast<const char*>(w + j * K + ahead + k), _MM_HINT_T1);
-      acc[j] = vnni::dpbusd(acc[j], xv, wv);
+      for (int i = 0; i < MB; ++i) acc[i][j] = vnni::dpbusd(acc[i][j], xv[i], wv);
       if (mask) _mm512_storeu_si512(codes + j * stride + at, _mm512_maskz_compress_epi8(mask, wv));
     }
     at += __builtin_popcountll(mask);
   }
   if (k < K) {
     const __mmask64 tail = (__mmask64(1) << (K - k)) - 1;
-    const __m512i xv = _mm512_maskz_loadu_epi8(tail, x + k);
+    __m512i xv[MB];
+    for (int i = 0; i < MB; ++i) xv[i] = _mm512_maskz_loadu_epi8(tail, x + i * K + k);
     const uint64_t mask = masks[k / 64];
     for (int j = 0; j < NB; ++j) {
       const __m512i wv = _mm512_maskz_loadu_epi8(tail, w + j * K + k);
-      acc[j] = vnni::dpbusd(acc[j], xv, wv);
+      for (int i = 0; i < MB; ++i) acc[i][j] = vnni::dpbusd(acc[i][j], xv[i], wv);
       if (mask) _mm512_storeu_si512(codes + j * stride + at, _mm512_maskz_compress_epi8(mask, wv));
     }
   }
-  for (int j = 0; j < NB; ++j) out[j] = _mm512_reduce_add_epi32(acc[j]);
+  for (int i = 0; i < MB; ++i)
+    for (int j = 0; j < NB; ++j) out[i * ldo + j] = _mm512_reduce_add_epi32(acc[i][j]);
 }
 
-// out[j] = X_q . w[j] for one activation row (x_u8 = X_q + 128) and the `rows` weight rows at w, less offsets[j];
-// the outlier columns' codes collected as in tile
-inline void gemm_row(const uint8_t* x_u8, const int8_t* w, int32_t* out, int64_t K, int64_t rows,
-                     const uint32_t* offsets, const uint64_t* masks, int8_t* codes, int64_t stride) {
+template <int MB, int NB>
+void row_block(const uint8_t* x, const int8_t* w, int32_t* out, int64_t ldo, int64_t K, int64_t rows,
+               const uint64_t* masks, int8_t* codes, int64_t stride) {
   int64_t n = 0;
-  for (; n + 4 <= rows; n += 4) tile<4>(x_u8, w + n * K, K, out + n, masks, codes + n * stride, stride);
-  for (; n < rows; ++n) tile<1>(x_u8, w + n * K, K, out + n, masks, codes + n * stride, stride);
-  for (int64_t j = 0; j < rows; ++j) out[j] = int32_t(uint32_t(out[j]) - offsets[j]);
+  for (; n + NB <= rows; n += NB) tile<MB, NB>(x, w + n * K, K, out + n, ldo, masks, codes + n * stride, stride);
+  for (; n < rows; ++n) tile<MB, 1>(x, w + n * K, K, out + n, ldo, masks, codes + n * stride, stride);
 }
 
-// out[j] = sum over i of x_o[i] * codes[j][i] (the collected codes, stride apart) for the `rows` weight rows, 16
-// columns at a time, 4 rows at a time
-inline void outlier_row(const float* x_o, int64_t n_cols, const int8_t* codes, int64_t stride, int64_t rows,
-                        float* out) {
-  int64_t j = 0;
-  const auto rows_of = [&](auto count) {
-    constexpr int R = decltype(count)::value;
+// out[m, j] = X_q[m] . w[j] for M (at most STREAM_MAX_ROWS) activation rows (x_u8 = X_q + 128) and the `rows` weight
+// rows at w, less offsets[j], with vnni::gemm_block's tiles; the outlier columns' codes collected as in tile
+inline void gemm_rows(const uint8_t* x_u8, const int8_t* w, int32_t* out, int64_t ldo, int64_t M, int64_t K,
+                      int64_t rows, const uint32_t* offsets, const uint64_t* masks, int8_t* codes, int64_t stride) {
+  if (M == 1) row_block<1, 4>(x_u8, w, out, ldo, K, rows, masks, codes, stride);
+  else if (M == 2) row_block<2, 6>(x_u8, w, out, ldo, K, rows, masks, codes, stride);
+  else if (M == 3) row_block<3, 4>(x_u8, w, out, ldo, K, rows, masks, codes, stride);
+  else row_block<4, 4>(x_u8, w, out, ldo, K, rows, masks, codes, stride);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t j = 0; j < rows; ++j) out[m * ldo + j] = int32_t(uint32_t(out[m * ldo + j]) - offsets[j]);
+}
+
+// out[m, j] = sum over i of x_o[m, i] * codes[j][i] (the collected codes, stride apart) for the M activation rows of
+// x_o ([M, n_cols]) and the `rows` weight rows, 16 columns at a time, 4 weight rows at a time
+template <int R>
+inline void outlier_tile(const float* x_o, int64_t M, int64_t n_cols, const int8_t* codes, int64_t stride, float* out) {
+  for (int64_t m = 0; m < M; ++m) {
     __m512 acc[R];
     for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
     for (int64_t i = 0; i < n_cols; i += 16) {
       const __mmask16 present = n_cols - i >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n_cols - i)) - 1);
-      const __m512 xv = _mm512_maskz_loadu_ps(present, x_o + i);
+      const __m512 xv = _mm512_maskz_loadu_ps(present, x_o + m * n_cols + i);
       for (int r = 0; r < R; ++r)
         acc[r] = _mm512_fmadd_ps(
-            xv, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(present, codes + (j + r) * stride + i))),
-            acc[r]);
+            xv, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(present, codes + r * stride + i))), acc[r]);
     }
-    for (int r = 0; r < R; ++r) out[j + r] = _mm512_reduce_add_ps(acc[r]);
-  };
-  for (; j + 4 <= rows; j += 4) rows_of(std::integral_constant<int, 4>{});
-  for (; j < rows; ++j) rows_of(std::integral_constant<int, 1>{});
+    for (int r = 0; r < R; ++r) out[m * NC + r] = _mm512_reduce_add_ps(acc[r]);
+  }
+}
+
+inline void outlier_rows(const float* x_o, int64_t M, int64_t n_cols, const int8_t* codes, int64_t stride,
+                         int64_t rows, float* out) {
+  int64_t j = 0;
+  for (; j + 4 <= rows; j += 4) outlier_tile<4>(x_o, M, n_cols, codes + j * stride, stride, out + j);
+  for (; j < rows; ++j) outlier_tile<1>(x_o, M, n_cols, codes + j * stride, stride, out + j);
 }
 
 }  // namespace vbmi2
@@ -1051,8 +1074,8 @@ inline void outlier_block(const float* x_o, const int32_t* cols, int64_t n_cols,
 // columns: 1 row 1.4-1.8x faster (4096 x 4096: 1.52 -> 0.96 ms), 2 rows 1.03-1.31x; 3 rows and more lost to the gather,
 // which serves all of them, and so did pieces holding one outlier column on average (0.5% outlier columns). Each
 // output sums the same products as the column-ordered chain of outlier_block, in another order (the reference's
-// matmul fixes none). On CPUs with AVX512-VBMI2 one row takes vbmi2::gemm_row instead, which collects the codes as
-// the GEMM streams the rows.
+// matmul fixes none). On CPUs with AVX512-VBMI2 up to STREAM_MAX_ROWS rows take vbmi2::gemm_rows instead, which
+// collects the codes as the GEMM streams the rows.
 
 constexpr int64_t PIECES_MAX_ROWS = 2;  // and the pieces hold 2 outlier columns or more on average
 
@@ -1195,8 +1218,10 @@ inline void linear(const Activation& a, const Weight* weights, int64_t count, Ke
   const bool few_rows = kernel != Kernel::Avx2 && n_cols > 0 && M <= vnni::PIECES_MAX_ROWS;
   const vnni::XPieces pieces = few_rows ? vnni::x_pieces(x_o.data(), cols, n_cols, M) : vnni::XPieces{};
   const bool by_pieces = few_rows && n_cols >= 2 * int64_t(pieces.starts.size());
-  // one row with AVX512-VBMI2: the outlier columns' codes collected by the GEMM itself (vbmi2::gemm_row)
-  const bool collect = kernel == Kernel::Avx512Vnni && M == 1 && n_cols > 0 && has_vbmi2();
+  // decode with AVX512-VBMI2 and an outlier column per 64 columns or more on average: the outlier columns' codes
+  // collected by the GEMM itself (vbmi2::gemm_rows; sparser ones are gathered faster, see COLLECT_MIN_DENSITY)
+  const bool collect = kernel == Kernel::Avx512Vnni && M <= vnni::STREAM_MAX_ROWS && n_cols > 0 &&
+                       n_cols * vbmi2::COLLECT_MIN_DENSITY >= K && uses_vbmi2();
   std::vector<uint64_t> chunk_masks(collect ? (K + 63) / 64 : 0, 0);
   for (int64_t i = 0; collect && i < n_cols; ++i) chunk_masks[cols[i] / 64] |= uint64_t(1) << (cols[i] % 64);
   const int64_t code_stride = n_cols + 64;
@@ -1247,7 +1272,7 @@ inline void linear(const Activation& a, const Weight* weights, int64_t count, Ke
           vnni::quad_gemm_block(x_quads, xq, w, acc, NC, mc, K, rows, offsets, gemm_scratch);
         } else if (collect && p.outlier_weight == nullptr) {
           vnni::row_offsets(p.code_sums, w, K, n0, rows, K, offsets);
-          vbmi2::gemm_row(xu, w, acc, K, rows, offsets, chunk_masks.data(), collected, code_stride);
+          vbmi2::gemm_rows(xu, w, acc, NC, mc, K, rows, offsets, chunk_masks.data(), collected, code_stride);
         } else if (kernel == Kernel::Avx512Vnni) {
           vnni::row_offsets(p.code_sums, w, K, n0, rows, K, offsets);
           vnni::gemm_block(xu, w, acc, NC, mc, K, rows, 0, K, false, offsets);
@@ -1255,7 +1280,7 @@ inline void linear(const Activation& a, const Weight* weights, int64_t count, Ke
           avx2::gemm_block(xq, w, acc, NC, mc, K, rows);
         }
         if (collect && p.outlier_weight == nullptr) {
-          vbmi2::outlier_row(x_o.data(), n_cols, collected, code_stride, rows, outliers);
+          vbmi2::outlier_rows(x_o.data() + m0 * n_cols, mc, n_cols, collected, code_stride, rows, outliers);
         } else if (by_pieces && p.outlier_weight == nullptr) {
           vnni::outlier_pieces(pieces, w, K, mc, rows, outliers);
         } else if (n_cols) {

@@ -22,16 +22,22 @@ KERNELS = cpu_linear.kernels()
 
 
 @contextlib.contextmanager
-def using(kernel):
-    previous = os.environ.get("INT8PASS_CPU_KERNEL")
-    os.environ["INT8PASS_CPU_KERNEL"] = kernel
+def using(kernel, vbmi2="1"):
+    """The kernel capped at `kernel`; vbmi2="0": the decode rows' outlier codes gathered after the GEMM rather than
+    collected by it (what CPUs without AVX512-VBMI2 run)."""
+    previous = {name: os.environ.get(name) for name in ("INT8PASS_CPU_KERNEL", "INT8PASS_CPU_VBMI2")}
+    os.environ["INT8PASS_CPU_KERNEL"], os.environ["INT8PASS_CPU_VBMI2"] = kernel, vbmi2
     try:
         yield
     finally:
-        if previous is None:
-            del os.environ["INT8PASS_CPU_KERNEL"]
-        else:
-            os.environ["INT8PASS_CPU_KERNEL"] = previous
+        for name, value in previous.items():
+            if value is None:
+                del os.environ[name]
+            else:
+                os.environ[name] = value
+
+
+VBMI2 = pytest.mark.parametrize("vbmi2", ["1", "0"], ids=["collected", "gathered"])
 
 
 def accumulator(x_q, w_q, with_sums):
@@ -117,10 +123,11 @@ def integer_valued(m, k, n, dtype, outlier_cols, seed):
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
+@VBMI2
 @settings(max_examples=30, deadline=None)
 @given(m=st.integers(0, 40), n=st.integers(1, 140), k=st.integers(1, 300), dtype=st.sampled_from(DTYPES),
        bias=st.booleans(), seed=st.integers(0, 2**16))
-def test_linear_is_the_reference_bit_for_bit(kernel, m, n, k, dtype, bias, seed):
+def test_linear_is_the_reference_bit_for_bit(kernel, vbmi2, m, n, k, dtype, bias, seed):
     # outlier columns at both ends of the rows and in the middle
     outlier_cols = sorted({c for c in (0, 1, 2, k // 2, k - 1) if c < k})
     x, w_q, s_w = integer_valued(m, k, n, dtype, outlier_cols, seed)
@@ -129,19 +136,20 @@ def test_linear_is_the_reference_bit_for_bit(kernel, m, n, k, dtype, bias, seed)
         if not cols:
             xs = xs.clamp(-5, 5)  # no outlier column at all
         b = torch.randint(-3, 4, (n,)).to(dtype) if bias else None
-        with using(kernel):
+        with using(kernel, vbmi2):
             got = torch.ops.llmint8.cpu_linear(xs, w_q, s_w, b, 6.0)
         assert got.dtype == dtype and torch.equal(got, reference.linear(xs, w_q, s_w, b, 6.0))
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
-@pytest.mark.parametrize("m", [1, 2, 3, 6, 7, 40])
-def test_many_outlier_columns_are_the_reference_bit_for_bit(kernel, m):
+@VBMI2
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 6, 7, 40])
+def test_many_outlier_columns_are_the_reference_bit_for_bit(kernel, vbmi2, m):
     # 250 outlier columns of 600: the outlier product goes 96 columns at a time (continuing each output's sums) and
     # several activation rows at a time; 70 weight rows: a full 64-row block, then 6 (the kernels' tails)
     outlier_cols = list(range(0, 600, 12)) + list(range(5, 600, 3))[:200]
     x, w_q, s_w = integer_valued(m, 600, 70, torch.float32, sorted(set(outlier_cols)), seed=m)
-    with using(kernel):
+    with using(kernel, vbmi2):
         got = torch.ops.llmint8.cpu_linear(x, w_q, s_w, None, 6.0)
     assert torch.equal(got, reference.linear(x, w_q, s_w, None, 6.0))
 
@@ -187,16 +195,17 @@ def test_threshold_zero_and_non_finite_values_propagate():
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
-@pytest.mark.parametrize("m", [1, 2])
-def test_decode_rows_propagate_non_finite_outlier_columns(kernel, m):
-    # for one or two rows and dense outlier columns (here one in 7) the VNNI kernel takes the outlier product 16
-    # columns at a time, with zeros beside the outlier columns: a NaN or an Inf must still reach every output of its
-    # row, and only its row's
+@VBMI2
+@pytest.mark.parametrize("m", [1, 2, 4])
+def test_decode_rows_propagate_non_finite_outlier_columns(kernel, vbmi2, m):
+    # for up to 4 rows and dense outlier columns (here one in 7) the VNNI kernel takes the outlier product 16 columns
+    # at a time, from the codes the GEMM collected, or (one or two rows, without VBMI2) with zeros beside the outlier
+    # columns: a NaN or an Inf must still reach every output of its row, and only its row's
     x = outlier_activation(m, 300, torch.bfloat16, outlier_cols=list(range(0, 300, 7)))
     x[m - 1, 8] = float("nan") if m == 1 else float("inf")
     w_q = torch.randint(1, 128, (70, 300), generator=torch.Generator().manual_seed(2), dtype=torch.int8)
     s_w = torch.rand(70) + 0.5
-    with using(kernel):
+    with using(kernel, vbmi2):
         y = torch.ops.llmint8.cpu_linear(x, w_q, s_w, None, 6.0)
     assert (y[m - 1].isnan() if m == 1 else y[m - 1].isinf()).all() and y[: m - 1].isfinite().all()
     want = reference.linear(x, w_q, s_w, None, 6.0)
