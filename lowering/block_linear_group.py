@@ -18,6 +18,7 @@ import torch
 from int8pass.lowering import cpu_linear
 from int8pass.lowering.block_linear import block_linear_on_cpu
 from int8pass.lowering.checks import check_block_linear_group_args
+from int8pass.lowering.linear_group import members
 
 
 @torch.library.custom_op("llmint8::block_linear_group", mutates_args=())
@@ -30,18 +31,14 @@ def block_linear_group(
     threshold: float,
 ) -> list[torch.Tensor]:
     check_block_linear_group_args(x, weight_q, weight_scale, bias, block_size)
-    return [torch.ops.llmint8.block_linear(x, w, s, b, block_size, threshold) for w, s, b in _members(weight_q, weight_scale, bias)]
+    return [torch.ops.llmint8.block_linear(x, w, s, b, block_size, threshold)
+            for w, s, b in members(weight_q, weight_scale, bias)]
 
 
 @block_linear_group.register_fake
 def _(x, weight_q, weight_scale, bias, block_size, threshold):
     check_block_linear_group_args(x, weight_q, weight_scale, bias, block_size)
     return [x.new_empty((*x.shape[:-1], w.shape[0])) for w in weight_q]
-
-
-def _members(weight_q, weight_scale, bias):
-    """(codes, block scales, bias or None) of each member."""
-    return zip(weight_q, weight_scale, bias if bias else [None] * len(weight_q))
 
 
 def _runs_kernel(x, weight_q) -> bool:
@@ -53,7 +50,8 @@ def block_linear_group_on_cpu(x, weight_q, weight_scale, bias, block_size, thres
     check_block_linear_group_args(x, weight_q, weight_scale, bias, block_size)
     if _runs_kernel(x, weight_q):
         return torch.ops.llmint8.cpu_block_linear_group(x, weight_q, weight_scale, bias, block_size, threshold)
-    return [block_linear_on_cpu(x, w, s, b, block_size, threshold) for w, s, b in _members(weight_q, weight_scale, bias)]
+    return [block_linear_on_cpu(x, w, s, b, block_size, threshold)
+            for w, s, b in members(weight_q, weight_scale, bias)]
 
 
 def decompose(x, weight_q, weight_scale, bias, block_size, threshold):

@@ -78,6 +78,16 @@ void check_weight(const char* op, const at::Tensor& weight_q, const at::Tensor& 
                 code_sums->sizes());
 }
 
+// A group's lists: at least one weight, a scale for each, and no bias or one for each; returns the weight count
+size_t check_group_lists(const char* op, at::TensorList weight_q, at::TensorList weight_scale, at::TensorList bias) {
+  const size_t count = weight_q.size();
+  TORCH_CHECK(count > 0, op, ": no weights");
+  TORCH_CHECK(weight_scale.size() == count, op, ": ", count, " weights but ", weight_scale.size(), " weight_scales");
+  TORCH_CHECK(bias.empty() || bias.size() == count, op, ": bias must be empty or one per weight (", count, "), got ",
+              bias.size());
+  return count;
+}
+
 // One weight of a call: its contiguous tensors (kept alive for the call) and what the kernel reads of them
 struct WeightOperands {
   at::Tensor codes, scale, bias, outlier_weight, code_sums, y;
@@ -132,11 +142,7 @@ at::Tensor cpu_linear(const at::Tensor& x, const at::Tensor& weight_q, const at:
 std::vector<at::Tensor> cpu_linear_group(const at::Tensor& x, at::TensorList weight_q, at::TensorList weight_scale,
                                          at::TensorList bias, double threshold, at::TensorList code_sums) {
   const char* op = "llmint8::cpu_linear_group";
-  const size_t count = weight_q.size();
-  TORCH_CHECK(count > 0, op, ": no weights");
-  TORCH_CHECK(weight_scale.size() == count, op, ": ", count, " weights but ", weight_scale.size(), " weight_scales");
-  TORCH_CHECK(bias.empty() || bias.size() == count, op, ": bias must be empty or one per weight (", count, "), got ",
-              bias.size());
+  const size_t count = check_group_lists(op, weight_q, weight_scale, bias);
   TORCH_CHECK(code_sums.empty() || code_sums.size() == count, op, ": code_sums must be empty or one per weight (",
               count, "), got ", code_sums.size());
   int x_dtype = 0;
@@ -211,11 +217,7 @@ at::Tensor cpu_block_linear(const at::Tensor& x, const at::Tensor& weight_q, con
 std::vector<at::Tensor> cpu_block_linear_group(const at::Tensor& x, at::TensorList weight_q, at::TensorList weight_scale,
                                                at::TensorList bias, int64_t block_size, double threshold) {
   const char* op = "llmint8::cpu_block_linear_group";
-  const size_t count = weight_q.size();
-  TORCH_CHECK(count > 0, op, ": no weights");
-  TORCH_CHECK(weight_scale.size() == count, op, ": ", count, " weights but ", weight_scale.size(), " weight_scales");
-  TORCH_CHECK(bias.empty() || bias.size() == count, op, ": bias must be empty or one per weight (", count, "), got ",
-              bias.size());
+  const size_t count = check_group_lists(op, weight_q, weight_scale, bias);
   int x_dtype = 0;
   for (size_t i = 0; i < count; ++i)
     x_dtype = check_block_weight(op, x, weight_q[i], weight_scale[i],

@@ -33,7 +33,7 @@ def linear_group(
 ) -> list[torch.Tensor]:
     check_linear_group_args(x, weight_q, weight_scale, bias, code_sums)
     return [torch.ops.llmint8.linear(x, *member, threshold, None, sums)
-            for member, sums in zip(_members(weight_q, weight_scale, bias), _sums(code_sums, len(weight_q)))]
+            for member, sums in zip(members(weight_q, weight_scale, bias), _sums(code_sums, len(weight_q)))]
 
 
 @linear_group.register_fake
@@ -42,8 +42,8 @@ def _(x, weight_q, weight_scale, bias, threshold, code_sums):
     return [x.new_empty((*x.shape[:-1], w.shape[0])) for w in weight_q]
 
 
-def _members(weight_q, weight_scale, bias):
-    """(codes, scale, bias or None) of each member."""
+def members(weight_q, weight_scale, bias):
+    """(codes, scales, bias or None) of each member of a group (block_linear_group.py too)."""
     return zip(weight_q, weight_scale, bias if bias else [None] * len(weight_q))
 
 
@@ -57,7 +57,7 @@ def decompose(x, weight_q, weight_scale, bias, threshold, code_sums):
     if x.device.type == "cpu" and not uses_triton(x.device) and all(cpu_linear.runs(x, w) for w in weight_q):
         return torch.ops.llmint8.cpu_linear_group(x, weight_q, weight_scale, bias, threshold, code_sums)
     outputs = [linear.decompose(x, *member, threshold, None, sums)
-               for member, sums in zip(_members(weight_q, weight_scale, bias), _sums(code_sums, len(weight_q)))]
+               for member, sums in zip(members(weight_q, weight_scale, bias), _sums(code_sums, len(weight_q)))]
     return NotImplemented if any(y is NotImplemented for y in outputs) else outputs
 
 
