@@ -19,11 +19,12 @@
 //   AVX512-VNNI: vpdpbusd adds four u8 x s8 products into int32 without saturating. Fed X_q + 128 (u8) and W_q,
 //                it sums X_q . w + 128 * sum(w); sum(w) comes from the same instruction on a vector of ones and is
 //                taken off at the end (int32 arithmetic modulo 2^32, exact since the result fits). Up to 4 rows,
-//                dot products along K: tiles of up to 4 activation rows x 4 weight rows (one row at a time for decode, where it
-//                is the weight stream that counts), masked loads for the K tail. From 5 to 16 rows, X_q is packed
-//                4 rows to a vector and each instruction takes 16 codes of one weight row broadcast to the 4 rows'
-//                lanes. From 17 rows, X_q is packed in 16-row tiles and each instruction takes 4 codes of one weight
-//                row broadcast: 16 outputs at once, no horizontal sums. The weight is always read as it is stored.
+//                dot products along K: tiles of up to 4 activation rows x 4 weight rows (for one activation row, a
+//                weight row at a time: the weight stream is what counts), masked loads for the K tail. From 5 to 16
+//                rows, X_q is packed 4 rows to a vector and each instruction takes 16 codes of one weight row
+//                broadcast to the 4 rows' lanes. From 17 rows, X_q is packed in 16-row tiles and each instruction
+//                takes 4 codes of one weight row broadcast: 16 outputs at once, no horizontal sums. The weight is
+//                always read as it is stored.
 //   AMX:         tdpbssd multiplies s8 x s8 tiles into int32 tiles. The weight is tile A as it is stored (16 rows of
 //                64 codes, stride K); X_q, repacked once per call into tile B's layout (16 columns of 4 codes per
 //                row), is tile B; so C = W_q . X_q^T, 2 x 2 tiles of 16 x 16 at a time. Rows beyond the last full
@@ -41,7 +42,6 @@
 #include <cstring>
 #include <memory>
 #include <string>
-#include <type_traits>
 #include <vector>
 
 namespace int8pass {
@@ -1243,18 +1243,19 @@ inline void linear(const Activation& a, const Weight* weights, int64_t count, Ke
   int32_t* cols = scratch.take<int32_t>(K);
   const int64_t n_cols = outlier_list(is_outlier, K, cols);
   const std::vector<float> x_o = outlier_values(a.x, a.x_dtype, M, K, cols, n_cols);
-  // decode: the outlier product by 16-column pieces, for the weights multiplied by their codes, where the pieces
-  // hold two outlier columns or more on average
-  const bool few_rows = kernel != Kernel::Avx2 && n_cols > 0 && M <= vnni::PIECES_MAX_ROWS;
-  const vnni::XPieces pieces = few_rows ? vnni::x_pieces(x_o.data(), cols, n_cols, M) : vnni::XPieces{};
-  const bool by_pieces = few_rows && n_cols >= 2 * int64_t(pieces.starts.size());
   // decode with AVX512-VBMI2 and an outlier column per 64 columns or more on average: the outlier columns' codes
-  // collected by the GEMM itself (vbmi2::gemm_rows; sparser ones are gathered faster, see COLLECT_MIN_DENSITY)
+  // collected by the GEMM itself (vbmi2::gemm_rows; sparser ones are gathered faster, see COLLECT_MIN_DENSITY), for
+  // the weights multiplied by their codes
   const bool collect = kernel == Kernel::Avx512Vnni && M <= vnni::STREAM_MAX_ROWS && n_cols > 0 &&
                        n_cols * vbmi2::COLLECT_MIN_DENSITY >= K && uses_vbmi2();
   std::vector<uint64_t> chunk_masks(collect ? (K + 63) / 64 : 0, 0);
   for (int64_t i = 0; collect && i < n_cols; ++i) chunk_masks[cols[i] / 64] |= uint64_t(1) << (cols[i] % 64);
   const int64_t code_stride = n_cols + 64;
+  // else decode: the outlier product by 16-column pieces, for the weights multiplied by their codes, where the
+  // pieces hold two outlier columns or more on average (not built where the codes are collected: never used there)
+  const bool few_rows = !collect && kernel != Kernel::Avx2 && n_cols > 0 && M <= vnni::PIECES_MAX_ROWS;
+  const vnni::XPieces pieces = few_rows ? vnni::x_pieces(x_o.data(), cols, n_cols, M) : vnni::XPieces{};
+  const bool by_pieces = few_rows && n_cols >= 2 * int64_t(pieces.starts.size());
   // Activation rows go a chunk at a time, so that the chunk's codes stay in L2 while every block of weight rows
   // passes (for AMX, its packed tiles: a multiple of 32 rows); the weight is read once per chunk
   const int64_t chunk_bytes = packed_rows ? PACKED_CHUNK_BYTES : CHUNK_BYTES;
