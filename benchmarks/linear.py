@@ -4,9 +4,10 @@ Runs on CUDA when present (all docs/design.md §4 shapes, M = 1 ... 4096), else 
 shapes a 2-core CPU runs in reasonable time, M = 1 ... 512). Activations with 0.5% outlier columns (|x| 20-60),
 threshold 6, bf16. All ratios come from the same run. Peers run where installed:
 - on CPU, the int8 engines CPU users run: PyTorch's fbgemm dynamic int8 (`torch.ao.quantization.quantize_dynamic`,
-  qint8 weights) and ONNX Runtime's dynamic int8 (`onnxruntime.quantization.quantize_dynamic` with QUInt8 weights:
-  its QInt8 default multiplies u8 x s8 with vpmaddubsw on CPUs without VNNI, whose int16 pairs saturate, ~15%
-  error), both fp32 in and out; fp32 eager (MKL);
+  qint8 weights) and ONNX Runtime's dynamic int8 (`onnxruntime.quantization.quantize_dynamic`) with QUInt8 weights,
+  and, on CPUs with a VNNI dot product (AVX512-VNNI or AVX-VNNI), also with its default QInt8 weights (MLAS then
+  multiplies u8 x s8 with vpdpbusd, or AMX tiles where the CPU has them; on CPUs without VNNI it uses vpmaddubsw,
+  whose int16 pairs saturate, ~15% error, so it is not run there), all fp32 in and out; fp32 eager (MKL);
 - everywhere: bf16 eager and torch.compile, bitsandbytes Linear8bitLt (threshold 6, eval) and torchao
   Int8DynamicActivationInt8WeightConfig compiled with Inductor (as torchao recommends).
 Neither fbgemm nor ONNX Runtime splits off outlier columns: they do strictly less work than LLM.int8().
@@ -18,7 +19,8 @@ llmint8 reads the int8 weight: in the timed calls (one weight, cached where it f
 each of 1 GiB of distinct weights, beside an fp32 sum reading the same bytes in the same rounds); it records which GEMM kernel each M ran. On CUDA it counts the kernels one llmint8
 call launches (profiler). The variants take turns, 3 rounds per shape and M; each round's time is the median of
 repeats that stop once two batches agree, and the fastest round's is reported (every round's min, median and max go
-to the JSON, with the machine: CPU model and ISA flags, versions, threads). Prints a markdown table and writes
+to the JSON, with the machine: CPU model and ISA flags, versions, threads; and each variant's relative error against
+fp32 at that M, so that a fast peer is seen to be right). Prints a markdown table and writes
 benchmarks/results/{cpu,cuda}_linear.{json,md,png}.
 
     bash tools/dev.sh bench-linear
@@ -132,8 +134,9 @@ def fbgemm_dynamic(linear: torch.nn.Linear):
     return lambda x: module(x.float())
 
 
-def onnxruntime_dynamic(linear: torch.nn.Linear):
-    """ONNX Runtime's dynamic int8 MatMul (MatMulInteger + scales) of an fp32 MatMul + Add graph, QUInt8 weights."""
+def onnxruntime_dynamic(linear: torch.nn.Linear, signed_weights: bool = False):
+    """ONNX Runtime's dynamic int8 MatMul (MatMulInteger + scales) of an fp32 MatMul + Add graph, QUInt8 weights
+    (QInt8 with signed_weights)."""
     import tempfile
 
     import onnx
@@ -151,7 +154,7 @@ def onnxruntime_dynamic(linear: torch.nn.Linear):
         [numpy_helper.from_array(weight, "w"), numpy_helper.from_array(bias, "b")])
     folder = Path(tempfile.mkdtemp())
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), folder / "fp32.onnx")
-    quantize_dynamic(folder / "fp32.onnx", folder / "int8.onnx", weight_type=QuantType.QUInt8)
+    quantize_dynamic(folder / "fp32.onnx", folder / "int8.onnx", weight_type=QuantType.QInt8 if signed_weights else QuantType.QUInt8)
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads, options.inter_op_num_threads = torch.get_num_threads(), 1
     session = onnxruntime.InferenceSession(str(folder / "int8.onnx"), options, providers=["CPUExecutionProvider"])
@@ -162,7 +165,11 @@ def peers(linear: torch.nn.Linear) -> dict:
     """name -> callable for each peer that is installed and runs here; failures are reported, not hidden."""
     built = {}
     if DEVICE == "cpu":
-        for name, build in (("fbgemm int8 dyn", fbgemm_dynamic), ("onnxruntime int8 dyn", onnxruntime_dynamic)):
+        engines = [("fbgemm int8 dyn", fbgemm_dynamic), ("onnxruntime int8 dyn", onnxruntime_dynamic)]
+        capabilities = torch.cpu.get_capabilities()
+        if capabilities.get("avx512_vnni") or capabilities.get("avx_vnni"):  # where its u8 x s8 GEMM is exact
+            engines.append((ORT_SIGNED, lambda linear: onnxruntime_dynamic(linear, signed_weights=True)))
+        for name, build in engines:
             try:
                 built[name] = build(linear)
             except Exception as error:  # noqa: BLE001
@@ -189,9 +196,26 @@ def peers(linear: torch.nn.Linear) -> dict:
     return built
 
 
-INT8_PEERS = ["fbgemm int8 dyn", "onnxruntime int8 dyn"]  # what the targets compare with on CPU
+ORT_SIGNED = "onnxruntime int8 dyn (QInt8)"
+INT8_PEERS = ["fbgemm int8 dyn", "onnxruntime int8 dyn", ORT_SIGNED]  # what the targets compare with on CPU
 LLMINT8 = ["llmint8", "llmint8 eager (quantize_)"]  # the ratio to the best int8 engine takes the faster of the two
 ROUNDS = 3
+
+
+ERRORS = "rel. error vs fp32"
+
+
+def relative_errors(variants: dict, exact: torch.nn.Linear, x: torch.Tensor) -> dict:
+    """||y - y_fp32|| / ||y_fp32|| of each variant that runs at this input (fp32: the linear in fp32 on x as given)."""
+    want = exact(x.float())
+    errors = {}
+    for name, fn in variants.items():
+        try:
+            got = torch.as_tensor(fn(x)).to(want.device).float()
+        except Exception:  # noqa: BLE001  (the timing loop reports the failure)
+            continue
+        errors[name] = round(((got - want).norm() / want.norm()).item(), 5)
+    return errors
 
 
 def main():
@@ -226,9 +250,10 @@ def main():
             if DEVICE == "cpu":  # MKL's fp32 GEMM: the fast floating-point path where a CPU has no bf16 dot product
                 fp32 = copy.deepcopy(linear).float()
                 variants["fp32 eager (x cast)"] = lambda x, fp32=fp32: fp32(x.float())
+            exact = copy.deepcopy(linear).float()
             for m in args.tokens:
                 x = activations(m, k, torch.bfloat16, 0.005).to(DEVICE)
-                row = {"N": n, "K": k, "M": m}
+                row = {"N": n, "K": k, "M": m, ERRORS: relative_errors(variants, exact, x)}
                 if DEVICE == "cpu" and cpu_linear.available():
                     row["llmint8 kernel"] = cpu_linear.kernel(m, k)
                 # variants take turns, ROUNDS times: a noisy neighbour's burst then hits one round of each, and the
@@ -265,7 +290,7 @@ def from_memory(row: dict) -> str:
 
 
 def write(rows: list[dict], bandwidth: dict | None, results: Path) -> None:
-    facts = ("N", "K", "M", "ms", "llmint8 kernels", "llmint8 kernel", "llmint8 weight GB/s",
+    facts = ("N", "K", "M", "ms", ERRORS, "llmint8 kernels", "llmint8 kernel", "llmint8 weight GB/s",
              "llmint8 weight GB/s from memory", "read GB/s from memory", "llmint8 / read from memory")
     names = list(dict.fromkeys(key for row in rows for key in row if key not in facts))
     peers_here = [name for name in INT8_PEERS if name in names]
