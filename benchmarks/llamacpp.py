@@ -341,13 +341,14 @@ def main():
         lines.append(f"| {row['model']} | {row['variant']} | {shown[0]} | {shown[1]} | {cells[0]} | {cells[1]} | "
                      f"{row.get('first_generate_s', '')} |")
     machine = describe()
+    built = next((row for row in rows if row.get("build")), {})  # from a llama.cpp run that succeeded
     caption = (f"Prefill of {args.prompt} tokens, {args.steps} decode steps after them (llama-bench -d {args.prompt}), "
                f"batch 1, {threads} threads on both sides. "
                + "; ".join(f"{name}: d={s['hidden']}, {s['layers']} layers, ffn {s['ffn']}, vocab {s['vocab']}"
                            for name, s in MODELS.items() if name in args.models)
                + f". {args.rounds} rounds, the variants taking turns: tokens/s are each variant's best round, the "
                "ratios the median over the rounds of each round's ratio to that round's faster llama.cpp Q8_0. "
-               f"llama.cpp {rows[0].get('build')} ({rows[0].get('backends')}), with its default weight repacking "
+               f"llama.cpp {built.get('build')} ({built.get('backends')}), with its default weight repacking "
                "and with --repack 0; failures: "
                + ("; ".join(f"{r['variant']} on {r['model']}: {', '.join(r['failed'])}" for r in rows if r.get("failed"))
                   or "none") + f". {summary(machine)}")

@@ -20,8 +20,8 @@ def plot(json_path: Path = RESULTS / "cpu_linear.json", png_path: Path = RESULTS
     data = json.loads(json_path.read_text())
     rows = data["rows"]
     shapes = sorted({(row["N"], row["K"]) for row in rows}, key=lambda shape: -shape[0] * shape[1])
-    facts = ("N", "K", "M", "ms", "llmint8 kernels", "llmint8 kernel", "llmint8 weight GB/s", "bf16 eager")
-    variants = list(dict.fromkeys(key for row in rows for key in row if key not in facts))
+    # the timed variants: those with rounds in a row's "ms" (the rest of a row are facts about it)
+    variants = list(dict.fromkeys(name for row in rows for name in row["ms"] if name != "bf16 eager"))
     fig, axes = plt.subplots(1, len(shapes), figsize=(4 * len(shapes), 3.6), sharey=True, squeeze=False)
     axes = axes[0]
     for ax, (n, k) in zip(axes, shapes):
