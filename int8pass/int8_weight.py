@@ -28,7 +28,7 @@ from int8pass import process_memory, reference
 from int8pass.lowering.block_linear import block_linear_on_cpu
 from int8pass.lowering.linear import linear_on_cpu
 from int8pass.options import DEFAULT_THRESHOLD
-from int8pass.subclass_api import disabled_torch_function, no_dispatch_mode, tree_map_only
+from int8pass.subclass_api import eager_call, no_dispatch_mode, torch_function_off, tree_map_only
 
 aten = torch.ops.aten
 
@@ -266,7 +266,16 @@ class Int8Weight(torch.Tensor):
 
     # ---- every aten op on it --------------------------------------------------------------------------------------
 
-    __torch_function__ = disabled_torch_function
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        # An eager F.linear of a plain activation (and bias) goes straight to the weight's linear; through aten it would reach
+        # __torch_dispatch__ twice (aten.t, then aten.addmm), ~25 us a call. Everything else, and anything compiled or
+        # traced (which must see the aten ops, as the FX pass and AOT autograd do), is as with no __torch_function__.
+        if func is torch.nn.functional.linear and eager_call():
+            x, weight, bias = _linear_arguments(*args, **(kwargs or {}))
+            if type(weight) is cls and not weight.transposed and _plain(x) and (bias is None or _plain(bias)):
+                return weight.linear(x, bias)
+        return torch_function_off(func, args, kwargs)
 
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
@@ -335,6 +344,14 @@ torch.serialization.add_safe_globals([_rebuild])
 
 _RESHAPING = {aten.set_.source_Storage_storage_offset, aten.set_.source_Tensor, aten.set_.default,
               aten.set_.source_Storage, aten.resize_.default, aten.as_strided_.default, aten.resize_as_.default}
+
+
+def _linear_arguments(input, weight, bias=None):
+    return input, weight, bias
+
+
+def _plain(t) -> bool:
+    return type(t) in (torch.Tensor, torch.nn.Parameter)
 
 
 def _alias(self, *args, **kwargs):

@@ -8,8 +8,12 @@ from __future__ import annotations
 import torch
 from torch.utils._pytree import tree_map_only
 
-# a subclass that handles everything in __torch_dispatch__ turns __torch_function__ off with this
-disabled_torch_function = torch._C._disabled_torch_function_impl
+
+def torch_function_off(func, args, kwargs):
+    """func called as if the subclass had no __torch_function__ (what torch._C._disabled_torch_function_impl does, in
+    a form Dynamo traces): its aten ops then reach __torch_dispatch__."""
+    with torch._C.DisableTorchFunctionSubclass():
+        return func(*args, **(kwargs or {}))
 
 
 def no_dispatch_mode() -> bool:
@@ -18,4 +22,10 @@ def no_dispatch_mode() -> bool:
     return torch._C._len_torch_dispatch_stack() == 0
 
 
-__all__ = ["disabled_torch_function", "no_dispatch_mode", "tree_map_only"]
+def eager_call() -> bool:
+    """Whether a call now runs eagerly: not compiled or exported, and no dispatch or torch-function mode on."""
+    return (not torch.compiler.is_compiling() and no_dispatch_mode()
+            and not torch._C._is_torch_function_mode_enabled())
+
+
+__all__ = ["eager_call", "no_dispatch_mode", "torch_function_off", "tree_map_only"]

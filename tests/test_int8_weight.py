@@ -59,6 +59,34 @@ def test_eager_cpu_calls_are_the_custom_op_and_fake_tensors_still_trace():
     assert y.shape == (5, 24) and y.dtype == torch.bfloat16
 
 
+def test_eager_linear_skips_the_aten_ops_and_traced_linear_still_reaches_them(monkeypatch):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    weight, w = make()
+    x = outlier_activation(5, 40, torch.bfloat16, outlier_cols=[3])
+    bias = torch.nn.Parameter(torch.randn(24).to(torch.bfloat16), requires_grad=False)  # as nn.Linear holds it
+    dispatched = []
+    handle = Int8Weight.__torch_dispatch__.__func__
+
+    def counting(cls, func, types, args=(), kwargs=None):
+        dispatched.append(func)
+        return handle(cls, func, types, args, kwargs)
+
+    monkeypatch.setattr(Int8Weight, "__torch_dispatch__", classmethod(counting))
+    # eagerly, F.linear is the weight's linear itself: no aten.t / aten.addmm round trip through __torch_dispatch__
+    y = F.linear(x, w, bias)
+    assert dispatched == []
+    assert torch.equal(y, torch.ops.llmint8.linear(x, w.codes, w.scale, bias, w.threshold, None, w.code_sums))
+    # with a gradient to record, the same op with its autograd formula
+    x_grad = x.clone().requires_grad_()
+    F.linear(x_grad, w, bias).float().sum().backward()
+    assert dispatched == [] and x_grad.grad.shape == x.shape
+    # traced (a dispatch mode on, as under AOT autograd and torch.export): the aten ops, as the FX pass expects
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        F.linear(mode.from_tensor(x), w, bias)
+    assert torch.ops.aten.addmm.default in dispatched
+
+
 def test_reads_see_dequantized_values_or_the_kept_original():
     weight, w = make()
     dequantized = w.dequantize()
