@@ -154,7 +154,8 @@ def onnxruntime_dynamic(linear: torch.nn.Linear, signed_weights: bool = False):
         [numpy_helper.from_array(weight, "w"), numpy_helper.from_array(bias, "b")])
     folder = Path(tempfile.mkdtemp())
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), folder / "fp32.onnx")
-    quantize_dynamic(folder / "fp32.onnx", folder / "int8.onnx", weight_type=QuantType.QInt8 if signed_weights else QuantType.QUInt8)
+    quantize_dynamic(folder / "fp32.onnx", folder / "int8.onnx",
+                     weight_type=QuantType.QInt8 if signed_weights else QuantType.QUInt8)
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads, options.inter_op_num_threads = torch.get_num_threads(), 1
     session = onnxruntime.InferenceSession(str(folder / "int8.onnx"), options, providers=["CPUExecutionProvider"])
@@ -247,10 +248,9 @@ def main():
                 "bf16 eager": linear,
                 "bf16 compile": torch.compile(copy.deepcopy(linear), dynamic=False),
             }
+            exact = copy.deepcopy(linear).float()  # the errors' reference
             if DEVICE == "cpu":  # MKL's fp32 GEMM: the fast floating-point path where a CPU has no bf16 dot product
-                fp32 = copy.deepcopy(linear).float()
-                variants["fp32 eager (x cast)"] = lambda x, fp32=fp32: fp32(x.float())
-            exact = copy.deepcopy(linear).float()
+                variants["fp32 eager (x cast)"] = lambda x, exact=exact: exact(x.float())
             for m in args.tokens:
                 x = activations(m, k, torch.bfloat16, 0.005).to(DEVICE)
                 row = {"N": n, "K": k, "M": m, ERRORS: relative_errors(variants, exact, x)}

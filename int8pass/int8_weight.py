@@ -268,9 +268,10 @@ class Int8Weight(torch.Tensor):
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
-        # An eager F.linear of a plain activation (and bias) goes straight to the weight's linear; through aten it would reach
-        # __torch_dispatch__ twice (aten.t, then aten.addmm), ~25 us a call. Everything else, and anything compiled or
-        # traced (which must see the aten ops, as the FX pass and AOT autograd do), is as with no __torch_function__.
+        # An eager F.linear of a plain activation (and bias) goes straight to the weight's linear; through aten it
+        # would reach __torch_dispatch__ twice (aten.t, then aten.addmm), ~25 us a call. Everything else, and anything
+        # compiled or traced (which must see the aten ops, as the FX pass and AOT autograd do), is as with no
+        # __torch_function__.
         if func is torch.nn.functional.linear and eager_call():
             x, weight, bias = _linear_arguments(*args, **(kwargs or {}))
             if type(weight) is cls and not weight.transposed and _plain(x) and (bias is None or _plain(bias)):
