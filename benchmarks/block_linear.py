@@ -6,14 +6,16 @@ CPU without AVX512-VNNI runs), where this one has VNNI. Shapes: Llama-3.1-8B's (
 small linears (d = 640, ffn 2048), where decode is bound by the kernel's work per byte rather than by memory.
 Then the linears a layer computes from one input (q/k/v, gate/up of Llama-3.1-8B and Gemma 3 270M) as one group call
 (llmint8::cpu_linear_group, llmint8::cpu_block_linear_group: x quantized once, one parallel loop) against one call
-each, in both modes. Each time is the median of repeats taking turns, so a burst of the host's noise hits every variant alike. Prints a
-table and writes benchmarks/results/block_linear.json.
+each, in both modes. On a CPU with AMX, block mode 32 also on its VNNI kernel (INT8PASS_CPU_KERNEL=avx512_vnni), what
+it ran there before its AMX kernel. Each time is the median of repeats taking turns, so a burst of the host's noise
+hits every variant alike. Prints a table and writes benchmarks/results/<name>.json (block_linear unless --name says).
 
-    .venv/bin/python benchmarks/block_linear.py
+    .venv/bin/python benchmarks/block_linear.py [--name block_linear_amx]
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import statistics
@@ -31,7 +33,7 @@ from int8pass.lowering import cpu_linear  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import describe, summary  # noqa: E402
 
-RESULTS = Path(__file__).parent / "results" / "block_linear.json"
+RESULTS = Path(__file__).parent / "results"
 SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336), (1024, 4096), (2048, 640), (640, 2048)]
 ROWS = [1, 4, 16, 128, 512]
 # the members' out_features and their in_features: Llama-3.1-8B's q/k/v and gate/up, Gemma 3 270M's
@@ -78,14 +80,19 @@ def medians(calls: dict, budget_s: float = 1.5) -> dict:
 
 
 def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--name", default="block_linear", help="the result file's name in benchmarks/results")
+    results = RESULTS / f"{parser.parse_args().name}.json"
     if not cpu_linear.available():
         raise SystemExit("the int8pass CPU kernel does not run here")
     machine = describe()
     print(f"{summary(machine)}\nms per call (median); ratio = default (threshold 6) / block mode 32: above 1, block "
           "mode is faster\n")
     avx2 = "avx512_vnni" in cpu_linear.kernels()  # the AVX2 kernels, measured beside the VNNI ones
+    amx = "amx" in cpu_linear.kernels()  # block mode's VNNI kernel, measured beside its AMX one
     print(f"  {'N x K':<12} {'M':>4} {'default t6':>11} {'default t0':>11} {'block 32':>9} {'block 64':>9} "
-          f"{'block 128':>10} {'ratio 32':>9}" + (f" {'AVX2: t6':>9} {'block 32':>9} {'ratio':>6}" if avx2 else ""))
+          f"{'block 128':>10} {'ratio 32':>9}" + (f" {'VNNI: block 32':>15}" if amx else "")
+          + (f" {'AVX2: t6':>9} {'block 32':>9} {'ratio':>6}" if avx2 else ""))
     rows = []
     for n, k in SHAPES:
         weight = torch.randn(n, k, generator=torch.Generator().manual_seed(n + k)) * 0.02
@@ -100,6 +107,8 @@ def main():
                 **{f"block {size}": (lambda size=size: torch.ops.llmint8.cpu_block_linear(
                     x, blocks[size][0], blocks[size][1], None, size, 0.0)) for size in reference.BLOCK_SIZES},
             }
+            if amx:
+                calls["vnni block 32"] = capped("avx512_vnni", calls["block 32"])
             if avx2:
                 calls["avx2 default t6"] = capped("avx2", calls["default t6"])
                 calls["avx2 block 32"] = capped("avx2", calls["block 32"])
@@ -109,15 +118,17 @@ def main():
             line = (f"  {f'{n}x{k}':<12} {m:>4} {ms['default t6']:>11.3f} {ms['default t0']:>11.3f} "
                     f"{ms['block 32']:>9.3f} {ms['block 64']:>9.3f} {ms['block 128']:>10.3f} "
                     f"{row['default_t6_over_block32']:>9.2f}")
+            if amx:
+                line += f" {ms['vnni block 32']:>15.3f}"
             if avx2:
                 row["avx2_default_t6_over_block32"] = round(ms["avx2 default t6"] / ms["avx2 block 32"], 3)
                 line += f" {ms['avx2 default t6']:>9.3f} {ms['avx2 block 32']:>9.3f} {row['avx2_default_t6_over_block32']:>6.2f}"
             rows.append(row)
             print(line, flush=True)
     groups = measure_groups()
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({"machine": machine, "rows": rows, "groups": groups}, indent=2) + "\n")
-    print(f"\nwrote {RESULTS}")
+    results.parent.mkdir(parents=True, exist_ok=True)
+    results.write_text(json.dumps({"machine": machine, "rows": rows, "groups": groups}, indent=2) + "\n")
+    print(f"\nwrote {results}")
 
 
 def measure_groups() -> list[dict]:

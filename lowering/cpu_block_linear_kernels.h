@@ -21,6 +21,8 @@
 //     sums start from -128 * the rows' code sums over the block, so they come out exact, and are converted and
 //     added into fp32 sums times the 16 rows' d_x and the row's d_w: one conversion, one multiply and one fused
 //     multiply-add per 8 * B / 32 vpdpbusd.
+//   AMX from AMX_MIN_ROWS rows (kernel_for): X_q packed as tile B (pack_b_tiles, 32-column steps), each block's tile
+//     products (s8 x s8, exact) stored, then converted and added into fp32 sums times d_x * d_w, 16 outputs at a time.
 //   (vpdpbusd multiplies u8 by s8: W_q + 128 is the u8 side, so what it adds, 128 * x, comes from the activations,
 //   once per call, and not from the weight.)
 #pragma once
@@ -416,23 +418,152 @@ inline PackedGemm packed_gemm(int64_t B) {
 
 #pragma GCC pop_options
 
+// ---- AMX: int8 tile products per block --------------------------------------------------------------------------
+
+#pragma GCC push_options
+#pragma GCC target("amx-tile,amx-int8,avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")
+
+namespace amx_blocks {
+
+// Tiles 0-3 sum one block's products (16 weight rows x 16 activation rows, int32, exact), 4-5 hold A (16 weight rows
+// x K_STEP codes), 6-7 B (K_STEP / 4 rows of a packed tile of X_q, pack_b_tiles). TWO_N: two A tiles (32 weight
+// rows); TWO_M: two B tiles (32 activation rows). A tile product costs the same whether it multiplies 32 or 64
+// columns (a 32-column one does half the work: 1.5 against 3.1 T multiply-adds/s on one core of the Xeon with AMX),
+// so blocks of 64 and 128 columns take 64-column steps.
+template <int K_STEP>
+inline void configure() {
+  amx::TileConfig config;
+  for (int t = 0; t < 4; ++t) config.rows[t] = 16, config.colsb[t] = 64;
+  for (int t = 4; t < 6; ++t) config.rows[t] = 16, config.colsb[t] = K_STEP;
+  for (int t = 6; t < 8; ++t) config.rows[t] = K_STEP / 4, config.colsb[t] = 64;
+  amx::load_config(config);
+}
+
+// The tile products over columns [k0, k1) (multiples of K_STEP), stored to c ([tile][weight row][activation row]);
+// b0, b1: the two packed tiles of X_q, in 32-column pieces of 512 bytes
+template <bool TWO_N, bool TWO_M, int K_STEP>
+inline void block_products(const int8_t* w, int64_t K, const int8_t* b0, const int8_t* b1, int64_t k0, int64_t k1,
+                           int32_t* c) {
+  _tile_zero(0);
+  if (TWO_M) _tile_zero(1);
+  if (TWO_N) _tile_zero(2);
+  if (TWO_N && TWO_M) _tile_zero(3);
+  for (int64_t k = k0; k < k1; k += K_STEP) {
+    _tile_loadd(4, w + k, K);
+    _tile_loadd(6, b0 + k / 32 * 512, 64);
+    _tile_dpbssd(0, 4, 6);
+    if (TWO_M) {
+      _tile_loadd(7, b1 + k / 32 * 512, 64);
+      _tile_dpbssd(1, 4, 7);
+    }
+    if (TWO_N) {
+      _tile_loadd(5, w + 16 * K + k, K);
+      _tile_dpbssd(2, 5, 6);
+      if (TWO_M) _tile_dpbssd(3, 5, 7);
+    }
+  }
+  _tile_stored(0, c, 64);
+  if (TWO_M) _tile_stored(1, c + 256, 64);
+  if (TWO_N) _tile_stored(2, c + 512, 64);
+  if (TWO_N && TWO_M) _tile_stored(3, c + 768, 64);
+}
+
+// sums[t][j] += float(c[t][j]) * (d_x of the 16 activation rows * d_w[j]) for each stored tile t = 2 tn + tm (weight
+// rows n + 16 tn + j of dw's [row][block], activation tile tm of dxp's [tile][block][16]) of block b
+inline void scale_add(const int32_t* c, const float* dxp, const float* dw, int64_t blocks, int64_t b, int tiles_n,
+                      int tiles_m, float* sums) {
+  for (int tm = 0; tm < tiles_m; ++tm) {
+    const __m512 dxv = _mm512_loadu_ps(dxp + (tm * blocks + b) * 16);
+    for (int tn = 0; tn < tiles_n; ++tn) {
+      const int t = 2 * tn + tm;
+      for (int j = 0; j < 16; ++j) {
+        float* s = sums + (t * 16 + j) * 16;
+        const __m512 products = _mm512_cvtepi32_ps(_mm512_load_si512(c + (t * 16 + j) * 16));
+        _mm512_store_ps(s, _mm512_fmadd_ps(products, _mm512_mul_ps(dxv, _mm512_set1_ps(dw[(16 * tn + j) * blocks + b])),
+                                           _mm512_load_ps(s)));
+      }
+    }
+  }
+}
+
+// out[m, j] = the block-scaled product over the first K / 32 * 32 columns of the M activation rows (pack_b_tiles with
+// 32-column steps: `halves`; their d_x in dxp, [tile][block][16]) and the first rows / 16 * 16 weight rows at w (their
+// d_w in dw, [row][block]); returns how many rows that is. Each block's products are stored and scaled before the next
+// block's: on the Xeon with AMX, tile products, tile stores and the AVX-512 scaling take turns whatever the order (a
+// 16 x 16 tile of a 32-column block: product 5 ns, store 5 ns, scaling its 16 rows 10-15 ns; storing one block's tiles
+// while the next block's were multiplied measured no faster), so the fp32 steps, not the tile unit, set the pace.
+template <int B, int K_STEP>
+int64_t gemm_block(const int8_t* halves, const float* dxp, const int8_t* w, const float* dw, int64_t M, int64_t K,
+                   int64_t blocks, int64_t rows, float* out, int64_t ldo) {
+  const int64_t k32 = K / 32 * 32, m_tiles = (M + 15) / 16, full_rows = rows / 16 * 16, halves_per_tile = k32 / 32;
+  const int64_t full_blocks = blocks::block_count(k32, B);
+  if (full_rows == 0 || full_blocks == 0) return 0;
+  configure<K_STEP>();
+  alignas(64) int32_t c[4 * 256];  // [tile][weight row][activation row]
+  alignas(64) float sums[4 * 256];
+  for (int64_t n = 0; n < full_rows; n += 32) {
+    const bool two_n = n + 32 <= full_rows;
+    const int8_t* wn = w + n * K;
+    for (int64_t mt = 0; mt < m_tiles; mt += 2) {
+      const bool two_m = mt + 1 < m_tiles;
+      const int8_t* b0 = halves + mt * halves_per_tile * 512;
+      const int8_t* b1 = b0 + halves_per_tile * 512;
+      std::fill(sums, sums + 4 * 256, 0.0f);
+      for (int64_t b = 0; b < full_blocks; ++b) {
+        const int64_t k0 = b * B, k1 = std::min(k0 + B, k32);
+        if (two_n && two_m) block_products<true, true, K_STEP>(wn, K, b0, b1, k0, k1, c);
+        else if (two_n) block_products<true, false, K_STEP>(wn, K, b0, b1, k0, k1, c);
+        else if (two_m) block_products<false, true, K_STEP>(wn, K, b0, b1, k0, k1, c);
+        else block_products<false, false, K_STEP>(wn, K, b0, b1, k0, k1, c);
+        scale_add(c, dxp + mt * blocks * 16, dw + n * blocks, blocks, b, two_n ? 2 : 1, two_m ? 2 : 1, sums);
+      }
+      for (int tn = 0; tn < (two_n ? 2 : 1); ++tn)
+        for (int tm = 0; tm < (two_m ? 2 : 1); ++tm) {
+          const float* tile = sums + (2 * tn + tm) * 256;
+          const int64_t m0 = (mt + tm) * 16, n0 = n + tn * 16;
+          for (int64_t i = 0; i < 16 && m0 + i < M; ++i)
+            for (int64_t j = 0; j < 16; ++j) out[(m0 + i) * ldo + n0 + j] = tile[j * 16 + i];
+        }
+    }
+  }
+  _tile_release();
+  return full_rows;
+}
+
+using Gemm = int64_t (*)(const int8_t*, const float*, const int8_t*, const float*, int64_t, int64_t, int64_t, int64_t,
+                         float*, int64_t);
+
+// 64-column steps where every block is whole 64-column steps (blocks of 64 or 128 and K / 32 * 32 a multiple of 64)
+inline Gemm gemm(int64_t B, int64_t K) {
+  const bool steps_64 = B >= 64 && (K / 32 * 32) % 64 == 0;
+  return B == 32 ? gemm_block<32, 32>
+         : B == 64 ? (steps_64 ? gemm_block<64, 64> : gemm_block<64, 32>)
+                   : (steps_64 ? gemm_block<128, 64> : gemm_block<128, 32>);
+}
+
+}  // namespace amx_blocks
+
+#pragma GCC pop_options
+
 namespace blocks {
 
 // The whole block-scaled linear (steps 1-3) for `count` weights that multiply the same activation (q, k and v, say):
 // X is quantized once and one parallel loop goes over the row blocks of all of them, so a group costs one call's
-// fixed costs. Each output is what a call with its weight alone gives, bit for bit. `vnni`: the CPU has AVX512-VNNI.
-inline void linear(const BlockActivation& a, const BlockWeight* weights, int64_t count, bool vnni) {
+// fixed costs. Each output is what a call with its weight alone gives, bit for bit. `kernel`: kernel_for's.
+inline void linear(const BlockActivation& a, const BlockWeight* weights, int64_t count, Kernel kernel) {
   const int64_t M = a.M, K = a.K, B = a.block_size, blocks = block_count(K, B), k32 = K / 32 * 32;
   const float limit = a.threshold > 0 ? a.threshold : INFINITY;
+  const bool amx = kernel == Kernel::Amx, vnni = kernel == Kernel::Avx512Vnni;
   const bool packed = vnni && M >= PACKED_MIN_ROWS, vnni_dots = vnni && !packed;
+  const bool tiled = packed || amx;  // d_x by 16-row tiles, [tile][block][16]
   const int64_t tiles = (M + 15) / 16;
-  const int64_t packed_bytes = packed ? tiles * 16 * (K / 4 * 4) : 0;
+  const int64_t packed_bytes = packed ? tiles * 16 * (K / 4 * 4) : amx ? tiles * 16 * k32 : 0;
   const int64_t lanes = vnni_dots ? M * ((k32 + 63) / 64) * 16 : 0;  // lane_offsets' int32
   // the row blocks of all the weights, in order: row block r is rows [n0, n0 + NC) of weight row_weight[r]
   int64_t row_blocks = 0;
   for (int64_t i = 0; i < count; ++i) row_blocks += (weights[i].N + NC - 1) / NC;
   Scratch scratch(K * (1 + 4 + 4) + M * blocks * 4 * (packed ? 2 : 1) + M * K + packed_bytes +
-                      (packed ? tiles * 16 * blocks * 8 : 0) + lanes * 4 + row_blocks * 16,
+                      (tiled ? tiles * 16 * blocks * 8 : 0) + lanes * 4 + row_blocks * 16,
                   0);
   uint8_t* is_outlier = scratch.take<uint8_t>(K);
   uint32_t* keep = scratch.take<uint32_t>(K);
@@ -445,19 +576,18 @@ inline void linear(const BlockActivation& a, const BlockWeight* weights, int64_t
     for (int64_t n0 = 0; n0 < weights[i].N; n0 += NC, ++r) row_weight[r] = i, row_start[r] = n0;
   outlier_mask(a.x, a.x_dtype, M, K, limit, is_outlier, keep);
   quantize(a.x, a.x_dtype, M, K, B, is_outlier, keep, d_x, x_q, code_sums);
-  int8_t* x_packed = packed ? scratch.take<int8_t>(packed_bytes) : nullptr;
-  float* dxp = packed ? scratch.take<float>(tiles * 16 * blocks) : nullptr;
+  int8_t* x_packed = tiled ? scratch.take<int8_t>(packed_bytes) : nullptr;
+  float* dxp = tiled ? scratch.take<float>(tiles * 16 * blocks) : nullptr;
   int32_t* off = packed ? scratch.take<int32_t>(tiles * 16 * blocks) : nullptr;
-  if (packed) {
-    vnni::pack_rows(x_q, M, K, reinterpret_cast<uint8_t*>(x_packed), 0);
-    for (int64_t t = 0; t < tiles; ++t)  // [tile][block][16 rows], 0 past M
-      for (int64_t b = 0; b < blocks; ++b)
-        for (int64_t r = 0; r < 16; ++r) {
-          const int64_t m = t * 16 + r;
-          dxp[(t * blocks + b) * 16 + r] = m < M ? d_x[m * blocks + b] : 0.0f;
-          off[(t * blocks + b) * 16 + r] = m < M ? -128 * code_sums[m * blocks + b] : 0;
-        }
-  }
+  if (packed) vnni::pack_rows(x_q, M, K, reinterpret_cast<uint8_t*>(x_packed), 0);
+  if (amx) pack_b_tiles(x_q, M, K, 32, x_packed);  // K / 32 tiles of 32 columns
+  for (int64_t t = 0; tiled && t < tiles; ++t)  // [tile][block][16 rows], 0 past M
+    for (int64_t b = 0; b < blocks; ++b)
+      for (int64_t r = 0; r < 16; ++r) {
+        const int64_t m = t * 16 + r;
+        dxp[(t * blocks + b) * 16 + r] = m < M ? d_x[m * blocks + b] : 0.0f;
+        if (packed) off[(t * blocks + b) * 16 + r] = m < M ? -128 * code_sums[m * blocks + b] : 0;
+      }
   int32_t* lane_off = vnni_dots ? scratch.take<int32_t>(lanes) : nullptr;
   if (vnni_dots) vnni_blocks::lane_offsets(x_q, M, K, lane_off);
   int32_t* cols = scratch.take<int32_t>(K);
@@ -487,7 +617,13 @@ inline void linear(const BlockActivation& a, const BlockWeight* weights, int64_t
         const int64_t N = p.N, n0 = row_start[rb], rows = std::min(N, n0 + NC) - n0;
         const int8_t* w = p.w + n0 * K;
         bf16_to_float(p.d_w + n0 * blocks, rows * blocks, dw);
-        if (packed)
+        if (amx) {  // whole 16-row groups by tiles, the rest by dot products
+          const int64_t done = amx_blocks::gemm(B, K)(x_packed + m0 * k32, dxp + m0 / 16 * blocks * 16, w, dw, mc, K,
+                                                      blocks, rows, acc, NC);
+          if (done < rows)
+            dot_gemm_block(x_q + m0 * K, d_x + m0 * blocks, w + done * K, dw + done * blocks, mc, K, blocks, B,
+                           rows - done, scale, acc + done, NC);
+        } else if (packed)
           vnni_blocks::packed_gemm(B)(x_packed + m0 * (K / 4 * 4), dxp + m0 / 16 * blocks * 16,
                                       off + m0 / 16 * blocks * 16, w, dw, mc, K, blocks, rows, c, w_u8, acc, NC);
         else if (vnni_dots)
@@ -503,8 +639,8 @@ inline void linear(const BlockActivation& a, const BlockWeight* weights, int64_t
             }
         if (n_cols) {
           const OutlierWeight outlier_weight{p.w, nullptr, 0, p.d_w, blocks, B};
-          (vnni ? vnni::outlier_block : outlier_block)(x_o.data() + m0 * n_cols, cols, n_cols, outlier_weight, n0,
-                                                       outliers, mc, K, rows, w_o);
+          (kernel == Kernel::Avx2 ? outlier_block : vnni::outlier_block)(x_o.data() + m0 * n_cols, cols, n_cols,
+                                                                          outlier_weight, n0, outliers, mc, K, rows, w_o);
         }
         float b_n[NC] = {};
         for (int64_t n = 0; p.bias && n < rows; ++n) b_n[n] = load(p.bias, n0 + n, p.bias_dtype);

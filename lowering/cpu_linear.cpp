@@ -197,8 +197,7 @@ std::vector<at::Tensor> run_block_linear(const at::Tensor& x, int x_dtype, at::T
   if (M == 0 || weights.empty()) return outputs;
   const int8pass::blocks::BlockActivation activation{x_c.data_ptr(), x_dtype, M, x.size(-1), block_size,
                                                      float(threshold)};
-  int8pass::blocks::linear(activation, weights.data(), int64_t(weights.size()),
-                           int8pass::kernel_for(M, x.size(-1)) != int8pass::Kernel::Avx2);
+  int8pass::blocks::linear(activation, weights.data(), int64_t(weights.size()), int8pass::kernel_for(M, x.size(-1)));
   return outputs;
 }
 

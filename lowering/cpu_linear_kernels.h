@@ -650,19 +650,20 @@ __attribute__((noinline)) inline void quad_gemm_block(const uint8_t* packed, con
 
 // ---- AMX GEMM -----------------------------------------------------------------------------------------------------
 
-// X_q [M, K] (row-major) as AMX B tiles: for each block of 16 rows and each 64 columns, a tile of 16 rows of 64 bytes
-// whose row r holds, for each of the 16 activation rows c, its 4 codes at columns 4r..4r+3 (rows past M are zero).
-inline void pack_b_tiles(const int8_t* x_q, int64_t M, int64_t K, int8_t* tiles) {
-  const int64_t m_tiles = (M + 15) / 16, k_tiles = K / 64;
+// X_q [M, K] (row-major) as AMX B tiles: for each block of 16 rows and each k_step (64 or 32) columns, a tile of
+// k_step / 4 rows of 64 bytes whose row r holds, for each of the 16 activation rows c, its 4 codes at columns
+// 4r..4r+3 (rows past M are zero). Two 32-column tiles in a row are the 64-column tile of those columns.
+inline void pack_b_tiles(const int8_t* x_q, int64_t M, int64_t K, int64_t k_step, int8_t* tiles) {
+  const int64_t m_tiles = (M + 15) / 16, k_tiles = K / k_step, tile_rows = k_step / 4;
 #pragma omp parallel for schedule(static) collapse(2) if (M * K >= PARALLEL_MIN_ELEMENTS)
   for (int64_t mt = 0; mt < m_tiles; ++mt)
     for (int64_t kt = 0; kt < k_tiles; ++kt) {
-      uint32_t* tile = reinterpret_cast<uint32_t*>(tiles + (mt * k_tiles + kt) * 1024);
+      uint32_t* tile = reinterpret_cast<uint32_t*>(tiles + (mt * k_tiles + kt) * tile_rows * 64);
       for (int64_t c = 0; c < 16; ++c) {
         const int64_t m = mt * 16 + c;
-        for (int64_t r = 0; r < 16; ++r) {
+        for (int64_t r = 0; r < tile_rows; ++r) {
           uint32_t quad = 0;
-          if (m < M) std::memcpy(&quad, x_q + m * K + kt * 64 + 4 * r, 4);
+          if (m < M) std::memcpy(&quad, x_q + m * K + kt * k_step + 4 * r, 4);
           tile[r * 16 + c] = quad;
         }
       }
@@ -782,6 +783,13 @@ struct alignas(64) TileConfig {
   uint8_t rows[16] = {};
 };
 
+// _tile_loadconfig's asm names only the first 8 bytes of the config as its input, so an optimizer may drop the stores
+// to the rest (it did, at -O3, for a config filled just before the call: ldtilecfg then faults); the barrier keeps them
+inline void load_config(const TileConfig& config) {
+  __asm__ volatile("" : : "r"(&config) : "memory");
+  _tile_loadconfig(&config);
+}
+
 // Tiles 0-3 accumulate C (16 weight rows x 16 activation rows of int32), 4-5 hold A (16 weight rows x 64 codes),
 // 6-7 hold B (one packed tile of X_q). TWO_N: two A tiles (32 weight rows); TWO_M: two B tiles (32 activation rows).
 template <bool TWO_N, bool TWO_M>
@@ -821,7 +829,7 @@ __attribute__((noinline)) inline int64_t gemm_block(const int8_t* b_tiles, const
     config.rows[t] = 16;
     config.colsb[t] = 64;
   }
-  _tile_loadconfig(&config);
+  load_config(config);
   alignas(64) int32_t c[4][16][16];  // [tile][weight row][activation row]
   for (int64_t n = 0; n < full_rows; n += 32) {
     const bool two_n = n + 32 <= full_rows;
@@ -1235,7 +1243,7 @@ inline void linear(const Activation& a, const Weight* weights, int64_t count, Ke
     for (int64_t i = vector_count; i < elements; ++i) x_u8[i] = uint8_t(x_q[i]) ^ 0x80;
   }
   int8_t* b_tiles = kernel == Kernel::Amx ? scratch.take<int8_t>(tile_bytes) : nullptr;
-  if (b_tiles) pack_b_tiles(x_q, M, K, b_tiles);
+  if (b_tiles) pack_b_tiles(x_q, M, K, 64, b_tiles);
   uint8_t* x_packed = packed_rows ? scratch.take<uint8_t>(tile_bytes) : nullptr;
   if (x_packed) vnni::pack_rows(x_q, M, K, x_packed);
   uint8_t* x_quads = quad_rows ? scratch.take<uint8_t>(tile_bytes) : nullptr;
