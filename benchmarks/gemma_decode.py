@@ -3,13 +3,15 @@ d=640, 18 layers, vocabulary 262144) in bf16, `model.forward` compiled with back
 of NEW tokens after a PROMPT-token prompt of real text, batch 1. Variants: the default (threshold 6) and block mode
 (block_size 32), each with the output head in floating point (the default) and int8 (skip_modules=[]). Decode
 tokens/s = (NEW - 1) / (time of generate(NEW) - time of generate(1)), best of 3 after a first generate that
-compiles; the variants take turns. Prints a table and writes benchmarks/results/gemma_decode.json.
+compiles; the variants take turns. Prints a table and writes benchmarks/results/<name>.json (gemma_decode unless --name
+says).
 
-    .venv/bin/python benchmarks/gemma_decode.py
+    .venv/bin/python benchmarks/gemma_decode.py [--name gemma_decode_amx]
 """
 
 from __future__ import annotations
 
+import argparse
 import copy
 import json
 import sys
@@ -24,7 +26,7 @@ from examples import gemma3  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import describe, summary  # noqa: E402
 
-RESULTS = Path(__file__).parent / "results" / "gemma_decode.json"
+RESULTS = Path(__file__).parent / "results"
 PROMPT, NEW = 64, 33
 VARIANTS = {
     "default (threshold 6)": {},
@@ -35,6 +37,9 @@ VARIANTS = {
 
 
 def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--name", default="gemma_decode", help="the result file's name in benchmarks/results")
+    results = RESULTS / f"{parser.parse_args().name}.json"
     if not gemma3.available():
         raise SystemExit(gemma3.PACKAGES)
     # four models share Gemma's forward: each keeps its own compiled prefill and decode graphs
@@ -77,9 +82,9 @@ def main():
         row = rows[name]
         print(f"  {name:<28} {row['prefill_tokens_per_s']:>14} {row['decode_tokens_per_s']:>13} "
               f"{row['first_generate_s']:>17} {str(row['same_tokens_as_default']):>23}", flush=True)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({"machine": machine, "prompt": PROMPT, "new_tokens": NEW, "rows": rows}, indent=2) + "\n")
-    print(f"\nwrote {RESULTS}")
+    results.parent.mkdir(parents=True, exist_ok=True)
+    results.write_text(json.dumps({"machine": machine, "prompt": PROMPT, "new_tokens": NEW, "rows": rows}, indent=2) + "\n")
+    print(f"\nwrote {results}")
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@
 //     sums start from -128 * the rows' code sums over the block, so they come out exact, and are converted and
 //     added into fp32 sums times the 16 rows' d_x and the row's d_w: one conversion, one multiply and one fused
 //     multiply-add per 8 * B / 32 vpdpbusd.
-//   AMX from AMX_MIN_ROWS rows (kernel_for): X_q packed as tile B (pack_b_tiles, 32-column steps), each block's tile
+//   AMX from AMX_MIN_ROWS rows: X_q packed as tile B (pack_b_tiles, 32-column steps), each block's tile
 //     products (s8 x s8, exact) stored, then converted and added into fp32 sums times d_x * d_w, 16 outputs at a time.
 //   (vpdpbusd multiplies u8 by s8: W_q + 128 is the u8 side, so what it adds, 128 * x, comes from the activations,
 //   once per call, and not from the weight.)
@@ -56,6 +56,11 @@ struct BlockWeight {
 // 6.5 against 5.6; Ice Lake Xeon with the register-held packed tiles, 4096 x 4096: 7 rows 1.9 against 2.6, 8 rows
 // 2.5 against 2.6 but 2048 x 640 0.23 against 0.20, 10 rows 3.0 against 2.6)
 constexpr int64_t PACKED_MIN_ROWS = 8;
+
+// From this many rows the AMX kernel runs, where the CPU has it; below, the VNNI kernel (AMX Xeon, 4 shapes, block 32:
+// 4 rows 0.76-0.88x VNNI's speed, 5 rows 0.90-1.10x, 6 rows 1.20-1.51x; at 4 rows the tiles' scaling also pays for
+// the 12 rows of padding)
+constexpr int64_t AMX_MIN_ROWS = 6;
 
 inline int64_t block_count(int64_t K, int64_t B) { return (K + B - 1) / B; }
 
@@ -553,7 +558,7 @@ namespace blocks {
 inline void linear(const BlockActivation& a, const BlockWeight* weights, int64_t count, Kernel kernel) {
   const int64_t M = a.M, K = a.K, B = a.block_size, blocks = block_count(K, B), k32 = K / 32 * 32;
   const float limit = a.threshold > 0 ? a.threshold : INFINITY;
-  const bool amx = kernel == Kernel::Amx, vnni = kernel == Kernel::Avx512Vnni;
+  const bool amx = kernel == Kernel::Amx && M >= AMX_MIN_ROWS, vnni = kernel != Kernel::Avx2 && !amx;
   const bool packed = vnni && M >= PACKED_MIN_ROWS, vnni_dots = vnni && !packed;
   const bool tiled = packed || amx;  // d_x by 16-row tiles, [tile][block][16]
   const int64_t tiles = (M + 15) / 16;
