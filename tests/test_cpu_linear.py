@@ -144,11 +144,13 @@ def test_linear_is_the_reference_bit_for_bit(kernel, vbmi2, m, n, k, dtype, bias
 @pytest.mark.parametrize("kernel", KERNELS)
 @VBMI2
 @pytest.mark.parametrize("m", [1, 2, 3, 4, 6, 7, 40])
-def test_many_outlier_columns_are_the_reference_bit_for_bit(kernel, vbmi2, m):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_many_outlier_columns_are_the_reference_bit_for_bit(kernel, vbmi2, m, dtype):
     # 250 outlier columns of 600: the outlier product goes 96 columns at a time (continuing each output's sums) and
-    # several activation rows at a time; 70 weight rows: a full 64-row block, then 6 (the kernels' tails)
+    # several activation rows at a time (with AMX and bf16 activations, by bf16 tiles of 32 columns: the last one
+    # short); 70 weight rows: a full 64-row block, then 6 (the kernels' tails)
     outlier_cols = list(range(0, 600, 12)) + list(range(5, 600, 3))[:200]
-    x, w_q, s_w = integer_valued(m, 600, 70, torch.float32, sorted(set(outlier_cols)), seed=m)
+    x, w_q, s_w = integer_valued(m, 600, 70, dtype, sorted(set(outlier_cols)), seed=m)
     with using(kernel, vbmi2):
         got = torch.ops.llmint8.cpu_linear(x, w_q, s_w, None, 6.0)
     assert torch.equal(got, reference.linear(x, w_q, s_w, None, 6.0))
