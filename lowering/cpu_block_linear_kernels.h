@@ -430,10 +430,8 @@ inline PackedGemm packed_gemm(int64_t B) {
 
 namespace amx_blocks {
 
-// Tiles 0-3 sum one block's products (16 weight rows x 16 activation rows, int32, exact), 4-5 hold A (16 weight rows
-// x K_STEP codes), 6-7 B (K_STEP / 4 rows of a packed tile of X_q, pack_b_tiles). TWO_N: two A tiles (32 weight
-// rows); TWO_M: two B tiles (32 activation rows). A tile product costs the same whether it multiplies 32 or 64
-// columns (a 32-column one does half the work: 1.5 against 3.1 T multiply-adds/s on one core of the Xeon with AMX),
+// The tiles of amx::tiles, one block's products at a time (16 weight rows x 16 activation rows, int32, exact), with
+// K_STEP-column A and B tiles. A tile product costs the same whether it multiplies 32 or 64 columns (a 32-column one does half the work: 1.5 against 3.1 T multiply-adds/s on one core of the Xeon with AMX),
 // so blocks of 64 and 128 columns take 64-column steps.
 template <int K_STEP>
 inline void configure() {
@@ -442,35 +440,6 @@ inline void configure() {
   for (int t = 4; t < 6; ++t) config.rows[t] = 16, config.colsb[t] = K_STEP;
   for (int t = 6; t < 8; ++t) config.rows[t] = K_STEP / 4, config.colsb[t] = 64;
   amx::load_config(config);
-}
-
-// The tile products over columns [k0, k1) (multiples of K_STEP), stored to c ([tile][weight row][activation row]);
-// b0, b1: the two packed tiles of X_q, in 32-column pieces of 512 bytes
-template <bool TWO_N, bool TWO_M, int K_STEP>
-inline void block_products(const int8_t* w, int64_t K, const int8_t* b0, const int8_t* b1, int64_t k0, int64_t k1,
-                           int32_t* c) {
-  _tile_zero(0);
-  if (TWO_M) _tile_zero(1);
-  if (TWO_N) _tile_zero(2);
-  if (TWO_N && TWO_M) _tile_zero(3);
-  for (int64_t k = k0; k < k1; k += K_STEP) {
-    _tile_loadd(4, w + k, K);
-    _tile_loadd(6, b0 + k / 32 * 512, 64);
-    _tile_dpbssd(0, 4, 6);
-    if (TWO_M) {
-      _tile_loadd(7, b1 + k / 32 * 512, 64);
-      _tile_dpbssd(1, 4, 7);
-    }
-    if (TWO_N) {
-      _tile_loadd(5, w + 16 * K + k, K);
-      _tile_dpbssd(2, 5, 6);
-      if (TWO_M) _tile_dpbssd(3, 5, 7);
-    }
-  }
-  _tile_stored(0, c, 64);
-  if (TWO_M) _tile_stored(1, c + 256, 64);
-  if (TWO_N) _tile_stored(2, c + 512, 64);
-  if (TWO_N && TWO_M) _tile_stored(3, c + 768, 64);
 }
 
 // sums[t][j] += float(c[t][j]) * (d_x of the 16 activation rows * d_w[j]) for each stored tile t = 2 tn + tm (weight
@@ -516,10 +485,10 @@ int64_t gemm_block(const int8_t* halves, const float* dxp, const int8_t* w, cons
       std::fill(sums, sums + 4 * 256, 0.0f);
       for (int64_t b = 0; b < full_blocks; ++b) {
         const int64_t k0 = b * B, k1 = std::min(k0 + B, k32);
-        if (two_n && two_m) block_products<true, true, K_STEP>(wn, K, b0, b1, k0, k1, c);
-        else if (two_n) block_products<true, false, K_STEP>(wn, K, b0, b1, k0, k1, c);
-        else if (two_m) block_products<false, true, K_STEP>(wn, K, b0, b1, k0, k1, c);
-        else block_products<false, false, K_STEP>(wn, K, b0, b1, k0, k1, c);
+        if (two_n && two_m) amx::tiles<true, true, K_STEP>(wn, K, b0, b1, k0, k1, c);
+        else if (two_n) amx::tiles<true, false, K_STEP>(wn, K, b0, b1, k0, k1, c);
+        else if (two_m) amx::tiles<false, true, K_STEP>(wn, K, b0, b1, k0, k1, c);
+        else amx::tiles<false, false, K_STEP>(wn, K, b0, b1, k0, k1, c);
         scale_add(c, dxp + mt * blocks * 16, dw + n * blocks, blocks, b, two_n ? 2 : 1, two_m ? 2 : 1, sums);
       }
       for (int tn = 0; tn < (two_n ? 2 : 1); ++tn)

@@ -790,24 +790,26 @@ inline void load_config(const TileConfig& config) {
   _tile_loadconfig(&config);
 }
 
-// Tiles 0-3 accumulate C (16 weight rows x 16 activation rows of int32), 4-5 hold A (16 weight rows x 64 codes),
-// 6-7 hold B (one packed tile of X_q). TWO_N: two A tiles (32 weight rows); TWO_M: two B tiles (32 activation rows).
-template <bool TWO_N, bool TWO_M>
-inline void tiles(const int8_t* w, int64_t K, const int8_t* b0, const int8_t* b1, int64_t k_tiles, int32_t* c) {
+// Tiles 0-3 accumulate C (16 weight rows x 16 activation rows of int32) over columns [k0, k1) (multiples of K_STEP),
+// 4-5 hold A (16 weight rows x K_STEP codes), 6-7 hold B (K_STEP / 4 rows of a packed tile of X_q, pack_b_tiles:
+// K_STEP columns at b0 + k / 32 * 512), as the tile config (load_config) says. TWO_N: two A tiles (32 weight rows);
+// TWO_M: two B tiles (32 activation rows). c: [tile][weight row][activation row].
+template <bool TWO_N, bool TWO_M, int K_STEP = 64>
+inline void tiles(const int8_t* w, int64_t K, const int8_t* b0, const int8_t* b1, int64_t k0, int64_t k1, int32_t* c) {
   _tile_zero(0);
-  _tile_zero(1);
-  _tile_zero(2);
-  _tile_zero(3);
-  for (int64_t kt = 0; kt < k_tiles; ++kt) {
-    _tile_loadd(4, w + kt * 64, K);
-    _tile_loadd(6, b0 + kt * 1024, 64);
+  if (TWO_M) _tile_zero(1);
+  if (TWO_N) _tile_zero(2);
+  if (TWO_N && TWO_M) _tile_zero(3);
+  for (int64_t k = k0; k < k1; k += K_STEP) {
+    _tile_loadd(4, w + k, K);
+    _tile_loadd(6, b0 + k / 32 * 512, 64);
     _tile_dpbssd(0, 4, 6);
     if (TWO_M) {
-      _tile_loadd(7, b1 + kt * 1024, 64);
+      _tile_loadd(7, b1 + k / 32 * 512, 64);
       _tile_dpbssd(1, 4, 7);
     }
     if (TWO_N) {
-      _tile_loadd(5, w + 16 * K + kt * 64, K);
+      _tile_loadd(5, w + 16 * K + k, K);
       _tile_dpbssd(2, 5, 6);
       if (TWO_M) _tile_dpbssd(3, 5, 7);
     }
@@ -837,10 +839,11 @@ __attribute__((noinline)) inline int64_t gemm_block(const int8_t* b_tiles, const
       const bool two_m = mt + 1 < m_tiles;
       const int8_t* b0 = b_tiles + mt * k_tiles * 1024;
       const int8_t* b1 = b0 + k_tiles * 1024;
-      if (two_n && two_m) tiles<true, true>(w + n * K, K, b0, b1, k_tiles, &c[0][0][0]);
-      else if (two_n) tiles<true, false>(w + n * K, K, b0, b1, k_tiles, &c[0][0][0]);
-      else if (two_m) tiles<false, true>(w + n * K, K, b0, b1, k_tiles, &c[0][0][0]);
-      else tiles<false, false>(w + n * K, K, b0, b1, k_tiles, &c[0][0][0]);
+      const int64_t k_end = k_tiles * 64;
+      if (two_n && two_m) tiles<true, true>(w + n * K, K, b0, b1, 0, k_end, &c[0][0][0]);
+      else if (two_n) tiles<true, false>(w + n * K, K, b0, b1, 0, k_end, &c[0][0][0]);
+      else if (two_m) tiles<false, true>(w + n * K, K, b0, b1, 0, k_end, &c[0][0][0]);
+      else tiles<false, false>(w + n * K, K, b0, b1, 0, k_end, &c[0][0][0]);
       for (int tn = 0; tn < (two_n ? 2 : 1); ++tn)
         for (int tm = 0; tm < (two_m ? 2 : 1); ++tm) {
           const int32_t(*tile)[16] = c[tn * 2 + tm];
