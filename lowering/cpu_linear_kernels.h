@@ -1190,7 +1190,7 @@ struct Activation {
   float threshold;  // <= 0: no magnitude outliers
 };
 
-// ---- AMX-BF16: the outlier product from AMX_MIN_ROWS rows ----------------------------------------------------------
+// ---- AMX-BF16: the outlier product from amx_bf16::MIN_ROWS rows ---------------------------------------------------
 // The outlier columns' values split into bf16 terms that sum to them exactly (bf16 activations: one; fp16: two; fp32:
 // three, 8 significant bits each), and the codes (|w| <= 127) are bf16 too: tdpbf16ps multiplies them exactly and sums
 // into fp32, the products of outlier_block summed in another order (the reference's matmul fixes none), 16 x 16 x 32
@@ -1216,6 +1216,13 @@ inline bool supported() {  // AMX-BF16 and AVX512-BF16; best_supported_kernel() 
 
 // Columns of the outlier product per tile product (pairs of bf16 in 64-byte tile rows)
 constexpr int64_t CHUNK = 32;
+
+// The tiles pay from 32 activation rows and 2560 row-columns (M x |O|); below, gathering and transposing the codes
+// and the padded tiles cost more than the FMAs (the op, bf16, AMX Xeon, FMAs' time / tiles': 4096 x 4096 with 20
+// outlier columns 0.92-0.96 up to 32 rows, 1.02 at 64 and 256; 122 columns 0.92-0.99 up to 16 rows, 1.03 at 32, 1.19
+// at 256; 532 columns 0.84-1.01 up to 16, 1.12-1.60 from 32; 2048 x 640 with 3 columns 0.54-0.93 at every M, 19
+// columns 0.79-0.95 up to 64 rows, 1.04 at 256, 83 columns 1.01-1.31 from 32)
+constexpr int64_t MIN_ROWS = 32, MIN_ROW_COLUMNS = 2560;
 
 inline int64_t chunks(int64_t n_cols) { return (n_cols + CHUNK - 1) / CHUNK; }
 
@@ -1399,7 +1406,8 @@ inline void linear(const Activation& a, const Weight* weights, int64_t count, Ke
   const vnni::XPieces pieces = few_rows ? vnni::x_pieces(x_o.data(), cols, n_cols, M) : vnni::XPieces{};
   const bool by_pieces = few_rows && n_cols >= 2 * int64_t(pieces.starts.size());
   // the AMX kernel: the outlier product by bf16 tiles, for the weights multiplied by their codes
-  const bool bf16_tiles = kernel == Kernel::Amx && n_cols > 0 && amx_bf16::supported();
+  const bool bf16_tiles = kernel == Kernel::Amx && M >= amx_bf16::MIN_ROWS && M * n_cols >= amx_bf16::MIN_ROW_COLUMNS &&
+                          amx_bf16::supported();
   const int x_terms = amx_bf16::terms(a.x_dtype);
   const int64_t plane_rows = (M + 15) / 16 * 16;
   std::vector<uint16_t> x_planes(bf16_tiles ? x_terms * plane_rows * amx_bf16::chunks(n_cols) * amx_bf16::CHUNK : 0);
