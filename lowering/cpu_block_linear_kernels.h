@@ -430,17 +430,10 @@ inline PackedGemm packed_gemm(int64_t B) {
 
 namespace amx_blocks {
 
-// The tiles of amx::tiles, one block's products at a time (16 weight rows x 16 activation rows, int32, exact), with
-// K_STEP-column A and B tiles. A tile product costs the same whether it multiplies 32 or 64 columns (a 32-column one does half the work: 1.5 against 3.1 T multiply-adds/s on one core of the Xeon with AMX),
-// so blocks of 64 and 128 columns take 64-column steps.
-template <int K_STEP>
-inline void configure() {
-  amx::TileConfig config;
-  for (int t = 0; t < 4; ++t) config.rows[t] = 16, config.colsb[t] = 64;
-  for (int t = 4; t < 6; ++t) config.rows[t] = 16, config.colsb[t] = K_STEP;
-  for (int t = 6; t < 8; ++t) config.rows[t] = K_STEP / 4, config.colsb[t] = 64;
-  amx::load_config(config);
-}
+// Block products by amx::tiles with K_STEP-column A and B tiles (amx::configure(K_STEP)), one block at a time (16
+// weight rows x 16 activation rows, int32, exact). A tile product costs the same whether it multiplies 32 or 64 columns (a
+// 32-column one does half the work: 1.5 against 3.1 T multiply-adds/s on one core of the Xeon with AMX), so blocks of
+// 64 and 128 columns take 64-column steps.
 
 // sums[t][j] += float(c[t][j]) * (d_x of the 16 activation rows * d_w[j]) for each stored tile t = 2 tn + tm (weight
 // rows n + 16 tn + j of dw's [row][block], activation tile tm of dxp's [tile][block][16]) of block b
@@ -472,7 +465,7 @@ int64_t gemm_block(const int8_t* halves, const float* dxp, const int8_t* w, cons
   const int64_t k32 = K / 32 * 32, m_tiles = (M + 15) / 16, full_rows = rows / 16 * 16, halves_per_tile = k32 / 32;
   const int64_t full_blocks = blocks::block_count(k32, B);
   if (full_rows == 0 || full_blocks == 0) return 0;
-  configure<K_STEP>();
+  amx::configure(K_STEP);
   alignas(64) int32_t c[4 * 256];  // [tile][weight row][activation row]
   alignas(64) float sums[4 * 256];
   for (int64_t n = 0; n < full_rows; n += 32) {

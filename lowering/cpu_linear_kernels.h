@@ -783,16 +783,22 @@ struct alignas(64) TileConfig {
   uint8_t rows[16] = {};
 };
 
-// _tile_loadconfig's asm names only the first 8 bytes of the config as its input, so an optimizer may drop the stores
-// to the rest (it did, at -O3, for a config filled just before the call: ldtilecfg then faults); the barrier keeps them
-inline void load_config(const TileConfig& config) {
+// The tile config of this thread: tiles 0-3 of 16 rows x 64 bytes (C), 4-5 of 16 rows x k_step bytes (A), 6-7 of
+// k_step / 4 rows x 64 bytes (B); k_step 64: all of them 16 x 64, as the bf16 tiles use them too. _tile_loadconfig's
+// asm names only the first 8 bytes of the config as its input, so an optimizer may drop the stores to the rest (it
+// did, at -O3, for a config filled just before the call: ldtilecfg then faults); the barrier keeps them.
+inline void configure(int k_step) {
+  TileConfig config;
+  for (int t = 0; t < 4; ++t) config.rows[t] = 16, config.colsb[t] = 64;
+  for (int t = 4; t < 6; ++t) config.rows[t] = 16, config.colsb[t] = uint16_t(k_step);
+  for (int t = 6; t < 8; ++t) config.rows[t] = uint8_t(k_step / 4), config.colsb[t] = 64;
   __asm__ volatile("" : : "r"(&config) : "memory");
   _tile_loadconfig(&config);
 }
 
 // Tiles 0-3 accumulate C (16 weight rows x 16 activation rows of int32) over columns [k0, k1) (multiples of K_STEP),
 // 4-5 hold A (16 weight rows x K_STEP codes), 6-7 hold B (K_STEP / 4 rows of a packed tile of X_q, pack_b_tiles:
-// K_STEP columns at b0 + k / 32 * 512), as the tile config (load_config) says. TWO_N: two A tiles (32 weight rows);
+// K_STEP columns at b0 + k / 32 * 512), as configure(K_STEP) sets them. TWO_N: two A tiles (32 weight rows);
 // TWO_M: two B tiles (32 activation rows). c: [tile][weight row][activation row].
 template <bool TWO_N, bool TWO_M, int K_STEP = 64>
 inline void tiles(const int8_t* w, int64_t K, const int8_t* b0, const int8_t* b1, int64_t k0, int64_t k1, int32_t* c) {
@@ -826,12 +832,7 @@ __attribute__((noinline)) inline int64_t gemm_block(const int8_t* b_tiles, const
                                                     int64_t M, int64_t K, int64_t rows) {
   const int64_t k_tiles = K / 64, m_tiles = (M + 15) / 16, full_rows = rows / 16 * 16;
   if (full_rows == 0) return 0;
-  TileConfig config;
-  for (int t = 0; t < 8; ++t) {
-    config.rows[t] = 16;
-    config.colsb[t] = 64;
-  }
-  load_config(config);
+  configure(64);
   alignas(64) int32_t c[4][16][16];  // [tile][weight row][activation row]
   for (int64_t n = 0; n < full_rows; n += 32) {
     const bool two_n = n + 32 <= full_rows;
@@ -1251,15 +1252,16 @@ inline void split(float value, int count, uint16_t* out) {
 
 // x_o [M, n_cols] as `count` planes of bf16 A tiles ([term][row][chunks(n_cols) * CHUNK], zero past n_cols and in the
 // rows up to a multiple of 16)
-inline void pack_x(const float* x_o, int64_t M, int64_t n_cols, int count, uint16_t* planes) {
+inline std::vector<uint16_t> pack_x(const float* x_o, int64_t M, int64_t n_cols, int count) {
   const int64_t ld = chunks(n_cols) * CHUNK, rows16 = (M + 15) / 16 * 16;
-  std::fill(planes, planes + count * rows16 * ld, uint16_t(0));
+  std::vector<uint16_t> planes(count * rows16 * ld, 0);
   for (int64_t m = 0; m < M; ++m)
     for (int64_t i = 0; i < n_cols; ++i) {
       uint16_t term[3];
       split(x_o[m * n_cols + i], count, term);
       for (int t = 0; t < count; ++t) planes[(t * rows16 + m) * ld + i] = term[t];
     }
+  return planes;
 }
 
 // out[m * NC + j] = sum over i of x_o[m, i] * w[j, cols[i]] for the M activation rows of `planes` (pack_x: `count`
@@ -1285,11 +1287,10 @@ inline void outlier_block(const uint16_t* planes, int count, int64_t plane_rows,
         const __m512 high = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(c, 1)));
         _mm512_store_si512(pairs[j], __m512i(_mm512_cvtne2ps_pbh(high, low)));  // exact: |code| <= 127
       }
-      vnni::transpose_minus(&pairs[0][0], 16, zeros, reinterpret_cast<int32_t*>(w_tiles + (t * n_chunks + ch) * 512), 16);
+      int32_t* tile = reinterpret_cast<int32_t*>(w_tiles + (t * n_chunks + ch) * 512);
+      vnni::transpose_minus(&pairs[0][0], 16, zeros, tile, 16);
     }
-  amx::TileConfig config;
-  for (int t = 0; t < 8; ++t) config.rows[t] = 16, config.colsb[t] = 64;
-  amx::load_config(config);
+  amx::configure(64);  // every tile 16 rows x 64 bytes: 32 bf16 a row
   // C tiles 0-3: 2 x 2 tiles of 16 activation rows x 16 weight rows; A tiles 4-5 (x, two row tiles), B tiles 6-7
   // (codes, two weight row tiles), each chunk's B tiles loaded once for all the terms
   for (int64_t m = 0; m < M; m += 32)
@@ -1410,8 +1411,8 @@ inline void linear(const Activation& a, const Weight* weights, int64_t count, Ke
                           amx_bf16::supported();
   const int x_terms = amx_bf16::terms(a.x_dtype);
   const int64_t plane_rows = (M + 15) / 16 * 16;
-  std::vector<uint16_t> x_planes(bf16_tiles ? x_terms * plane_rows * amx_bf16::chunks(n_cols) * amx_bf16::CHUNK : 0);
-  if (bf16_tiles) amx_bf16::pack_x(x_o.data(), M, n_cols, x_terms, x_planes.data());
+  const std::vector<uint16_t> x_planes = bf16_tiles ? amx_bf16::pack_x(x_o.data(), M, n_cols, x_terms)
+                                                    : std::vector<uint16_t>{};
   const int64_t w_bf16_count = bf16_tiles ? NC * amx_bf16::chunks(n_cols) * amx_bf16::CHUNK : 0;
   // Activation rows go a chunk at a time, so that the chunk's codes stay in L2 while every block of weight rows
   // passes (for AMX, its packed tiles: a multiple of 32 rows); the weight is read once per chunk
