@@ -21,7 +21,7 @@ call launches (profiler). The variants take turns, 3 rounds per shape and M; eac
 repeats that stop once two batches agree, and the fastest round's is reported (every round's min, median and max go
 to the JSON, with the machine: CPU model and ISA flags, versions, threads; and each variant's relative error against
 fp32 at that M, so that a fast peer is seen to be right). Prints a markdown table and writes
-benchmarks/results/{cpu,cuda}_linear.{json,md,png}.
+benchmarks/results/{cpu,cuda}_linear.{json,md,png} (another name with --name).
 
     bash tools/dev.sh bench-linear
 """
@@ -224,6 +224,7 @@ def main():
     parser.add_argument("--tokens", type=int, nargs="+", default=TOKENS)
     parser.add_argument("--min-seconds", type=float, default=1.5, help="timing per variant and M, over all rounds")
     parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument("--name", default=f"{DEVICE}_linear", help="the result files' name in --results")
     args = parser.parse_args()
     # Every variant is an nn.Linear sharing one forward code object and dynamic=False recompiles per M: past
     # Dynamo's recompile limit it would silently run frames eagerly and time bf16 instead of the variant.
@@ -279,7 +280,7 @@ def main():
                 rows.append(row)
                 print(" ".join(f"{key}={value}" for key, value in row.items() if key != "ms"), flush=True)
 
-    write(rows, bandwidth, args.results)
+    write(rows, bandwidth, args.results / args.name)
 
 
 def from_memory(row: dict) -> str:
@@ -289,7 +290,7 @@ def from_memory(row: dict) -> str:
     return f"{row['llmint8 weight GB/s from memory']} ({row['llmint8 / read from memory']:.2f}x read)"
 
 
-def write(rows: list[dict], bandwidth: dict | None, results: Path) -> None:
+def write(rows: list[dict], bandwidth: dict | None, stem: Path) -> None:
     facts = ("N", "K", "M", "ms", ERRORS, "llmint8 kernels", "llmint8 kernel", "llmint8 weight GB/s",
              "llmint8 weight GB/s from memory", "read GB/s from memory", "llmint8 / read from memory")
     names = list(dict.fromkeys(key for row in rows for key in row if key not in facts))
@@ -327,8 +328,7 @@ def write(rows: list[dict], bandwidth: dict | None, results: Path) -> None:
                         " same rounds)" for row in cold) + "." if cold else "")
     table = caption + "\n\n" + "\n".join(lines)
     print("\n" + table)
-    results.mkdir(parents=True, exist_ok=True)
-    stem = results / f"{DEVICE}_linear"
+    stem.parent.mkdir(parents=True, exist_ok=True)
     stem.with_suffix(".md").write_text(table + "\n")
     stem.with_suffix(".json").write_text(json.dumps({"machine": machine, "bandwidth": bandwidth, "rows": rows},
                                                     indent=2) + "\n")

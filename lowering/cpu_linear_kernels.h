@@ -124,10 +124,13 @@ inline Kernel kernel_cap() {
   return name == "avx2" ? Kernel::Avx2 : name == "avx512_vnni" ? Kernel::Avx512Vnni : Kernel::Amx;
 }
 
-// AMX tiles hold 16 activation rows, and from 4 rows up they beat the VNNI kernel even when mostly padding; below
-// that, the VNNI kernel reads the weight faster (measured kernel against kernel on an Emerald Rapids Xeon: at 4 rows
-// AMX took 0.77-0.95x VNNI's time, at 1-3 rows 1.04-1.55x).
-constexpr int64_t AMX_MIN_ROWS = 4;
+// AMX tiles hold 16 activation rows, and from 5 rows up they beat the VNNI kernel even when mostly padding; below
+// that, the VNNI kernel's dot products read the weight faster, and they collect the outlier columns' codes as they go
+// (AMX tiles load the weight past the registers: its outlier codes are gathered again). Measured, the op with 0.5%
+// outlier columns, 2 threads, four shapes, on the second AMX Xeon: at 4 rows VNNI took 0.89-0.92x AMX's time (0.88-0.97x
+// with no outliers), at 5 rows 1.09-1.23x. (An Emerald Rapids Xeon, kernel against kernel before the collection:
+// at 4 rows AMX took 0.77-0.95x VNNI's time, at 1-3 rows 1.04-1.55x.)
+constexpr int64_t AMX_MIN_ROWS = 5;
 
 inline Kernel kernel_for(int64_t M, int64_t K) {
   Kernel kernel = std::min(best_supported_kernel(), kernel_cap());
@@ -675,8 +678,20 @@ inline void pack_b_tiles(const int8_t* x_q, int64_t M, int64_t K, int64_t k_step
 
 namespace vbmi2 {
 
-// The codes are collected where there is an outlier column per this many columns or more, on average
+// Whether the codes are collected for n_cols outlier columns of K, by CPU. On AMD, only where there is an outlier
+// column per COLLECT_MIN_DENSITY columns or more on average (Zen 5 EPYC: below, gathering was faster, see tile). On
+// Intel at any density (the AMX Xeon, the op at 1 and 2 rows with 0.5% outlier columns, 2 threads, four shapes:
+// the outlier split cost 1-3% of the call collected, 8-11% gathered).
 constexpr int64_t COLLECT_MIN_DENSITY = 64;
+
+inline bool collects(int64_t n_cols, int64_t K) {
+  static const bool amd = [] {
+    uint32_t r[4];
+    cpuid(0, 0, r);
+    return r[1] == 0x68747541u && r[3] == 0x69746E65u && r[2] == 0x444D4163u;  // "AuthenticAMD" in ebx, edx, ecx
+  }();
+  return n_cols > 0 && (!amd || n_cols * COLLECT_MIN_DENSITY >= K) && uses_vbmi2();
+}
 
 // The decode GEMM (vnni::gemm_block for up to STREAM_MAX_ROWS activation rows) that also collects the outlier
 // columns' codes of each weight row while its 64-column chunks are in registers (vpcompressb), rather than reading
@@ -1393,11 +1408,10 @@ inline void linear(const Activation& a, const Weight* weights, int64_t count, Ke
   int32_t* cols = scratch.take<int32_t>(K);
   const int64_t n_cols = outlier_list(is_outlier, K, cols);
   const std::vector<float> x_o = outlier_values(a.x, a.x_dtype, M, K, cols, n_cols);
-  // decode with AVX512-VBMI2 and an outlier column per 64 columns or more on average: the outlier columns' codes
-  // collected by the GEMM itself (vbmi2::gemm_rows; sparser ones are gathered faster, see COLLECT_MIN_DENSITY), for
-  // the weights multiplied by their codes
-  const bool collect = kernel == Kernel::Avx512Vnni && M <= vnni::STREAM_MAX_ROWS && n_cols > 0 &&
-                       n_cols * vbmi2::COLLECT_MIN_DENSITY >= K && uses_vbmi2();
+  // decode with AVX512-VBMI2 (on AMD, with an outlier column per 64 columns or more on average): the outlier columns'
+  // codes collected by the GEMM itself (vbmi2::gemm_rows; see vbmi2::collects), for the weights multiplied by their
+  // codes
+  const bool collect = kernel == Kernel::Avx512Vnni && M <= vnni::STREAM_MAX_ROWS && vbmi2::collects(n_cols, K);
   std::vector<uint64_t> chunk_masks(collect ? (K + 63) / 64 : 0, 0);
   for (int64_t i = 0; collect && i < n_cols; ++i) chunk_masks[cols[i] / 64] |= uint64_t(1) << (cols[i] % 64);
   const int64_t code_stride = n_cols + 64;
