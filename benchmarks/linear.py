@@ -13,7 +13,8 @@ threshold 6, bf16. All ratios come from the same run. Peers run where installed:
 Neither fbgemm nor ONNX Runtime splits off outlier columns: they do strictly less work than LLM.int8().
 llmint8 runs compiled (torch.compile(backend="llmint8") of the one linear) and eagerly after int8pass.quantize_; the
 ratio to the best int8 engine takes the faster of the two (a one-linear compiled graph pays Dynamo's per-call cost,
-which a model's graph pays once per forward).
+which a model's graph pays once per forward). On CPU, "llmint8 op alone" is the kernel's op called directly on the
+eager variant's weight: what the calls around it cost, in the same run (not in the ratio).
 On CPU it also measures the memory bandwidth (a 1 GiB copy and a 1 GiB read) and, at M = 1, the rate at which
 llmint8 reads the int8 weight: in the timed calls (one weight, cached where it fits) and from memory (one call on
 each of 1 GiB of distinct weights, beside an fp32 sum reading the same bytes in the same rounds); it records which GEMM kernel each M ran. On CUDA it counts the kernels one llmint8
@@ -200,6 +201,15 @@ def peers(linear: torch.nn.Linear) -> dict:
 ORT_SIGNED = "onnxruntime int8 dyn (QInt8)"
 INT8_PEERS = ["fbgemm int8 dyn", "onnxruntime int8 dyn", ORT_SIGNED]  # what the targets compare with on CPU
 LLMINT8 = ["llmint8", "llmint8 eager (quantize_)"]  # the ratio to the best int8 engine takes the faster of the two
+# The kernel's op called on the eager variant's weight with nothing around it: what the module calls cost beyond it.
+# Reported, not in the ratio (a user calls modules).
+OP_ALONE = "llmint8 op alone"
+
+
+def op_alone(module: torch.nn.Linear):
+    weight, bias = module.weight, module.bias
+    return lambda x: torch.ops.llmint8.cpu_linear.default(x, weight.codes, weight.scale, bias, weight.threshold,
+                                                          None, weight.code_sums)
 ROUNDS = 3
 
 
@@ -252,6 +262,8 @@ def main():
             exact = copy.deepcopy(linear).float()  # the errors' reference
             if DEVICE == "cpu":  # MKL's fp32 GEMM: the fast floating-point path where a CPU has no bf16 dot product
                 variants["fp32 eager (x cast)"] = lambda x, exact=exact: exact(x.float())
+            if DEVICE == "cpu" and cpu_linear.available():
+                variants[OP_ALONE] = op_alone(variants["llmint8 eager (quantize_)"][0])
             for m in args.tokens:
                 x = activations(m, k, torch.bfloat16, 0.005).to(DEVICE)
                 row = {"N": n, "K": k, "M": m, ERRORS: relative_errors(variants, exact, x)}
