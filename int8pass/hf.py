@@ -22,7 +22,7 @@ import torch
 from int8pass import process_memory, rules, tensor_parallel
 from int8pass.int8_weight import Int8Weight
 from int8pass.options import DEFAULT_THRESHOLD, OUTPUT_HEADS
-from int8pass.quantize import load_options
+from int8pass.quantize import load_options, quantize_model
 from int8pass.report import log
 
 try:
@@ -216,6 +216,9 @@ class Int8PassQuantizer(HfQuantizer):
         return {"deserialize": LoadBitsAndBytesWeight}
 
     def _process_model_after_weight_loading(self, model, **kwargs):
+        # a linear weight tied to another module's (an output head tied to the input embedding) was read as that
+        # module's, which is no linear: quantized now as quantize_ does it, the exact values kept for the embedding
+        quantize_model(model, self.quantization_config.options, tied_only=True)
         # what save_pretrained writes: the bitsandbytes layout and config (block mode: int8pass's)
         model.config.quantization_config = checkpoint_config(model)
         process_memory.settle()  # weights cast to the load dtype, then quantized and freed
@@ -236,10 +239,16 @@ def checkpoint_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """model.state_dict() with each Int8Weight as bitsandbytes writes it: `weight` int8 [N, K], `SCB` fp32 [N],
     `weight_format` uint8 0 (row-major); a block-mode one as `weight` and `weight_block_scale` bf16 [N, blocks].
     A tensor-parallel model's int8 weights are gathered whole (every rank calls this, as transformers'
-    save_pretrained does)."""
+    save_pretrained does). A weight tied to a module that is no linear (an output head tied to the input embedding)
+    is written in floating point, as that module reads it: from_pretrained quantizes the head again."""
+    read_in_fp = {id(module.weight) for module in model.modules()
+                  if isinstance(getattr(module, "weight", None), Int8Weight) and rules.linear_weight_orientation(module) is None}
+    tied = {key for key, param in model.named_parameters(remove_duplicate=False) if id(param) in read_in_fp}
     state = {}
     for key, value in model.state_dict().items():
-        if isinstance(value, Int8Weight):
+        if key in tied:
+            state[key] = value.values()
+        elif isinstance(value, Int8Weight):
             prefix = key[: -len("weight")]  # "model.layers.0.mlp.up_proj." (or "" for a bare linear)
             shard = tensor_parallel.shard_of(model.get_submodule(prefix[:-1])) if prefix else None
             codes, scale = (value.codes, value.scale) if shard is None else tensor_parallel.gather(value, shard)

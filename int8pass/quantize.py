@@ -39,9 +39,15 @@ def quantize_(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor] | N
     Options as for the backend: threshold (default 6.0), skip_modules (default: the output heads), min_features,
     dtypes, keep_fp_weights, outlier_weights, block_size.
     """
-    opts = load_options(options)
+    return quantize_model(model, load_options(options), state_dict)
+
+
+def quantize_model(model: torch.nn.Module, opts: Options, state_dict: Mapping[str, torch.Tensor] | None = None,
+                   tied_only: bool = False) -> torch.nn.Module:
+    """quantize_ with parsed options. `tied_only`: only the linear weights that a module other than a linear reads
+    too (an output head tied to the input embedding), which from_pretrained's loader reads for that module."""
     threshold, block_size = rules.new_weight_threshold(opts), rules.new_weight_block_size(opts)
-    targets = _targets(model, opts, state_dict)
+    targets = _targets(model, opts, state_dict, tied_only)
 
     def int8(weight, target):
         _, transposed, keep = target
@@ -59,8 +65,9 @@ def quantize_(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor] | N
     return model
 
 
-def _targets(model, options: Options, state_dict) -> dict[int, tuple[torch.Tensor, bool, bool]]:
-    """{id(weight): (weight, stored transposed, keep the original)} for the weights to quantize (tied ones once)."""
+def _targets(model, options: Options, state_dict, tied_only: bool = False) -> dict[int, tuple[torch.Tensor, bool, bool]]:
+    """{id(weight): (weight, stored transposed, keep the original)} for the weights to quantize (tied ones once;
+    with tied_only, only those that a module other than a linear reads too)."""
     owners: dict[int, list[tuple[str, torch.nn.Module]]] = {}
     params: dict[int, torch.Tensor] = {}
     for module_name, module in model.named_modules(remove_duplicate=False):
@@ -71,9 +78,13 @@ def _targets(model, options: Options, state_dict) -> dict[int, tuple[torch.Tenso
     targets = {}
     for key, modules in owners.items():
         linears = [(name, module) for name, module in modules if rules.linear_weight_orientation(module) is not None]
-        if not linears or isinstance(params[key], Int8Weight):
+        if not linears or isinstance(params[key], Int8Weight) or (tied_only and len(linears) == len(modules)):
             continue
         name, module = linears[0]
+        if tied_only and tensor_parallel.is_distributed(params[key]):
+            log.warning("llmint8: %s stays in floating point: its weight is tied to another module's and split over "
+                        "tensor-parallel ranks", name)
+            continue
         if tensor_parallel.is_distributed(params[key]):
             raise ValueError(f"int8pass.quantize_: {name}.weight is a tensor-parallel DTensor; load the model with "
                              "int8pass.from_pretrained(path, tp_plan=...), which quantizes each rank's slice as the "

@@ -104,6 +104,28 @@ def test_from_pretrained_compile_generate_save_reload(checkpoint, tmp_path):
         assert torch.equal(reloaded(ids()).logits, logits)
 
 
+def test_an_output_head_tied_to_the_embedding_is_int8_when_asked(tmp_path):
+    # GPT-2's checkpoint holds the embedding only, which the loader reads for the embedding (no linear): skip_modules=[]
+    # must still give the tied head its Int8Weight, with the exact values kept for the embedding, as quantize_ does
+    torch.manual_seed(0)
+    gpt2().to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    bf16 = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "bf16", dtype=torch.bfloat16)
+    model = int8pass.from_pretrained(tmp_path / "bf16", dtype=torch.bfloat16, skip_modules=[])
+    head = model.lm_head.weight
+    assert isinstance(head, Int8Weight) and head is model.transformer.wte.weight and head.original is not None
+    with torch.no_grad():
+        assert torch.equal(model.transformer.wte(ids()), bf16.transformer.wte(ids()))
+        logits, expected = model(ids()).logits.float(), bf16(ids()).logits.float()
+    assert (logits - expected).abs().max() < 0.05 * expected.abs().max()
+    with torch.no_grad():  # the same weights as quantize_ gives the bf16 model
+        assert torch.equal(int8pass.quantize_(bf16, skip_modules=[])(ids()).logits, model(ids()).logits)
+    int8pass.save_pretrained(model, tmp_path / "int8")
+    reloaded = int8pass.from_pretrained(tmp_path / "int8")
+    assert isinstance(reloaded.lm_head.weight, Int8Weight)
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids()).logits, model(ids()).logits)
+
+
 @pytest.mark.parametrize("block_size", [32, 128])
 def test_block_mode_from_pretrained_compile_generate_save_reload(checkpoint, tmp_path, block_size):
     model = int8pass.from_pretrained(checkpoint, dtype=torch.bfloat16, block_size=block_size)

