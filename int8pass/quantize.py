@@ -82,8 +82,9 @@ def _targets(model, options: Options, state_dict, tied_only: bool = False) -> di
             continue
         name, module = linears[0]
         if tied_only and tensor_parallel.is_distributed(params[key]):
-            log.warning("llmint8: %s stays in floating point: its weight is tied to another module's and split over "
-                        "tensor-parallel ranks", name)
+            if not options.skip_reason(name):  # asked for in int8, which this path cannot give
+                log.warning("llmint8: %s stays in floating point: its weight is tied to another module's and split "
+                            "over tensor-parallel ranks", name)
             continue
         if tensor_parallel.is_distributed(params[key]):
             raise ValueError(f"int8pass.quantize_: {name}.weight is a tensor-parallel DTensor; load the model with "
