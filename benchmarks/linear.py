@@ -204,13 +204,13 @@ LLMINT8 = ["llmint8", "llmint8 eager (quantize_)"]  # the ratio to the best int8
 # The kernel's op called on the eager variant's weight with nothing around it: what the module calls cost beyond it.
 # Reported, not in the ratio (a user calls modules).
 OP_ALONE = "llmint8 op alone"
+ROUNDS = 3
 
 
 def op_alone(module: torch.nn.Linear):
     weight, bias = module.weight, module.bias
     return lambda x: torch.ops.llmint8.cpu_linear.default(x, weight.codes, weight.scale, bias, weight.threshold,
                                                           None, weight.code_sums)
-ROUNDS = 3
 
 
 ERRORS = "rel. error vs fp32"

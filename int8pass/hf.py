@@ -217,11 +217,11 @@ class Int8PassQuantizer(HfQuantizer):
 
     def _process_model_after_weight_loading(self, model, **kwargs):
         # a linear weight tied to another module's (an output head tied to the input embedding) was read as that
-        # module's, which is no linear: quantized now as quantize_ does it, the exact values kept for the embedding
+        # module's, which is no linear: quantized now as quantize_ does it, the exact values kept for the embedding;
+        # quantize_model then settles the process's memory (the weights cast to the load dtype, quantized and freed)
         quantize_model(model, self.quantization_config.options, tied_only=True)
         # what save_pretrained writes: the bitsandbytes layout and config (block mode: int8pass's)
         model.config.quantization_config = checkpoint_config(model)
-        process_memory.settle()  # weights cast to the load dtype, then quantized and freed
         return model
 
     def get_state_dict_and_metadata(self, model):
@@ -242,7 +242,8 @@ def checkpoint_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     save_pretrained does). A weight tied to a module that is no linear (an output head tied to the input embedding)
     is written in floating point, as that module reads it: from_pretrained quantizes the head again."""
     read_in_fp = {id(module.weight) for module in model.modules()
-                  if isinstance(getattr(module, "weight", None), Int8Weight) and rules.linear_weight_orientation(module) is None}
+                  if isinstance(getattr(module, "weight", None), Int8Weight)
+                  and rules.linear_weight_orientation(module) is None}
     tied = {key for key, param in model.named_parameters(remove_duplicate=False) if id(param) in read_in_fp}
     state = {}
     for key, value in model.state_dict().items():

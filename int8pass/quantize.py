@@ -61,11 +61,13 @@ def quantize_model(model: torch.nn.Module, opts: Options, state_dict: Mapping[st
             dynamo_api.swap_into(target[0], torch.nn.Parameter(int8(target[0], target), requires_grad=False))
             process_memory.return_freed_heap()
     process_memory.settle()
-    log.info("llmint8: quantized %d linear weights of %s", len(targets), type(model).__name__)
+    log.info("llmint8: quantized %d %slinear weights of %s", len(targets), "tied " if tied_only else "",
+             type(model).__name__)
     return model
 
 
-def _targets(model, options: Options, state_dict, tied_only: bool = False) -> dict[int, tuple[torch.Tensor, bool, bool]]:
+def _targets(model, options: Options, state_dict,
+             tied_only: bool = False) -> dict[int, tuple[torch.Tensor, bool, bool]]:
     """{id(weight): (weight, stored transposed, keep the original)} for the weights to quantize (tied ones once;
     with tied_only, only those that a module other than a linear reads too)."""
     owners: dict[int, list[tuple[str, torch.nn.Module]]] = {}

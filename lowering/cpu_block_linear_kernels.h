@@ -430,11 +430,6 @@ inline PackedGemm packed_gemm(int64_t B) {
 
 namespace amx_blocks {
 
-// Block products by amx::tiles with K_STEP-column A and B tiles (amx::configure(K_STEP)), one block at a time (16
-// weight rows x 16 activation rows, int32, exact). A tile product costs the same whether it multiplies 32 or 64 columns (a
-// 32-column one does half the work: 1.5 against 3.1 T multiply-adds/s on one core of the Xeon with AMX), so blocks of
-// 64 and 128 columns take 64-column steps.
-
 // sums[t][j] += float(c[t][j]) * (d_x of the 16 activation rows * d_w[j]) for each stored tile t = 2 tn + tm (weight
 // rows n + 16 tn + j of dw's [row][block], activation tile tm of dxp's [tile][block][16]) of block b
 inline void scale_add(const int32_t* c, const float* dxp, const float* dw, int64_t blocks, int64_t b, int tiles_n,
@@ -500,7 +495,11 @@ int64_t gemm_block(const int8_t* halves, const float* dxp, const int8_t* w, cons
 using Gemm = int64_t (*)(const int8_t*, const float*, const int8_t*, const float*, int64_t, int64_t, int64_t, int64_t,
                          float*, int64_t);
 
-// 64-column steps where every block is whole 64-column steps (blocks of 64 or 128 and K / 32 * 32 a multiple of 64)
+// The block products are amx::tiles with K_STEP-column A and B tiles (amx::configure(K_STEP)), one block at a time (16
+// weight rows x 16 activation rows, int32, exact). A tile product costs the same whether it multiplies 32 or 64
+// columns (a 32-column one does half the work: 1.5 against 3.1 T multiply-adds/s on one core of the Xeon with AMX), so
+// the steps are 64 columns where every block is whole 64-column steps (blocks of 64 or 128 and K / 32 * 32 a multiple
+// of 64), else 32
 inline Gemm gemm(int64_t B, int64_t K) {
   const bool steps_64 = B >= 64 && (K / 32 * 32) % 64 == 0;
   return B == 32 ? gemm_block<32, 32>

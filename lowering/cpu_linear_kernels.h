@@ -127,9 +127,9 @@ inline Kernel kernel_cap() {
 // AMX tiles hold 16 activation rows, and from 5 rows up they beat the VNNI kernel even when mostly padding; below
 // that, the VNNI kernel's dot products read the weight faster, and they collect the outlier columns' codes as they go
 // (AMX tiles load the weight past the registers: its outlier codes are gathered again). Measured, the op with 0.5%
-// outlier columns, 2 threads, four shapes, on the second AMX Xeon: at 4 rows VNNI took 0.89-0.92x AMX's time (0.88-0.97x
-// with no outliers), at 5 rows 1.09-1.23x. (An Emerald Rapids Xeon, kernel against kernel before the collection:
-// at 4 rows AMX took 0.77-0.95x VNNI's time, at 1-3 rows 1.04-1.55x.)
+// outlier columns, 2 threads, four shapes, on the second AMX Xeon: at 4 rows VNNI took 0.89-0.92x AMX's time
+// (0.88-0.97x with no outliers), at 5 rows 1.09-1.23x. (An Emerald Rapids Xeon, kernel against kernel before the
+// collection: at 4 rows AMX took 0.77-0.95x VNNI's time, at 1-3 rows 1.04-1.55x.)
 constexpr int64_t AMX_MIN_ROWS = 5;
 
 inline Kernel kernel_for(int64_t M, int64_t K) {
@@ -845,7 +845,7 @@ inline void tiles(const int8_t* w, int64_t K, const int8_t* b0, const int8_t* b1
 // rows at w; returns how many rows that is.
 __attribute__((noinline)) inline int64_t gemm_block(const int8_t* b_tiles, const int8_t* w, int32_t* out, int64_t ldo,
                                                     int64_t M, int64_t K, int64_t rows) {
-  const int64_t k_tiles = K / 64, m_tiles = (M + 15) / 16, full_rows = rows / 16 * 16;
+  const int64_t k_tiles = K / 64, k_end = k_tiles * 64, m_tiles = (M + 15) / 16, full_rows = rows / 16 * 16;
   if (full_rows == 0) return 0;
   configure(64);
   alignas(64) int32_t c[4][16][16];  // [tile][weight row][activation row]
@@ -855,7 +855,6 @@ __attribute__((noinline)) inline int64_t gemm_block(const int8_t* b_tiles, const
       const bool two_m = mt + 1 < m_tiles;
       const int8_t* b0 = b_tiles + mt * k_tiles * 1024;
       const int8_t* b1 = b0 + k_tiles * 1024;
-      const int64_t k_end = k_tiles * 64;
       if (two_n && two_m) tiles<true, true>(w + n * K, K, b0, b1, 0, k_end, &c[0][0][0]);
       else if (two_n) tiles<true, false>(w + n * K, K, b0, b1, 0, k_end, &c[0][0][0]);
       else if (two_m) tiles<false, true>(w + n * K, K, b0, b1, 0, k_end, &c[0][0][0]);
@@ -1280,12 +1279,12 @@ inline std::vector<uint16_t> pack_x(const float* x_o, int64_t M, int64_t n_cols,
 }
 
 // out[m * NC + j] = sum over i of x_o[m, i] * w[j, cols[i]] for the M activation rows of `planes` (pack_x: `count`
-// planes of `plane_rows` rows, from the chunk's first row) and the
-// `rows` (at most NC) weight rows at w, as outlier_block computes it for codes; out has room for M rounded up to 16
-// rows, and columns up to `rows` rounded up to 16 are written. w_tiles: scratch of NC x chunks(n_cols) x CHUNK bf16,
-// where the codes are gathered from the rows the GEMM has just read (a row at a time, as gather_columns), as B tiles:
-// for each 16 weight rows and CHUNK columns, 16 rows of 64 bytes whose row p holds, for each weight row j, its codes
-// at columns 2p and 2p + 1 (a 16 x 16 transpose of the rows' bf16 pairs).
+// planes of `plane_rows` rows, from the chunk's first row) and the `rows` (at most NC) weight rows at w, as
+// outlier_block computes it for codes; out has room for M rounded up to 16 rows, and columns up to `rows` rounded up to
+// 16 are written. w_tiles: scratch of NC x chunks(n_cols) x CHUNK bf16, where the codes are gathered from the rows the
+// GEMM has just read (a row at a time, as gather_columns), as B tiles: for each 16 weight rows and CHUNK columns, 16
+// rows of 64 bytes whose row p holds, for each weight row j, its codes at columns 2p and 2p + 1 (a 16 x 16 transpose
+// of the rows' bf16 pairs).
 inline void outlier_block(const uint16_t* planes, int count, int64_t plane_rows, const int32_t* cols, int64_t n_cols,
                           const int8_t* w, int64_t K, int64_t M, int64_t rows, uint16_t* w_tiles, float* out) {
   const int64_t n_chunks = chunks(n_cols), ld = n_chunks * CHUNK, n_tiles = (rows + 15) / 16;
