@@ -132,7 +132,7 @@ def available() -> bool:
 
 def runs(x: torch.Tensor, weight_q: torch.Tensor) -> bool:
     """Whether llmint8::linear of x with these codes runs the kernel here (CPU tensors, a supported dtype)."""
-    return x.device.type == "cpu" and weight_q.device.type == "cpu" and x.dtype in DTYPES and available()
+    return x.is_cpu and weight_q.is_cpu and x.dtype in DTYPES and available()
 
 
 def kernel(rows: int, in_features: int) -> str:
