@@ -15,7 +15,10 @@
 //   AVX2: dot products along K, tiles of up to 3 activation rows x 4 weight rows. Per 32 columns, vpmaddubsw /
 //     vpmaddwd as in the LLM.int8() kernel give 8 int32 lanes of one block, converted and added into fp32 lanes
 //     times d_x * d_w: no horizontal sum until the end.
-//   AVX512-VNNI below PACKED_MIN_ROWS rows: the same dot products over 64 columns, vpdpbusd of W_q + 128 by X_q.
+//   AVX512-VNNI below ROW_LANES_MIN_ROWS rows: the same dot products over 64 columns, vpdpbusd of W_q + 128 by X_q.
+//   AVX512-VNNI from ROW_LANES_MIN_ROWS to PACKED_MIN_ROWS rows: 16 weight rows at a time, each 64 columns of them
+//     (+ 128) transposed in registers so that a vector holds 4 columns of all 16 rows, times 4 codes of an activation
+//     row broadcast: every lane of a block's int32 sums is one output, scaled once per block (row_lanes_tile).
 //   AVX512-VNNI from PACKED_MIN_ROWS rows: X_q packed in 16-row tiles (cpu_linear_kernels.h: vnni::pack_rows, signed),
 //     each vpdpbusd multiplying 4 codes of one weight row + 128, broadcast, by 4 codes of 16 rows. A block's int32
 //     sums start from -128 * the rows' code sums over the block, so they come out exact, and are converted and
@@ -57,10 +60,10 @@ struct BlockWeight {
 // 2.5 against 2.6 but 2048 x 640 0.23 against 0.20, 10 rows 3.0 against 2.6)
 constexpr int64_t PACKED_MIN_ROWS = 8;
 
-// From this many rows the AMX kernel runs, where the CPU has it; below, the VNNI kernel (AMX Xeon, 4 shapes, block 32:
-// 4 rows 0.76-0.88x VNNI's speed, 5 rows 0.90-1.10x, 6 rows 1.20-1.51x; at 4 rows the tiles' scaling also pays for
-// the 12 rows of padding)
-constexpr int64_t AMX_MIN_ROWS = 6;
+// From this many rows the AMX kernel runs, where the CPU has it; below, the VNNI kernel (AMX Xeon, 6 shapes, block
+// 32: at 6 and 7 rows AMX runs at 0.75-0.91x and 0.81-0.95x the speed of the VNNI kernel's row lanes; the tiles'
+// scaling also pays for the rows of padding up to 16)
+constexpr int64_t AMX_MIN_ROWS = 8;
 
 inline int64_t block_count(int64_t K, int64_t B) { return (K + B - 1) / B; }
 
@@ -308,6 +311,123 @@ inline DotGemm dot_gemm(int64_t B) {
   return B == 32 ? dot_gemm_block<32> : B == 64 ? dot_gemm_block<64> : dot_gemm_block<128>;
 }
 
+// From this many activation rows up to the packed tiles, 16 weight rows at a time go by row_lanes_tile; below, by
+// dot_tile, whose every vpdpbusd needs a conversion, a permute and a fused multiply-add of its own, but which has no
+// transpose to pay for (AMX Xeon, block 32, row lanes against dot_tile: 2 rows 0.89-0.94x dot_tile's speed, 3 rows
+// 0.93-1.03x, 4 rows 1.14-1.20x, 5 rows 1.34-1.44x on 4096 x 4096, 4096 x 14336 and 1024 x 4096)
+constexpr int64_t ROW_LANES_MIN_ROWS = 4;
+static_assert(ROW_LANES_MIN_ROWS == 4 && blocks::PACKED_MIN_ROWS == 8, "row_lanes_gemm_block runs 4 to 7 rows");
+
+// The 16 x 16 int32 transpose of r (each vector 16 lanes of 4 bytes): r[q] lane i becomes r[i] lane q
+inline void transpose16(__m512i r[16]) {
+  __m512i t[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+  }
+  for (int g = 0; g < 16; g += 4) {  // u[g + c]: rows g..g+3, column 4 j + c in 128-bit chunk j
+    r[g] = _mm512_unpacklo_epi64(t[g], t[g + 2]);
+    r[g + 1] = _mm512_unpackhi_epi64(t[g], t[g + 2]);
+    r[g + 2] = _mm512_unpacklo_epi64(t[g + 1], t[g + 3]);
+    r[g + 3] = _mm512_unpackhi_epi64(t[g + 1], t[g + 3]);
+  }
+  for (int c = 0; c < 4; ++c) {
+    const __m512i v0 = _mm512_shuffle_i32x4(r[c], r[4 + c], 0x88), v1 = _mm512_shuffle_i32x4(r[c], r[4 + c], 0xDD);
+    const __m512i w0 = _mm512_shuffle_i32x4(r[8 + c], r[12 + c], 0x88);
+    const __m512i w1 = _mm512_shuffle_i32x4(r[8 + c], r[12 + c], 0xDD);
+    t[c] = _mm512_shuffle_i32x4(v0, w0, 0x88);
+    t[4 + c] = _mm512_shuffle_i32x4(v1, w1, 0x88);
+    t[8 + c] = _mm512_shuffle_i32x4(v0, w0, 0xDD);
+    t[12 + c] = _mm512_shuffle_i32x4(v1, w1, 0xDD);
+  }
+  for (int i = 0; i < 16; ++i) r[i] = t[i];
+}
+
+// dwt[b][r] = dw[r][b] ([row][block] to [block][ldd]) for the first rows / 16 * 16 rows, 16 x 16 at a time
+inline void transpose_scales(const float* dw, int64_t rows, int64_t blocks, float* dwt, int64_t ldd) {
+  for (int64_t r0 = 0; r0 + 16 <= rows; r0 += 16)
+    for (int64_t b0 = 0; b0 < blocks; b0 += 16) {
+      const __mmask16 present = blocks - b0 >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (blocks - b0)) - 1);
+      __m512i v[16];
+      for (int j = 0; j < 16; ++j) v[j] = _mm512_maskz_loadu_epi32(present, dw + (r0 + j) * blocks + b0);
+      transpose16(v);
+      for (int64_t i = 0; i < 16 && b0 + i < blocks; ++i) _mm512_storeu_si512(dwt + (b0 + i) * ldd + r0, v[i]);
+    }
+}
+
+// out[i, 0..16) = the block-scaled products of MB activation rows x (d_x: [row][block]; xoff: [row][block], -128 times
+// each block's sum of codes below K / 32 * 32) with 16 weight rows w (their d_w transposed, dwt: [block][ldd]), over
+// the first K / 32 * 32 columns. Each 64 columns of the 16 rows, + 128, are transposed in registers so that a vector
+// holds 4 columns of every row: one vpdpbusd by 4 broadcast codes of an activation row then sums 16 outputs, each
+// lane within one block, and a block costs one conversion, one multiply and one fused multiply-add per activation
+// row and 16 outputs, where dot_tile pays those per vpdpbusd. The transpose (64 shuffles per 1 KB of weight) is
+// shared by the MB rows.
+template <int MB, int B>
+inline void row_lanes_tile(const int8_t* x, const float* dx, const int32_t* xoff, const int8_t* w, const float* dwt,
+                           int64_t ldd, int64_t K, int64_t blocks, float* out, int64_t ldo) {
+  const int64_t k32 = K / 32 * 32;
+  const __m512i top_bits = _mm512_set1_epi8(char(0x80));
+  const int64_t ahead = std::max<int64_t>(1, vnni::PREFETCH_BYTES / (16 * K)) * 16 * K;
+  __m512 sum[MB];
+  __m512i dot[MB];
+  for (int i = 0; i < MB; ++i) sum[i] = _mm512_setzero_ps();
+  for (int64_t k0 = 0; k0 < k32; k0 += 64) {
+    const int64_t halves = std::min<int64_t>(2, (k32 - k0) / 32);
+    const __mmask64 mask = halves == 2 ? ~__mmask64(0) : (__mmask64(1) << 32) - 1;
+    __m512i r[16];
+    for (int j = 0; j < 16; ++j) {
+      r[j] = _mm512_xor_si512(_mm512_maskz_loadu_epi8(mask, w + j * K + k0), top_bits);
+      _mm_prefetch(reinterpret_cast<const char*>(w + j * K + k0 + ahead), _MM_HINT_T1);
+    }
+    transpose16(r);
+    for (int64_t h = 0; h < halves; ++h) {
+      const int64_t k = k0 + 32 * h, b = k / B;
+      if (k % B == 0)
+        for (int i = 0; i < MB; ++i) dot[i] = _mm512_set1_epi32(xoff[i * blocks + b]);
+      for (int q = 0; q < 8; ++q)
+        for (int i = 0; i < MB; ++i) {
+          int32_t quad;
+          std::memcpy(&quad, x + i * K + k + 4 * q, 4);
+          dot[i] = vnni::dpbusd(dot[i], r[8 * h + q], _mm512_set1_epi32(quad));
+        }
+      if ((k + 32) % B == 0 || k + 32 == k32) {  // the block ends: scale its sums into the fp32 ones
+        const __m512 dwv = _mm512_loadu_ps(dwt + b * ldd);
+        for (int i = 0; i < MB; ++i)
+          sum[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[i]), _mm512_mul_ps(_mm512_set1_ps(dx[i * blocks + b]), dwv),
+                                   sum[i]);
+      }
+    }
+  }
+  for (int i = 0; i < MB; ++i) _mm512_storeu_ps(out + i * ldo, sum[i]);
+}
+
+// row_lanes_tile over M (4 to 7) activation rows and the first rows / 16 * 16 weight rows at w (d_w
+// transposed in dwt, [block][ldd]); returns how many rows that is
+template <int B>
+__attribute__((noinline)) int64_t row_lanes_gemm_block(const int8_t* x_q, const float* d_x, const int32_t* xoff,
+                                                       const int8_t* w, const float* dwt, int64_t ldd, int64_t M,
+                                                       int64_t K, int64_t blocks, int64_t rows, float* out,
+                                                       int64_t ldo) {
+  const int64_t full_rows = rows / 16 * 16;
+  for (int64_t n = 0; n < full_rows; n += 16) {
+    const int8_t* wn = w + n * K;
+    switch (M) {
+      case 4: row_lanes_tile<4, B>(x_q, d_x, xoff, wn, dwt + n, ldd, K, blocks, out + n, ldo); break;
+      case 5: row_lanes_tile<5, B>(x_q, d_x, xoff, wn, dwt + n, ldd, K, blocks, out + n, ldo); break;
+      case 6: row_lanes_tile<6, B>(x_q, d_x, xoff, wn, dwt + n, ldd, K, blocks, out + n, ldo); break;
+      default: row_lanes_tile<7, B>(x_q, d_x, xoff, wn, dwt + n, ldd, K, blocks, out + n, ldo); break;
+    }
+  }
+  return full_rows;
+}
+
+using RowLanesGemm = int64_t (*)(const int8_t*, const float*, const int32_t*, const int8_t*, const float*, int64_t,
+                                 int64_t, int64_t, int64_t, int64_t, float*, int64_t);
+
+inline RowLanesGemm row_lanes_gemm(int64_t B) {
+  return B == 32 ? row_lanes_gemm_block<32> : B == 64 ? row_lanes_gemm_block<64> : row_lanes_gemm_block<128>;
+}
+
 // c[j][16v + l] (+)= the block-scaled products of V packed tiles' rows (signed codes) with NB rows of w_u8 = W_q + 128
 // (stride ldw) over blocks [b0, b1), whose columns start at k_base in w_u8. vpdpbusd sums (w + 128) x = w x + 128 x,
 // so each block's sum starts at -128 * the block's code sum of each activation row (off) and comes out exact.
@@ -521,6 +641,7 @@ inline void linear(const BlockActivation& a, const BlockWeight* weights, int64_t
   const float limit = a.threshold > 0 ? a.threshold : INFINITY;
   const bool amx = kernel == Kernel::Amx && M >= AMX_MIN_ROWS, vnni = kernel != Kernel::Avx2 && !amx;
   const bool packed = vnni && M >= PACKED_MIN_ROWS, vnni_dots = vnni && !packed;
+  const bool row_lanes = vnni_dots && M >= vnni_blocks::ROW_LANES_MIN_ROWS;
   const bool tiled = packed || amx;  // d_x by 16-row tiles, [tile][block][16]
   const int64_t tiles = (M + 15) / 16;
   const int64_t packed_bytes = packed ? tiles * 16 * (K / 4 * 4) : amx ? tiles * 16 * k32 : 0;
@@ -528,14 +649,14 @@ inline void linear(const BlockActivation& a, const BlockWeight* weights, int64_t
   // the row blocks of all the weights, in order: row block r is rows [n0, n0 + NC) of weight row_weight[r]
   int64_t row_blocks = 0;
   for (int64_t i = 0; i < count; ++i) row_blocks += (weights[i].N + NC - 1) / NC;
-  Scratch scratch(K * (1 + 4 + 4) + M * blocks * 4 * (packed ? 2 : 1) + M * K + packed_bytes +
+  Scratch scratch(K * (1 + 4 + 4) + M * blocks * 4 * (packed || row_lanes ? 2 : 1) + M * K + packed_bytes +
                       (tiled ? tiles * 16 * blocks * 8 : 0) + lanes * 4 + row_blocks * 16,
                   0);
   uint8_t* is_outlier = scratch.take<uint8_t>(K);
   uint32_t* keep = scratch.take<uint32_t>(K);
   float* d_x = scratch.take<float>(M * blocks);
   int8_t* x_q = scratch.take<int8_t>(M * K);
-  int32_t* code_sums = packed ? scratch.take<int32_t>(M * blocks) : nullptr;
+  int32_t* code_sums = packed || row_lanes ? scratch.take<int32_t>(M * blocks) : nullptr;
   int64_t* row_weight = scratch.take<int64_t>(row_blocks);
   int64_t* row_start = scratch.take<int64_t>(row_blocks);
   for (int64_t i = 0, r = 0; i < count; ++i)
@@ -556,6 +677,7 @@ inline void linear(const BlockActivation& a, const BlockWeight* weights, int64_t
       }
   int32_t* lane_off = vnni_dots ? scratch.take<int32_t>(lanes) : nullptr;
   if (vnni_dots) vnni_blocks::lane_offsets(x_q, M, K, lane_off);
+  for (int64_t i = 0; row_lanes && i < M * blocks; ++i) code_sums[i] *= -128;  // row_lanes_tile's starting sums
   int32_t* cols = scratch.take<int32_t>(K);
   const int64_t n_cols = outlier_list(is_outlier, K, cols);
   const std::vector<float> x_o = outlier_values(a.x, a.x_dtype, M, K, cols, n_cols);
@@ -566,12 +688,14 @@ inline void linear(const BlockActivation& a, const BlockWeight* weights, int64_t
   {
     const int64_t m_chunk16 = (m_chunk + 15) / 16 * 16;
     Scratch block_scratch(m_chunk16 * NC * 4 * (packed ? 2 : 1) + (packed ? NC * vnni_blocks::PACKED_KC : 0) +
-                          NC * blocks * 4 + (vnni ? 0 : 12 * blocks * 4) + m_chunk * NC * 4 * (n_cols ? 1 : 0) +
-                          std::min(n_cols, OUTLIER_CHUNK) * NC * 4, 1);
+                          NC * blocks * 4 * (row_lanes ? 2 : 1) + (vnni ? 0 : 12 * blocks * 4) +
+                          m_chunk * NC * 4 * (n_cols ? 1 : 0) + std::min(n_cols, OUTLIER_CHUNK) * NC * 4,
+                          1);
     float* acc = block_scratch.take<float>(m_chunk16 * NC);
     float* c = block_scratch.take<float>(packed ? m_chunk16 * NC : 0);
     uint8_t* w_u8 = block_scratch.take<uint8_t>(packed ? NC * vnni_blocks::PACKED_KC : 0);
     float* dw = block_scratch.take<float>(NC * blocks);
+    float* dwt = block_scratch.take<float>(row_lanes ? NC * blocks : 0);  // d_w transposed, [block][NC]
     float* scale = block_scratch.take<float>(vnni ? 0 : 12 * blocks);
     float* outliers = block_scratch.take<float>(n_cols ? m_chunk * NC : 0);
     float* w_o = block_scratch.take<float>(std::min(n_cols, OUTLIER_CHUNK) * NC);
@@ -583,6 +707,7 @@ inline void linear(const BlockActivation& a, const BlockWeight* weights, int64_t
         const int64_t N = p.N, n0 = row_start[rb], rows = std::min(N, n0 + NC) - n0;
         const int8_t* w = p.w + n0 * K;
         bf16_to_float(p.d_w + n0 * blocks, rows * blocks, dw);
+        if (row_lanes) vnni_blocks::transpose_scales(dw, rows, blocks, dwt, NC);
         if (amx) {  // whole 16-row groups by tiles, the rest by dot products
           const int64_t done = amx_blocks::gemm(B, K)(x_packed + m0 * k32, dxp + m0 / 16 * blocks * 16, w, dw, mc, K,
                                                       blocks, rows, acc, NC);
@@ -592,9 +717,14 @@ inline void linear(const BlockActivation& a, const BlockWeight* weights, int64_t
         } else if (packed)
           vnni_blocks::packed_gemm(B)(x_packed + m0 * (K / 4 * 4), dxp + m0 / 16 * blocks * 16,
                                       off + m0 / 16 * blocks * 16, w, dw, mc, K, blocks, rows, c, w_u8, acc, NC);
-        else if (vnni_dots)
-          vnni_blocks::dot_gemm(B)(x_q, d_x, lane_off, w, dw, mc, K, blocks, rows, acc, NC);  // one chunk (M <= 32)
-        else
+        else if (vnni_dots) {  // one chunk (M < PACKED_MIN_ROWS): 16-row groups by row lanes, the rest by dots
+          const int64_t done =
+              row_lanes ? vnni_blocks::row_lanes_gemm(B)(x_q, d_x, code_sums, w, dwt, NC, mc, K, blocks, rows, acc, NC)
+                        : 0;
+          if (done < rows)
+            vnni_blocks::dot_gemm(B)(x_q, d_x, lane_off, w + done * K, dw + done * blocks, mc, K, blocks, rows - done,
+                                     acc + done, NC);
+        } else
           dot_gemm_block(x_q + m0 * K, d_x + m0 * blocks, w, dw, mc, K, blocks, B, rows, scale, acc, NC);
         if (k32 < K)  // the last K % 32 columns, all in the last block
           for (int64_t m = 0; m < mc; ++m)
