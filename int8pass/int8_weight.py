@@ -215,7 +215,9 @@ class Int8Weight(torch.Tensor):
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """x W^T (+ bias) by the llmint8 math, for a weight whose codes' rows are the output channels."""
-        eager_cpu = type(x) is torch.Tensor and x.is_cpu and not x.requires_grad and no_dispatch_mode()
+        # a gradient to record (for x, or a trainable bias of a frozen int8 weight): the op, with its autograd formula
+        needs_grad = torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))
+        eager_cpu = type(x) is torch.Tensor and x.is_cpu and not needs_grad and no_dispatch_mode()
         if eager_cpu and cpu_linear.runs(x, self.codes):
             # An eager call on a real CPU tensor, nothing tracing it: the kernel's op itself, which checks x and the
             # bias as the Python checks do (this weight's own tensors are valid by construction). Each Python layer

@@ -87,6 +87,20 @@ def test_eager_linear_skips_the_aten_ops_and_traced_linear_still_reaches_them(mo
     assert torch.ops.aten.addmm.default in dispatched
 
 
+@pytest.mark.parametrize("block_size", [0, 32])
+def test_a_trainable_bias_gets_its_gradient_eagerly(block_size):
+    # a frozen int8 weight with a trainable bias (or adapters trained on its output), the input needing none: the
+    # bias's gradient is the output gradient summed over the rows, as for any linear
+    weight, w = make(k=64, block_size=block_size)
+    bias = torch.nn.Parameter(torch.randn(24))
+    x = outlier_activation(5, 64, torch.float32, outlier_cols=[3])
+    grad = torch.randn(5, 24)
+    F.linear(x, w, bias).backward(grad)
+    assert bias.grad is not None and torch.allclose(bias.grad, grad.sum(0))
+    with torch.no_grad():  # nothing to record: the kernel itself
+        assert F.linear(x, w, bias).grad_fn is None
+
+
 def test_reads_see_dequantized_values_or_the_kept_original():
     weight, w = make()
     dequantized = w.dequantize()
