@@ -76,36 +76,19 @@ def test_kernel_is_the_reference_bit_for_bit(kernel, m, n, k, block_size, dtype,
 
 @needs_kernel
 @pytest.mark.parametrize("kernel", KERNELS)
-@pytest.mark.parametrize("m", [5, 8, 40, 70])
+@pytest.mark.parametrize("m, k", [(4, 1000), (7, 1000), (8, 1100), (40, 1100), (70, 1100)])
 @pytest.mark.parametrize("block_size", reference.BLOCK_SIZES)
-def test_kernel_is_the_reference_bit_for_bit_over_long_rows(kernel, m, block_size):
-    # k = 1100: VNNI's packed tiles in passes of 512 columns (the third one short), a last block cut short and a
-    # K % 32 tail; m: VNNI's row lanes, one 16-row tile, three at once, three then two; n: a 64-row block (four
-    # 16-row groups of row lanes), then 6 rows (4 + 1 + 1)
-    k, n = 1100, 70
+def test_kernel_is_the_reference_bit_for_bit_over_long_rows(kernel, m, k, block_size):
+    # m = 4 and 7: VNNI's row lanes, over 15 64-column steps and a 32-column one (K / 32 * 32 = 992 for k = 1000);
+    # k = 1100: VNNI's packed tiles in passes of 512 columns (the third one short); both: a last block cut short and
+    # a K % 32 tail. m = 8, 40, 70: one 16-row tile, three at once, three then two. n: a 64-row block (four 16-row
+    # groups of row lanes), then 6 rows (4 + 1 + 1)
+    n = 70
     b = torch.randint(-3, 4, (n,)).to(torch.bfloat16)
     for threshold, cols in ((6.0, [5, 600]), (0.0, [])):
         x, w = exactly_scaled(m, k, n, block_size, [c for c in cols if c % block_size], seed=m + block_size)
         w_q, d_w = reference.quantize_weight_blocks(w, block_size)
         x = x.to(torch.bfloat16)
-        with using(kernel):
-            got = torch.ops.llmint8.cpu_block_linear(x, w_q, d_w, b, block_size, threshold)
-        assert torch.equal(got, reference.block_linear(x, w_q, d_w, b, block_size, threshold))
-
-
-@needs_kernel
-@pytest.mark.parametrize("kernel", KERNELS)
-@pytest.mark.parametrize("m", [4, 7])
-@pytest.mark.parametrize("block_size", reference.BLOCK_SIZES)
-def test_row_lanes_are_the_reference_bit_for_bit(kernel, m, block_size):
-    # 4 to 7 rows with VNNI: 16 weight rows at a time (n = 40: two groups, then 8 rows of dot products); k = 1000:
-    # 15 64-column steps and a 32-column one (K / 32 * 32 = 992), a last block cut short there, and a K % 32 tail
-    k, n = 1000, 40
-    b = torch.randint(-3, 4, (n,)).to(torch.float16)
-    for threshold, cols in ((6.0, [5, 600]), (0.0, [])):
-        x, w = exactly_scaled(m, k, n, block_size, [c for c in cols if c % block_size], seed=m + block_size)
-        w_q, d_w = reference.quantize_weight_blocks(w, block_size)
-        x = x.to(torch.float16)
         with using(kernel):
             got = torch.ops.llmint8.cpu_block_linear(x, w_q, d_w, b, block_size, threshold)
         assert torch.equal(got, reference.block_linear(x, w_q, d_w, b, block_size, threshold))
