@@ -222,7 +222,8 @@ class Int8Weight(torch.Tensor):
             # An eager call on a real CPU tensor, nothing tracing it: the kernel's op itself, which checks x and the
             # bias as the Python checks do (this weight's own tensors are valid by construction). Each Python layer
             # skipped matters at decode: after a call that streamed the weight through L2 the interpreter runs from
-            # L3, and the custom op's layers took 18 us of a 4096 x 4096 one-row call (the whole call 0.36 ms).
+            # L3 (this method over the op, a 4096 x 4096 one-row call: 22 us with the custom op's layers, 11 without;
+            # 4 and 1 with the weight in L1).
             if self.block_size:
                 return torch.ops.llmint8.cpu_block_linear.default(x, self.codes, self.scale, bias, self.block_size,
                                                                   self.threshold)
