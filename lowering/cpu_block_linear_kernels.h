@@ -318,31 +318,6 @@ inline DotGemm dot_gemm(int64_t B) {
 constexpr int64_t ROW_LANES_MIN_ROWS = 4;
 static_assert(ROW_LANES_MIN_ROWS == 4 && blocks::PACKED_MIN_ROWS == 8, "row_lanes_gemm_block runs 4 to 7 rows");
 
-// The 16 x 16 int32 transpose of r (each vector 16 lanes of 4 bytes): r[q] lane i becomes r[i] lane q
-inline void transpose16(__m512i r[16]) {
-  __m512i t[16];
-  for (int i = 0; i < 16; i += 2) {
-    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
-    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
-  }
-  for (int g = 0; g < 16; g += 4) {  // u[g + c]: rows g..g+3, column 4 j + c in 128-bit chunk j
-    r[g] = _mm512_unpacklo_epi64(t[g], t[g + 2]);
-    r[g + 1] = _mm512_unpackhi_epi64(t[g], t[g + 2]);
-    r[g + 2] = _mm512_unpacklo_epi64(t[g + 1], t[g + 3]);
-    r[g + 3] = _mm512_unpackhi_epi64(t[g + 1], t[g + 3]);
-  }
-  for (int c = 0; c < 4; ++c) {
-    const __m512i v0 = _mm512_shuffle_i32x4(r[c], r[4 + c], 0x88), v1 = _mm512_shuffle_i32x4(r[c], r[4 + c], 0xDD);
-    const __m512i w0 = _mm512_shuffle_i32x4(r[8 + c], r[12 + c], 0x88);
-    const __m512i w1 = _mm512_shuffle_i32x4(r[8 + c], r[12 + c], 0xDD);
-    t[c] = _mm512_shuffle_i32x4(v0, w0, 0x88);
-    t[4 + c] = _mm512_shuffle_i32x4(v1, w1, 0x88);
-    t[8 + c] = _mm512_shuffle_i32x4(v0, w0, 0xDD);
-    t[12 + c] = _mm512_shuffle_i32x4(v1, w1, 0xDD);
-  }
-  for (int i = 0; i < 16; ++i) r[i] = t[i];
-}
-
 // dwt[b][r] = dw[r][b] ([row][block] to [block][ldd]) for the first rows / 16 * 16 rows, 16 x 16 at a time
 inline void transpose_scales(const float* dw, int64_t rows, int64_t blocks, float* dwt, int64_t ldd) {
   for (int64_t r0 = 0; r0 + 16 <= rows; r0 += 16)
@@ -350,20 +325,20 @@ inline void transpose_scales(const float* dw, int64_t rows, int64_t blocks, floa
       const __mmask16 present = blocks - b0 >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (blocks - b0)) - 1);
       __m512i v[16];
       for (int j = 0; j < 16; ++j) v[j] = _mm512_maskz_loadu_epi32(present, dw + (r0 + j) * blocks + b0);
-      transpose16(v);
+      vnni::transpose16(v);
       for (int64_t i = 0; i < 16 && b0 + i < blocks; ++i) _mm512_storeu_si512(dwt + (b0 + i) * ldd + r0, v[i]);
     }
 }
 
-// out[i, 0..16) = the block-scaled products of MB activation rows x (d_x: [row][block]; xoff: [row][block], -128 times
-// each block's sum of codes below K / 32 * 32) with 16 weight rows w (their d_w transposed, dwt: [block][ldd]), over
+// out[i, 0..16) = the block-scaled products of MB activation rows x (d_x: [row][block]; code_sums: [row][block], each
+// block's sum of codes below K / 32 * 32, which vpdpbusd's + 128 on the weight adds 128 times) with 16 weight rows w (their d_w transposed, dwt: [block][ldd]), over
 // the first K / 32 * 32 columns. Each 64 columns of the 16 rows, + 128, are transposed in registers so that a vector
 // holds 4 columns of every row: one vpdpbusd by 4 broadcast codes of an activation row then sums 16 outputs, each
 // lane within one block, and a block costs one conversion, one multiply and one fused multiply-add per activation
 // row and 16 outputs, where dot_tile pays those per vpdpbusd. The transpose (64 shuffles per 1 KB of weight) is
 // shared by the MB rows.
 template <int MB, int B>
-inline void row_lanes_tile(const int8_t* x, const float* dx, const int32_t* xoff, const int8_t* w, const float* dwt,
+inline void row_lanes_tile(const int8_t* x, const float* dx, const int32_t* code_sums, const int8_t* w, const float* dwt,
                            int64_t ldd, int64_t K, int64_t blocks, float* out, int64_t ldo) {
   const int64_t k32 = K / 32 * 32;
   const __m512i top_bits = _mm512_set1_epi8(char(0x80));
@@ -379,11 +354,11 @@ inline void row_lanes_tile(const int8_t* x, const float* dx, const int32_t* xoff
       r[j] = _mm512_xor_si512(_mm512_maskz_loadu_epi8(mask, w + j * K + k0), top_bits);
       _mm_prefetch(reinterpret_cast<const char*>(w + j * K + k0 + ahead), _MM_HINT_T1);
     }
-    transpose16(r);
+    vnni::transpose16(r);
     for (int64_t h = 0; h < halves; ++h) {
       const int64_t k = k0 + 32 * h, b = k / B;
       if (k % B == 0)
-        for (int i = 0; i < MB; ++i) dot[i] = _mm512_set1_epi32(xoff[i * blocks + b]);
+        for (int i = 0; i < MB; ++i) dot[i] = _mm512_set1_epi32(-128 * code_sums[i * blocks + b]);
       for (int q = 0; q < 8; ++q)
         for (int i = 0; i < MB; ++i) {
           int32_t quad;
@@ -404,7 +379,7 @@ inline void row_lanes_tile(const int8_t* x, const float* dx, const int32_t* xoff
 // row_lanes_tile over M (4 to 7) activation rows and the first rows / 16 * 16 weight rows at w (d_w
 // transposed in dwt, [block][ldd]); returns how many rows that is
 template <int B>
-__attribute__((noinline)) int64_t row_lanes_gemm_block(const int8_t* x_q, const float* d_x, const int32_t* xoff,
+__attribute__((noinline)) int64_t row_lanes_gemm_block(const int8_t* x_q, const float* d_x, const int32_t* code_sums,
                                                        const int8_t* w, const float* dwt, int64_t ldd, int64_t M,
                                                        int64_t K, int64_t blocks, int64_t rows, float* out,
                                                        int64_t ldo) {
@@ -412,10 +387,10 @@ __attribute__((noinline)) int64_t row_lanes_gemm_block(const int8_t* x_q, const 
   for (int64_t n = 0; n < full_rows; n += 16) {
     const int8_t* wn = w + n * K;
     switch (M) {
-      case 4: row_lanes_tile<4, B>(x_q, d_x, xoff, wn, dwt + n, ldd, K, blocks, out + n, ldo); break;
-      case 5: row_lanes_tile<5, B>(x_q, d_x, xoff, wn, dwt + n, ldd, K, blocks, out + n, ldo); break;
-      case 6: row_lanes_tile<6, B>(x_q, d_x, xoff, wn, dwt + n, ldd, K, blocks, out + n, ldo); break;
-      default: row_lanes_tile<7, B>(x_q, d_x, xoff, wn, dwt + n, ldd, K, blocks, out + n, ldo); break;
+      case 4: row_lanes_tile<4, B>(x_q, d_x, code_sums, wn, dwt + n, ldd, K, blocks, out + n, ldo); break;
+      case 5: row_lanes_tile<5, B>(x_q, d_x, code_sums, wn, dwt + n, ldd, K, blocks, out + n, ldo); break;
+      case 6: row_lanes_tile<6, B>(x_q, d_x, code_sums, wn, dwt + n, ldd, K, blocks, out + n, ldo); break;
+      default: row_lanes_tile<7, B>(x_q, d_x, code_sums, wn, dwt + n, ldd, K, blocks, out + n, ldo); break;
     }
   }
   return full_rows;
@@ -677,7 +652,6 @@ inline void linear(const BlockActivation& a, const BlockWeight* weights, int64_t
       }
   int32_t* lane_off = vnni_dots ? scratch.take<int32_t>(lanes) : nullptr;
   if (vnni_dots) vnni_blocks::lane_offsets(x_q, M, K, lane_off);
-  for (int64_t i = 0; row_lanes && i < M * blocks; ++i) code_sums[i] *= -128;  // row_lanes_tile's starting sums
   int32_t* cols = scratch.take<int32_t>(K);
   const int64_t n_cols = outlier_list(is_outlier, K, cols);
   const std::vector<float> x_o = outlier_values(a.x, a.x_dtype, M, K, cols, n_cols);

@@ -489,11 +489,9 @@ inline void packed_tile(const uint8_t* x, int64_t tile_bytes, const int8_t* w, i
     for (int v = 0; v < V; ++v) _mm512_storeu_si512(c + j * ldc + 16 * v, acc[j][v]);
 }
 
-// the 16 x 16 int32 block at rows[i] (stride ld_in) minus offsets[i], transposed into out (stride ld_out)
-inline void transpose_minus(const int32_t* in, int64_t ld_in, const uint32_t* offsets, int32_t* out, int64_t ld_out) {
-  __m512i r[16], t[16];
-  for (int i = 0; i < 16; ++i)
-    r[i] = _mm512_sub_epi32(_mm512_loadu_si512(in + i * ld_in), _mm512_set1_epi32(int32_t(offsets[i])));
+// The 16 x 16 int32 transpose of r in registers: r[i] lane q becomes r[q] lane i
+inline void transpose16(__m512i r[16]) {
+  __m512i t[16];
   for (int i = 0; i < 16; i += 2) {  // 32-bit pairs, 64-bit quads, then 128-bit lanes twice
     t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
     t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
@@ -516,6 +514,14 @@ inline void transpose_minus(const int32_t* in, int64_t ld_in, const uint32_t* of
     r[i + 4] = _mm512_shuffle_i32x4(t[i + 4], t[i + 12], 0x88);
     r[i + 12] = _mm512_shuffle_i32x4(t[i + 4], t[i + 12], 0xDD);
   }
+}
+
+// the 16 x 16 int32 block at rows[i] (stride ld_in) minus offsets[i], transposed into out (stride ld_out)
+inline void transpose_minus(const int32_t* in, int64_t ld_in, const uint32_t* offsets, int32_t* out, int64_t ld_out) {
+  __m512i r[16];
+  for (int i = 0; i < 16; ++i)
+    r[i] = _mm512_sub_epi32(_mm512_loadu_si512(in + i * ld_in), _mm512_set1_epi32(int32_t(offsets[i])));
+  transpose16(r);
   for (int i = 0; i < 16; ++i) _mm512_storeu_si512(out + i * ld_out, r[i]);
 }
 
