@@ -21,6 +21,7 @@ from int8pass import dynamo_api, process_memory
 from int8pass import rules
 from int8pass.int8_weight import Int8Weight
 from int8pass.layer_names import GraphNames
+from int8pass.lowering import cpu_linear
 from int8pass.options import Options
 from int8pass.report import CompileReport, LayerRecord, log
 
@@ -162,6 +163,7 @@ def rewrite_linears(gm: fx.GraphModule, example_inputs, options: Options, report
     names = GraphNames(gm)
     constants = ConstantInputs(gm, example_inputs, names)
     candidates: list[Candidate] = []
+    kept: list[Candidate] = []  # linears on constant weights that stay in floating point
     seen_weights: set[int] = set()
     for node in list(gm.graph.nodes):
         match = match_linear(node)
@@ -196,6 +198,8 @@ def rewrite_linears(gm: fx.GraphModule, example_inputs, options: Options, report
         if not record.reason:
             _check_outlier_weights(param, record, options)
             candidates.append(Candidate(match, param, record))
+        elif param is not None:
+            kept.append(Candidate(match, param, record))
 
     read_in_fp = _read_in_floating_point(candidates)
     rewritten: list[tuple[fx.Node, Int8Weight, str]] = []
@@ -213,6 +217,8 @@ def rewrite_linears(gm: fx.GraphModule, example_inputs, options: Options, report
         rewritten.append((_replace(gm, match, weight, options, record.name), weight, record.name))
         record.rewritten = True
     report.linear_groups = group_shared_inputs(gm.graph, rewritten)
+    if options.cpu_fp_linears == "auto":
+        report.fp_linears_on_cpu_kernel = run_kept_linears_on_cpu_kernel(gm.graph, kept)
     if read_in_fp:
         log.debug("llmint8 graph %d: %d int8 weights are also read in floating point (they keep their original)",
                   report.graph_id, len(read_in_fp))
@@ -324,6 +330,49 @@ def _replace(gm, match: LinearMatch, weight: Int8Weight, options: Options, layer
         if not transpose.users:
             graph.erase_node(transpose)
     return new
+
+
+def _runs_on_cpu_fp_kernel(match: LinearMatch, weight: torch.Tensor) -> bool:
+    """Whether a linear kept in floating point is what llmint8::cpu_fp_linear computes, and a call it is for: a
+    contiguous bf16/fp16 CPU weight [N, K] with nothing to differentiate, an activation of its dtype with a static
+    count of at most FP_LINEAR_MAX_ROWS rows, no bias or a vector of its dtype."""
+    x, bias = example_value(match.x), example_value(match.bias)
+    if (match.problem or match.stored_transposed or isinstance(weight, Int8Weight) or weight.device.type != "cpu"
+            or weight.dtype not in cpu_linear.FP_LINEAR_DTYPES or not weight.is_contiguous()
+            or (torch.is_grad_enabled() and weight.requires_grad)):
+        return False
+    if x is None or x.dim() == 0 or x.dtype != weight.dtype or x.device.type != "cpu" or _takes_a_gradient(match.x):
+        return False
+    # only static sizes are compared: a symbolic one would add a guard after Dynamo has finished tracing
+    if not all(type(size) is int for size in x.shape) or x.numel() // max(x.shape[-1], 1) > cpu_linear.FP_LINEAR_MAX_ROWS:
+        return False
+    if match.bias is not None and (bias is None or bias.dtype != weight.dtype or tuple(bias.shape) != (weight.shape[0],)
+                                   or _takes_a_gradient(match.bias)):
+        return False
+    return cpu_linear.available()
+
+
+def run_kept_linears_on_cpu_kernel(graph: fx.Graph, kept: list[Candidate]) -> list[str]:
+    """Replace the linears kept in bf16/fp16 that run a few rows on the CPU by llmint8::cpu_fp_linear (option
+    cpu_fp_linears): PyTorch's bf16 matmul reorders the weight for oneDNN on every call, which halved its rate on an
+    output head at decode (lowering/cpu_fp_linear_kernels.h). Returns their layer names (or weights' names)."""
+    names = []
+    for candidate in kept:
+        match = match_linear(candidate.match.node)  # matched again: a rewrite may have replaced its input node
+        if match is None or not _runs_on_cpu_fp_kernel(match, candidate.weight):
+            continue
+        with graph.inserting_before(match.node):
+            new = graph.call_function(torch.ops.llmint8.cpu_fp_linear.default, (match.x, match.weight, match.bias))
+        new.meta.update(match.node.meta)
+        match.node.replace_all_uses_with(new)
+        graph.erase_node(match.node)
+        for transpose in match.chain:
+            if not transpose.users:
+                graph.erase_node(transpose)
+        names.append(candidate.record.name or candidate.record.weight)
+    if names:
+        log.debug("llmint8: %d linears kept in floating point run llmint8::cpu_fp_linear: %s", len(names), names)
+    return names
 
 
 def _takes_a_gradient(node) -> bool:

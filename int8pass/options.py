@@ -20,6 +20,7 @@ BLOCK_DEFAULT_THRESHOLD = 0.0
 DTYPE_NAMES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 OUTLIER_WEIGHTS = ("dequantized", "original")
 CPU_ATTENTION = ("auto", "float32", "native")
+CPU_FP_LINEARS = ("auto", "aten")
 
 ModulePredicate = Callable[[str], bool]
 
@@ -48,6 +49,10 @@ class Options:
         it is stored, other calls on float32 casts of q, k and v), "native" leaves PyTorch's kernel, "auto" is
         "float32" on CPUs without AMX, where PyTorch's reduced-precision kernel is slow at decode
         (int8pass/attention.py).
+    cpu_fp_linears: "auto" (the default) or "aten": how the linears kept in floating point (the output head, by
+        default) run on the CPU. "auto": in bf16/fp16 for up to CPU_FP_LINEAR_MAX_ROWS rows (decode), by
+        llmint8::cpu_fp_linear, float32 sums like PyTorch's but reading the weight at the memory's speed, where
+        PyTorch's bf16 matmul reorders it on every call; "aten" leaves them to PyTorch (int8pass/fx_pass.py).
     stats: collect runtime outlier statistics per layer (int8pass.outlier_stats(); cost in int8pass/stats.py).
     dump_dir: directory for graph/report dumps (default: $INT8PASS_DUMP_DIR if set).
     inductor: extra Inductor config patches, passed through to compile_fx.
@@ -61,6 +66,7 @@ class Options:
     keep_fp_weights: bool = False
     block_size: int = 0
     cpu_attention: str = "auto"
+    cpu_fp_linears: str = "auto"
     stats: bool = False
     dump_dir: str | None = None
     inductor: dict[str, Any] = field(default_factory=dict)
@@ -85,6 +91,7 @@ class Options:
             keep_fp_weights=_bool("keep_fp_weights", values.get("keep_fp_weights", False)),
             block_size=_choice("block_size", values.get("block_size", 0), (0, *BLOCK_SIZES)),
             cpu_attention=_choice("cpu_attention", values.get("cpu_attention", "auto"), CPU_ATTENTION),
+            cpu_fp_linears=_choice("cpu_fp_linears", values.get("cpu_fp_linears", "auto"), CPU_FP_LINEARS),
             stats=_bool("stats", values.get("stats", False)),
             dump_dir=_dump_dir(values.get("dump_dir", os.environ.get("INT8PASS_DUMP_DIR"))),
             inductor=_inductor(values.get("inductor", {})),

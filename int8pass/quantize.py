@@ -21,7 +21,7 @@ from int8pass.options import Options
 from int8pass.report import log
 
 # Options that only mean something to a compile
-COMPILE_ONLY = ("stats", "dump_dir", "inductor", "cpu_attention")
+COMPILE_ONLY = ("stats", "dump_dir", "inductor", "cpu_attention", "cpu_fp_linears")
 
 
 def load_options(options: dict) -> Options:

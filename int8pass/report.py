@@ -37,6 +37,8 @@ class CompileReport:
     released_bytes: int = 0  # fp weight storage freed after this graph was compiled
     float32_attention: int = 0  # bf16/fp16 CPU attention calls computed in float32 (option cpu_attention)
     decode_attention: int = 0  # of those, the calls run by llmint8::cpu_decode_attention (one query token)
+    fp_linears_on_cpu_kernel: list[str] = field(default_factory=list)  # linears kept in bf16/fp16 that run
+    # llmint8::cpu_fp_linear (a few rows on the CPU, option cpu_fp_linears): their layer names
     linear_groups: list[list[str]] = field(default_factory=list)  # rewritten linears computed together, one
     # llmint8::linear_group (block mode: block_linear_group) each, as they share their input (e.g. q/k/v): each
     # group's layer names

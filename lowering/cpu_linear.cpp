@@ -2,7 +2,8 @@
 // llmint8::cpu_linear_group, several of them on one activation in one call, and
 // llmint8::cpu_block_linear, the block-scaled linear of docs/design.md §1b (cpu_block_linear_kernels.h), and
 // llmint8::cpu_block_linear_group, several of those on one activation in one call, and
-// llmint8::cpu_decode_attention, attention of one query token on a bf16/fp16/fp32 KV cache (cpu_attention_kernels.h).
+// llmint8::cpu_decode_attention, attention of one query token on a bf16/fp16/fp32 KV cache (cpu_attention_kernels.h),
+// and llmint8::cpu_fp_linear, the decode GEMV of the linears a graph keeps in bf16/fp16 (cpu_fp_linear_kernels.h).
 // Registered with PyTorch's dispatcher here, in C++, so that a compiled graph calls it with no Python in between and
 // an AOTInductor package runs it by loading this library alone. Built by torch.utils.cpp_extension (cpu_linear.py).
 #include <ATen/core/Tensor.h>
@@ -15,6 +16,7 @@
 
 #include "cpu_attention_kernels.h"
 #include "cpu_block_linear_kernels.h"
+#include "cpu_fp_linear_kernels.h"
 
 namespace {
 
@@ -277,6 +279,33 @@ at::Tensor cpu_decode_attention(const at::Tensor& query, const at::Tensor& key, 
   return out;
 }
 
+// y [..., N] = x [..., K] . weight [N, K]^T + bias [N] for bfloat16 or float16 tensors (all one dtype), products and
+// sums in float32, rounded once: a linear kept in floating point, for a few rows (cpu_fp_linear_kernels.h)
+at::Tensor cpu_fp_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
+  const char* op = "llmint8::cpu_fp_linear";
+  TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu() && (!bias || bias->device().is_cpu()), op,
+              ": all tensors must be on the CPU");
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf, op,
+              ": x must be bfloat16 or float16, got ", x.scalar_type());
+  TORCH_CHECK(weight.scalar_type() == x.scalar_type() && weight.dim() == 2, op, ": weight must be ", x.scalar_type(),
+              " [N, K], got ", weight.scalar_type(), " ", weight.sizes());
+  const int64_t N = weight.size(0), K = weight.size(1);
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == K, op, ": x's last dim must be K = ", K, ", got ", x.sizes());
+  if (bias)
+    TORCH_CHECK(bias->scalar_type() == x.scalar_type() && bias->dim() == 1 && bias->size(0) == N, op,
+                ": bias must be a ", x.scalar_type(), " vector of N = ", N, ", got ", bias->scalar_type(), " ",
+                bias->sizes());
+  auto [y, M] = output_for(x, N);
+  if (M == 0 || N == 0) return y;
+  const at::Tensor x_c = x.contiguous(), w = weight.contiguous(), b = bias ? bias->contiguous() : at::Tensor();
+  const auto* b_ptr = b.defined() ? static_cast<const uint16_t*>(b.data_ptr()) : nullptr;
+  const auto run = x.scalar_type() == at::kBFloat16 ? int8pass::fp_linear::linear<true>
+                                                    : int8pass::fp_linear::linear<false>;
+  run(static_cast<const uint16_t*>(x_c.data_ptr()), static_cast<const uint16_t*>(w.data_ptr()), b_ptr,
+      static_cast<uint16_t*>(y.data_ptr()), M, N, K);
+  return y;
+}
+
 // Which GEMM kernel a call with `rows` activation rows of `in_features` runs on this machine
 std::string cpu_linear_kernel(int64_t rows, int64_t in_features) {
   return int8pass::kernel_name(int8pass::kernel_for(rows, in_features));
@@ -294,6 +323,7 @@ TORCH_LIBRARY_FRAGMENT(llmint8, m) {
   m.def("cpu_block_linear_group(Tensor x, Tensor[] weight_q, Tensor[] weight_scale, Tensor[] bias, int block_size, "
         "float threshold) -> Tensor[]");
   m.def("cpu_decode_attention(Tensor query, Tensor key, Tensor value, Tensor? attn_mask, float scale) -> Tensor");
+  m.def("cpu_fp_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
   m.def("cpu_linear_kernel(int rows, int in_features) -> str", &cpu_linear_kernel);
 }
 
@@ -303,4 +333,5 @@ TORCH_LIBRARY_IMPL(llmint8, CPU, m) {
   m.impl("cpu_block_linear", &cpu_block_linear);
   m.impl("cpu_block_linear_group", &cpu_block_linear_group);
   m.impl("cpu_decode_attention", &cpu_decode_attention);
+  m.impl("cpu_fp_linear", &cpu_fp_linear);
 }

@@ -1,7 +1,8 @@
 """llmint8::cpu_linear: the whole LLM.int8() linear on an x86-64 CPU in one call of a C++ kernel (and, from the same
 library, llmint8::cpu_linear_group, the linears of one activation in one call (linear_group.py), llmint8::cpu_block_linear,
-the block-scaled linear of docs/design.md §1b, llmint8::cpu_block_linear_group (block_linear_group.py), and llmint8::cpu_decode_attention, decode attention on a
-reduced-precision KV cache in float32: int8pass/attention.py).
+the block-scaled linear of docs/design.md §1b, llmint8::cpu_block_linear_group (block_linear_group.py), llmint8::cpu_decode_attention, decode attention on a
+reduced-precision KV cache in float32 (int8pass/attention.py), and llmint8::cpu_fp_linear, the decode GEMV of the
+linears a graph keeps in bf16/fp16 (int8pass/fx_pass.py)).
 
 The op is registered in C++ (cpu_linear.cpp, TORCH_LIBRARY), so a compiled graph calls it through the dispatcher with
 no Python in between, and an AOTInductor package runs it by loading the library alone; this module builds and loads
@@ -43,11 +44,16 @@ from int8pass.lowering.checks import (
 log = logging.getLogger("int8pass")
 
 SOURCES = [Path(__file__).with_name(name) for name in
-           ("cpu_linear.cpp", "cpu_linear_kernels.h", "cpu_block_linear_kernels.h", "cpu_attention_kernels.h")]
+           ("cpu_linear.cpp", "cpu_linear_kernels.h", "cpu_block_linear_kernels.h", "cpu_attention_kernels.h",
+            "cpu_fp_linear_kernels.h")]
 # -ffp-contract=off: the epilogue's multiplies and adds round one by one, as the reference's do. The AVX512 and AMX
 # kernels are built for those by pragmas in their own regions and run only where the CPU has them.
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-ffp-contract=off"]
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# Rows up to which a linear kept in bf16/fp16 runs llmint8::cpu_fp_linear (decode: one pass over the weight for them
+# all); beyond, PyTorch's GEMM, which reuses each weight load across many rows
+FP_LINEAR_MAX_ROWS = 4
+FP_LINEAR_DTYPES = (torch.bfloat16, torch.float16)
 
 
 def cache_dir() -> Path:
@@ -95,6 +101,7 @@ def library_path() -> Path | None:
     torch.library.register_fake("llmint8::cpu_block_linear")(_fake_block)
     torch.library.register_fake("llmint8::cpu_block_linear_group")(_fake_block_group)
     torch.library.register_fake("llmint8::cpu_decode_attention")(_fake_decode_attention)
+    torch.library.register_fake("llmint8::cpu_fp_linear")(_fake_fp_linear)
     return path
 
 
@@ -122,6 +129,12 @@ def _fake_decode_attention(query, key, value, attn_mask, scale):
     torch._check(query.dim() == 4 and query.shape[2] == 1 and value.dim() == 4,
                  lambda: f"llmint8::cpu_decode_attention: query must be [B, H, 1, D], got {tuple(query.shape)}")
     return query.new_empty((*query.shape[:3], value.shape[3]))
+
+
+def _fake_fp_linear(x, weight, bias):
+    torch._check(weight.dim() == 2 and x.shape[-1] == weight.shape[1],
+                 lambda: f"llmint8::cpu_fp_linear: x {tuple(x.shape)} and weight {tuple(weight.shape)} do not fit")
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
 @torch.compiler.assume_constant_result  # a constant of the machine, read while tracing

@@ -148,6 +148,7 @@ def test_training_mode_keeps_autograd_working():
         ({"keep_fp_weights": 1}, "'keep_fp_weights' must be True or False"),
         ({"skip_modules": [3]}, "'skip_modules' must be"),
         ({"cpu_attention": "fp32"}, "'cpu_attention' must be one of 'auto', 'float32', 'native'"),
+        ({"cpu_fp_linears": "fast"}, "'cpu_fp_linears' must be one of 'auto', 'aten'"),
         ({"inductor": {"no_such_knob": 1}}, "unknown Inductor config key 'no_such_knob'"),
     ],
 )
