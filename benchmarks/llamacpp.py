@@ -18,7 +18,7 @@ llama.cpp: `llama-bench -p PROMPT -n 0` (prefill of PROMPT tokens) and `-p 0 -n 
 generated after a context of PROMPT tokens), `-t THREADS -r 1`, with its default weight repacking (its AMX and VNNI layouts) and with
 `--repack 0`; a run that fails is reported as failed. llmint8 and bf16 eager (HF transformers): a PROMPT-token
 prefill (logits of the last token only, as llama.cpp computes), then STEPS decode steps with a KV cache after it (the
-same context as llama.cpp's decode), timing the forward passes (the greedy choice of the next token
+same context as llama.cpp's decode), each measurement after an untimed one (llama-bench's warm-up), timing the forward passes (the greedy choice of the next token
 between them is not timed: llama-bench samples nothing). Each of those variants is a worker process with a fresh
 Inductor cache, started and compiled one at a time, then kept waiting. The variants take turns, ROUNDS rounds of one
 measurement each: this host's memory bandwidth drifts over minutes, so each round's ratio to the best llama.cpp
@@ -337,6 +337,10 @@ def serve_variant(variant: str, checkpoint: Path, prompt: int, steps: int) -> No
         generate()
         print(json.dumps({"load_s": round(load_s, 1), "first_generate_s": round(first_s, 1)}), file=reply, flush=True)
         for _ in sys.stdin:  # one measurement per request, until the orchestrator closes stdin
+            # after an untimed run, as llama-bench measures after its warm-up: whatever ran in between (llama.cpp,
+            # the other variants) has left the caches, and a variant that shares the checkpoint's page-cache pages
+            # with the one before it (a bf16 head mapped from the same file) would find them in L3 and it would not
+            generate()
             prefill, decode = generate()
             print(json.dumps({"prefill_tokens_per_s": round(prompt / prefill, 1),
                               "decode_tokens_per_s": round(steps / decode, 2)}), file=reply, flush=True)
