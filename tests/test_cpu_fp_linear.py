@@ -20,11 +20,13 @@ def fp_linear(x, weight, bias=None):
 
 def assert_within_float32_sums(y, x, weight, bias):
     """|y - exact| within the float32 sums' error bound (K + 1 terms, each product exact) plus one rounding to the
-    dtype: what any float32-accumulating GEMM guarantees."""
+    dtype (half an ulp, which below the dtype's smallest normal is half its smallest subnormal step): what any
+    float32-accumulating GEMM guarantees."""
     x64, w64 = x.double(), weight.double()
     exact = x64 @ w64.T + (0 if bias is None else bias.double())
     magnitude = x64.abs() @ w64.abs().T + (0 if bias is None else bias.double().abs())
-    bound = magnitude * (weight.shape[1] + 1) * 2.0**-24 * 1.01 + exact.abs() * UNIT_ROUNDOFF[x.dtype]
+    rounding = exact.abs().clamp(min=torch.finfo(x.dtype).tiny) * UNIT_ROUNDOFF[x.dtype]
+    bound = magnitude * (weight.shape[1] + 1) * 2.0**-24 * 1.01 + rounding
     excess = (y.double() - exact).abs() - bound
     assert (excess <= 0).all(), f"error exceeds the bound by {excess.max().item()}"
 
@@ -84,6 +86,16 @@ def test_an_overflowing_sum_is_inf_in_float16():
     x = torch.full((1, 8), 200.0, dtype=torch.float16)
     weight = torch.full((1, 8), 100.0, dtype=torch.float16)
     assert fp_linear(x, weight).item() == float("inf")  # 160000 > float16's 65504, as F.linear in float32 then cast
+
+
+def test_a_subnormal_result_rounds_as_float16_does():
+    """A product below float16's smallest normal, rounded once: float16's subnormal step, not its relative ulp."""
+    x = torch.tensor([[0.0051]], dtype=torch.float16)
+    weight = torch.tensor([[0.0049]], dtype=torch.float16)
+    y = fp_linear(x, weight)
+    assert y.abs().item() < torch.finfo(torch.float16).tiny
+    assert y.item() == (x.float() @ weight.float().T).half().item()
+    assert_within_float32_sums(y, x, weight, None)
 
 
 @pytest.mark.parametrize("args, message", [
