@@ -323,13 +323,19 @@ def _replace(gm, match: LinearMatch, weight: Int8Weight, options: Options, layer
             new = graph.call_function(
                 torch.ops.llmint8.linear.default, (match.x, codes, scale, match.bias, threshold, outlier_weight, sums),
             )
-    new.meta.update(node.meta)
-    node.replace_all_uses_with(new)
-    graph.erase_node(node)
+    _substitute(graph, match, new)
+    return new
+
+
+def _substitute(graph: fx.Graph, match: LinearMatch, new: fx.Node) -> None:
+    """Put `new` in the matched linear's place: its users and metadata, then drop the linear and the transposes of
+    its weight that nothing else reads."""
+    new.meta.update(match.node.meta)
+    match.node.replace_all_uses_with(new)
+    graph.erase_node(match.node)
     for transpose in match.chain:
         if not transpose.users:
             graph.erase_node(transpose)
-    return new
 
 
 def _runs_on_cpu_fp_kernel(match: LinearMatch, weight: torch.Tensor) -> bool:
@@ -363,12 +369,7 @@ def run_kept_linears_on_cpu_kernel(graph: fx.Graph, kept: list[Candidate]) -> li
             continue
         with graph.inserting_before(match.node):
             new = graph.call_function(torch.ops.llmint8.cpu_fp_linear.default, (match.x, match.weight, match.bias))
-        new.meta.update(match.node.meta)
-        match.node.replace_all_uses_with(new)
-        graph.erase_node(match.node)
-        for transpose in match.chain:
-            if not transpose.users:
-                graph.erase_node(transpose)
+        _substitute(graph, match, new)
         names.append(candidate.record.name or candidate.record.weight)
     if names:
         log.debug("llmint8: %d linears kept in floating point run llmint8::cpu_fp_linear: %s", len(names), names)

@@ -50,9 +50,9 @@ class Options:
         "float32" on CPUs without AMX, where PyTorch's reduced-precision kernel is slow at decode
         (int8pass/attention.py).
     cpu_fp_linears: "auto" (the default) or "aten": how the linears kept in floating point (the output head, by
-        default) run on the CPU. "auto": in bf16/fp16 for up to CPU_FP_LINEAR_MAX_ROWS rows (decode), by
-        llmint8::cpu_fp_linear, float32 sums like PyTorch's but reading the weight at the memory's speed, where
-        PyTorch's bf16 matmul reorders it on every call; "aten" leaves them to PyTorch (int8pass/fx_pass.py).
+        default) run on the CPU. "auto": in bf16/fp16 for up to lowering/cpu_linear.FP_LINEAR_MAX_ROWS rows
+        (decode), by llmint8::cpu_fp_linear, float32 sums like PyTorch's but reading the weight at the memory's speed,
+        where PyTorch's bf16 matmul reorders it on every call; "aten" leaves them to PyTorch (int8pass/fx_pass.py).
     stats: collect runtime outlier statistics per layer (int8pass.outlier_stats(); cost in int8pass/stats.py).
     dump_dir: directory for graph/report dumps (default: $INT8PASS_DUMP_DIR if set).
     inductor: extra Inductor config patches, passed through to compile_fx.

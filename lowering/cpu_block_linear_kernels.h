@@ -130,13 +130,6 @@ inline void bf16_to_float(const uint16_t* in, int64_t count, float* out) {
   for (; i < count; ++i) out[i] = bf16_value(in[i]);
 }
 
-inline float horizontal_sum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
 // out[i * ldo + j] = sum over the first K / 32 * 32 columns, block by block, of X_q[i] . w[j] * d_x[i, b] * d_w[j, b]
 // for MB activation rows and NB weight rows (dx: [MB, blocks], dw: [NB, blocks] fp32; scale: scratch of
 // MB x NB x blocks floats, where the products d_x * d_w are taken first, 8 blocks at a time, so that each step loads

@@ -298,11 +298,9 @@ at::Tensor cpu_fp_linear(const at::Tensor& x, const at::Tensor& weight, const st
   auto [y, M] = output_for(x, N);
   if (M == 0 || N == 0) return y;
   const at::Tensor x_c = x.contiguous(), w = weight.contiguous(), b = bias ? bias->contiguous() : at::Tensor();
-  const auto* b_ptr = b.defined() ? static_cast<const uint16_t*>(b.data_ptr()) : nullptr;
-  const auto run = x.scalar_type() == at::kBFloat16 ? int8pass::fp_linear::linear<true>
-                                                    : int8pass::fp_linear::linear<false>;
-  run(static_cast<const uint16_t*>(x_c.data_ptr()), static_cast<const uint16_t*>(w.data_ptr()), b_ptr,
-      static_cast<uint16_t*>(y.data_ptr()), M, N, K);
+  const auto run = x.scalar_type() == at::kBFloat16 ? int8pass::fp_linear::linear<int8pass::BF16>
+                                                    : int8pass::fp_linear::linear<int8pass::F16>;
+  run(x_c.data_ptr(), w.data_ptr(), b.defined() ? b.data_ptr() : nullptr, y.data_ptr(), M, N, K);
   return y;
 }
 

@@ -207,6 +207,13 @@ inline void store_row(void* p, int64_t i, const float* values, int64_t count, in
   for (; n < count; ++n) store(p, i + n, values[n], dtype);
 }
 
+inline float horizontal_sum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
 // ---- AVX2 GEMM ----------------------------------------------------------------------------------------------------
 
 namespace avx2 {
