@@ -23,8 +23,9 @@ between them is not timed: llama-bench samples nothing). Each of those variants 
 Inductor cache, started and compiled one at a time, then kept waiting. The variants take turns, ROUNDS rounds of one
 measurement each: this host's memory bandwidth drifts over minutes, so each round's ratio to the best llama.cpp
 Q8_0 of the same round is what is compared (its median over the rounds), beside each variant's best round. llmint8 runs with the output head in bf16 (the default) and in int8 (skip_modules=[]), with the bf16 head
-left to PyTorch's matmul ("bf16 head on aten", cpu_fp_linears="aten"; the default runs it by llmint8::cpu_fp_linear), and once more
-with the int8 head and PyTorch's guard_filter_fn=torch.compiler.skip_guard_on_all_nn_modules_unsafe (Dynamo then
+left to PyTorch's matmul ("bf16 head on aten", cpu_fp_linears="aten"; the default runs it by llmint8::cpu_fp_linear), with
+Inductor's C++ wrapper ("C++ wrapper", options={"inductor": {"cpp_wrapper": True}}: the graph's own code in C++, where
+torch.compile calls the llmint8 ops through Inductor's proxy executor), and once more with the int8 head and PyTorch's guard_filter_fn=torch.compiler.skip_guard_on_all_nn_modules_unsafe (Dynamo then
 checks no module attributes or parameters before each call: right for a model that is only run, not changed), and
 once with the int8 head and cpu_attention="native" (PyTorch's own bf16 attention kernel, where the default on CPUs
 without AMX computes attention in float32: int8pass/attention.py), and once with the int8 head and transformers'
@@ -65,8 +66,9 @@ MODELS = {
     # real pretrained weights (examples/gemma3.py), the shape of the one above
     GEMMA: dict(layers=18, hidden=640, ffn=2048, vocab=262144),
 }
-VARIANTS = ["llmint8", "llmint8, bf16 head on aten", "llmint8, int8 head", "llmint8, int8 head, no module guards",
-            "llmint8, int8 head, native attention", "llmint8, int8 head, static cache", "bf16 eager"]
+VARIANTS = ["llmint8", "llmint8, bf16 head on aten", "llmint8, C++ wrapper", "llmint8, int8 head",
+            "llmint8, int8 head, no module guards", "llmint8, int8 head, native attention",
+            "llmint8, int8 head, static cache", "bf16 eager"]
 
 
 def cache_root() -> Path:
@@ -304,6 +306,8 @@ def serve_variant(variant: str, checkpoint: Path, prompt: int, steps: int) -> No
         compile_options = {"cpu_attention": "native"} if variant.endswith("native attention") else {}
         if variant.endswith("head on aten"):
             compile_options["cpu_fp_linears"] = "aten"
+        if variant.endswith("C++ wrapper"):
+            compile_options["inductor"] = {"cpp_wrapper": True}
         if variant.endswith("no module guards"):
             compile_options["guard_filter_fn"] = torch.compiler.skip_guard_on_all_nn_modules_unsafe
         forward = torch.compile(model.forward, backend="llmint8", options=compile_options)

@@ -21,7 +21,7 @@ from int8pass import dynamo_api, process_memory
 from int8pass import rules
 from int8pass.int8_weight import Int8Weight
 from int8pass.layer_names import GraphNames
-from int8pass.lowering import cpu_linear
+from int8pass.lowering import cpu_linear, inductor_api
 from int8pass.options import Options
 from int8pass.report import CompileReport, LayerRecord, log
 
@@ -216,7 +216,9 @@ def rewrite_linears(gm: fx.GraphModule, example_inputs, options: Options, report
             continue
         rewritten.append((_replace(gm, match, weight, options, record.name), weight, record.name))
         record.rewritten = True
-    report.linear_groups = group_shared_inputs(gm.graph, rewritten)
+    # Under Inductor's C++ wrapper a group's op, which returns Tensor[], is called back through Python, and each linear
+    # alone through the dispatcher: no groups there (README, option `inductor`)
+    report.linear_groups = [] if inductor_api.cpp_wrapper() else group_shared_inputs(gm.graph, rewritten)
     if options.cpu_fp_linears == "auto":
         report.fp_linears_on_cpu_kernel = run_kept_linears_on_cpu_kernel(gm.graph, kept)
     if read_in_fp:

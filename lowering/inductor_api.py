@@ -25,7 +25,7 @@ HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 __all__ = [
     "AOTI_WEIGHTS_BESIDE_SO", "FixedLayout", "SourceKey", "SymbolicGridFn", "TritonTemplate", "V", "aoti_compile_and_package", "autotune_select_algorithm", "compile_fx", "config",
-    "config_keys", "fallback", "max_autotune", "mode_options", "realize_inputs", "register_decomposition", "register_op_lowering",
+    "config_keys", "cpp_wrapper", "fallback", "max_autotune", "mode_options", "realize_inputs", "register_decomposition", "register_op_lowering",
     "select_decomp_table", "size_hint", "statically_at_most", "uses_triton",
 ]
 
@@ -73,6 +73,13 @@ def aoti_compile_and_package(program: torch.export.ExportedProgram, path: str, c
 
 def max_autotune() -> bool:
     return bool(config.max_autotune or config.max_autotune_gemm)
+
+
+def cpp_wrapper() -> bool:
+    """Whether Inductor writes the graph's calls in C++ (config cpp_wrapper). A torch.compile graph there calls an op
+    whose schema it can pass as stable values or boxed IValues through the dispatcher, but one returning Tensor[] back
+    through Python (torch 2.13: cpp_wrapper_cpu._generate_fallback_kernel_jit)."""
+    return bool(config.cpp_wrapper)
 
 
 def register_op_lowering(op):

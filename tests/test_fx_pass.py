@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 import int8pass
 from int8pass import fx_pass
+from int8pass.lowering import inductor_api
 from int8pass.options import Options
 from int8pass.report import CompileReport
 from tests.helpers import Conv1D, outlier_activation, within_bound
@@ -210,6 +211,25 @@ def test_linears_sharing_an_input_become_one_group(block_size):
         for a, b in zip(compiled, want):
             torch.testing.assert_close(a, b, rtol=2 * torch.finfo(torch.bfloat16).eps, atol=1e-5)
         assert int8pass.last_report().linear_groups == [["q", "k", "v"], ["gate", "up"]]
+
+
+def test_linears_are_not_grouped_under_inductors_cpp_wrapper():
+    # there a group's op (its result a list) would be called back through Python; each linear goes through the
+    # dispatcher
+    model = SharedInput().eval().to(torch.bfloat16)
+    x = outlier_activation(2, 64, torch.bfloat16, outlier_cols=[5])
+    with torch.no_grad():
+        with inductor_api.config.patch(cpp_wrapper=True):
+            gm, inputs, report, _ = rewrite(model, x)
+        assert report.linear_groups == [] and all(layer.rewritten for layer in report.layers)
+        assert sum(n.target is torch.ops.llmint8.linear.default for n in gm.graph.nodes) == 7
+        # compiled: the same values as with the Python wrapper and its groups
+        in_cpp = torch.compile(model, backend="llmint8", options={"inductor": {"cpp_wrapper": True}})(x)
+        assert int8pass.last_report().linear_groups == []
+        in_python = torch.compile(model, backend="llmint8")(x)
+        assert int8pass.last_report().linear_groups == [["q", "k", "v"], ["gate", "up"]]
+    for a, b in zip(in_cpp, in_python):
+        assert torch.equal(a, b)
 
 
 def test_linears_a_gradient_flows_through_are_not_grouped():
