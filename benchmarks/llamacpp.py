@@ -24,8 +24,8 @@ Inductor cache, started and compiled one at a time, then kept waiting. The varia
 measurement each: this host's memory bandwidth drifts over minutes, so each round's ratio to the best llama.cpp
 Q8_0 of the same round is what is compared (its median over the rounds), beside each variant's best round. llmint8 runs with the output head in bf16 (the default) and in int8 (skip_modules=[]), with the bf16 head
 left to PyTorch's matmul ("bf16 head on aten", cpu_fp_linears="aten"; the default runs it by llmint8::cpu_fp_linear), with
-Inductor's C++ wrapper ("C++ wrapper", options={"inductor": {"cpp_wrapper": True}}: the graph's own code in C++, where
-torch.compile calls the llmint8 ops through Inductor's proxy executor), and once more with the int8 head and PyTorch's guard_filter_fn=torch.compiler.skip_guard_on_all_nn_modules_unsafe (Dynamo then
+Inductor's C++ wrapper ("C++ wrapper", options={"inductor": {"cpp_wrapper": True}}: the graph's calls written in C++,
+each llmint8 op called through the dispatcher, the linears not grouped), and once more with the int8 head and PyTorch's guard_filter_fn=torch.compiler.skip_guard_on_all_nn_modules_unsafe (Dynamo then
 checks no module attributes or parameters before each call: right for a model that is only run, not changed), and
 once with the int8 head and cpu_attention="native" (PyTorch's own bf16 attention kernel, where the default on CPUs
 without AMX computes attention in float32: int8pass/attention.py), and once with the int8 head and transformers'

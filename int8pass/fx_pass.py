@@ -216,9 +216,7 @@ def rewrite_linears(gm: fx.GraphModule, example_inputs, options: Options, report
             continue
         rewritten.append((_replace(gm, match, weight, options, record.name), weight, record.name))
         record.rewritten = True
-    # Under Inductor's C++ wrapper a group's op, which returns Tensor[], is called back through Python, and each linear
-    # alone through the dispatcher: no groups there (README, option `inductor`)
-    report.linear_groups = [] if inductor_api.cpp_wrapper() else group_shared_inputs(gm.graph, rewritten)
+    report.linear_groups = group_shared_inputs(gm.graph, rewritten)
     if options.cpu_fp_linears == "auto":
         report.fp_linears_on_cpu_kernel = run_kept_linears_on_cpu_kernel(gm.graph, kept)
     if read_in_fp:
@@ -390,7 +388,10 @@ def group_shared_inputs(graph: fx.Graph, linears: list[tuple[fx.Node, Int8Weight
     weights are streamed in one kernel call), and llmint8::block_linear nodes that do so with the same block size by
     one llmint8::block_linear_group. Its value is each member's, bit for bit. Left alone: outlier_weights="original",
     and linears through which a gradient could flow (a group has no autograd formula). A group has all its members
-    with a bias or none, and with code sums or none. Returns each group's layer names."""
+    with a bias or none, and with code sums or none. None under Inductor's C++ wrapper, which calls an op returning
+    Tensor[] back through Python and each linear's own op through the dispatcher. Returns each group's layer names."""
+    if inductor_api.cpp_wrapper():
+        return []
     position = {node: index for index, node in enumerate(graph.nodes)}
     groups: dict[tuple, list[tuple[fx.Node, str]]] = {}
     for node, weight, name in linears:
